@@ -1,0 +1,224 @@
+"""Levels: validation, and the per-level constants that every path uses, in one place.
+
+An FSQ codebook is the product grid of ``levels = (L_0, ..., L_{d-1})``. For channel ``i`` with
+``L = L_i`` the reference computes, in float32 torch ops from an int32 ``levels`` tensor:
+
+    half_l     = (L - 1) * (1 + eps) / 2          eps = 1e-3
+    offset     = 0.5 if L is even else 0.0
+    shift      = atanh(offset / half_l)
+    half_width = L // 2
+    basis      = exclusive cumulative product of levels (int32)
+
+and quantizes ``q = round(tanh(z + shift) * half_l - offset)``, ``code = q / half_width``.
+
+The Triton forward never evaluates ``tanh``: ``level(z) = q(z) + half_width`` is a monotone step
+function of ``z``, so its ``L - 1`` step positions (``thresholds``) are found once per (levels,
+device) by bisection over the ordered float32 bit patterns, evaluating the reference's own torch
+ops on that device. The kernel then counts the thresholds at or below ``z`` and selects the code
+from a table computed with IEEE division. That reproduces the reference bit for bit on the device
+it was calibrated on (``tanh`` differs between devices, so calibration is per device). The zero code
+is always ``+0.0``, as in the reference, whose ``x + (round(x) - x)`` turns ``-0.0`` into ``+0.0``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import threading
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+EPS = 1e-3
+INT32_MAX = 2**31 - 1
+
+# float32 bit patterns of -inf and +inf, as ordered integer keys (see _key_to_float32)
+_KEY_NEG_INF = -0x7F800000 - 1
+_KEY_POS_INF = 0x7F800000
+
+
+def validate_levels(levels: object) -> tuple[int, ...]:
+    """Check ``levels`` and return it as a tuple of Python ints.
+
+    Raises ``TypeError`` for something that is not a sequence of integers and ``ValueError`` for
+    an empty sequence, a level below 2, a level so large that the reference's tanh bound lets the
+    rounded value escape its ``L`` levels, or a codebook (``prod(levels)``) beyond int32.
+    """
+    if isinstance(levels, torch.Tensor):
+        if levels.is_floating_point() or levels.is_complex() or levels.dtype == torch.bool:
+            raise TypeError(f"levels must hold integers, found a tensor of dtype {levels.dtype}")
+        if levels.ndim != 1:
+            raise ValueError(f"levels must be one-dimensional, found a tensor of shape {tuple(levels.shape)}")
+        levels = levels.tolist()
+    if isinstance(levels, (str, bytes)) or not isinstance(levels, Sequence):
+        raise TypeError(f"levels must be a list or tuple of integers, found {type(levels).__name__}")
+    if len(levels) == 0:
+        raise ValueError("levels must not be empty: FSQ needs at least one channel")
+    out = []
+    for i, level in enumerate(levels):
+        if isinstance(level, bool) or not isinstance(level, numbers.Integral):
+            raise TypeError(
+                f"levels[{i}] must be an integer, found {level!r} of type {type(level).__name__}"
+            )
+        level = int(level)
+        if level < 2:
+            raise ValueError(f"levels[{i}] must be at least 2 (a channel needs two levels), found {level}")
+        out.append(level)
+    codebook_size = 1
+    for level in out:
+        codebook_size *= level
+    if codebook_size > INT32_MAX:
+        raise ValueError(
+            f"the codebook size prod(levels) = {codebook_size} exceeds the int32 range "
+            f"({INT32_MAX}) in which indices are returned; use fewer or smaller levels, or several codebooks"
+        )
+    levels_t = torch.tensor(out, dtype=torch.int32)
+    half_l, offset, _shift, half_width = _reference_constants(levels_t)
+    top = torch.round(half_l - offset) + half_width  # level reached at z = +inf (tanh = 1)
+    bad = [(lv, int(t)) for lv, t in zip(out, top.tolist()) if t > lv - 1]
+    if bad:
+        level, reached = bad[0]
+        raise ValueError(
+            f"level {level} is too large: the reference bound tanh(z + shift) * (L - 1) * (1 + eps) / 2 "
+            f"rounds to level index {reached} at z = +inf, outside [0, {level - 1}]; levels up to 1000 stay in range"
+        )
+    return tuple(out)
+
+
+def _reference_constants(levels: torch.Tensor, eps: float = EPS):
+    """The reference's per-level float32 constants, by its own torch ops on ``levels``' device."""
+    half_l = (levels - 1) * (1 + eps) / 2
+    offset = torch.where(levels % 2 == 0, 0.5, 0.0)
+    shift = (offset / half_l).atanh()
+    half_width = levels // 2
+    return half_l, offset, shift, half_width
+
+
+def reference_bound(z: torch.Tensor, levels: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """``tanh(z + shift) * half_l - offset``: the reference's ``bound``, op for op (broadcast on the last dim)."""
+    half_l, offset, shift, _ = _reference_constants(levels, eps)
+    return (z + shift).tanh() * half_l - offset
+
+
+def basis_of(levels: Sequence[int]) -> torch.Tensor:
+    """Exclusive cumulative product of ``levels`` (int32), as the reference computes it."""
+    return torch.cumprod(torch.tensor([1] + list(levels[:-1])), dim=0, dtype=torch.int32)
+
+
+def _key_to_float32(key: torch.Tensor) -> torch.Tensor:
+    """Inverse of the ordering ``float32 -> int64`` key: keys are ordered as the floats they stand for.
+
+    Non-negative floats keep their bit pattern; a negative float ``-x`` (bits ``0x80000000 | b``)
+    maps to ``-b - 1``, so ``-0.0`` sits at ``-1`` just below ``+0.0`` at ``0``.
+    """
+    bits = torch.where(key >= 0, key, (-(key + 1)) | 0x80000000)
+    return bits.to(torch.int32).view(torch.float32) if bits.dtype != torch.int32 else bits.view(torch.float32)
+
+
+def _bisect_first_true(predicate, n: int, device: torch.device) -> torch.Tensor:
+    """For ``n`` monotone predicates over float32 (False below, True above), the first True value each.
+
+    ``predicate(values)`` takes a float32 tensor of shape ``(n,)`` and returns a bool tensor of shape ``(n,)``;
+    it must be False at ``-inf`` and True at ``+inf``.
+    """
+    lo = torch.full((n,), _KEY_NEG_INF, dtype=torch.int64, device=device)
+    hi = torch.full((n,), _KEY_POS_INF, dtype=torch.int64, device=device)
+    for _ in range(34):  # the key range spans 2**32 values
+        mid = lo + (hi - lo) // 2
+        ok = predicate(_key_to_float32(mid))
+        hi = torch.where(ok, mid, hi)
+        lo = torch.where(ok, lo, mid)
+    return _key_to_float32(hi)
+
+
+# Columns of LevelTables.values (float32) and LevelTables.integers (int32); the kernels read the same.
+COL_SHIFT, COL_HALF_L, COL_OFFSET, COL_GRAD_SCALE, COL_THRESHOLDS = range(5)
+COL_BASIS, COL_NUM_LEVELS, COL_HALF_WIDTH = range(3)
+
+
+@dataclass(frozen=True)
+class LevelTables:
+    """Per-level constants of one codebook on one device: two small tensors, one row per channel ``j``.
+
+    ``values`` (d, 4 + 2 * max(L) - 1) float32, by column:
+      - ``shift``, ``half_l``, ``offset``: the reference's constants (the plain PyTorch path);
+      - ``grad_scale = half_l / half_width``: the backward's factor;
+      - ``thresholds`` (max(L) - 1 columns): ``level(z) = #{k < L_j - 1 : z >= thresholds[j, k]}``;
+        the columns past ``L_j - 1`` hold ``+inf`` and are masked by ``num_levels``;
+      - ``codes`` (max(L) columns): ``codes[j, k] = (k - half_width_j) / half_width_j`` (IEEE division).
+    ``integers`` (d, 3) int32: ``basis``, ``num_levels``, ``half_width``.
+    ``codebook_size``: ``prod(levels)``, a Python int.
+    """
+
+    values: torch.Tensor
+    integers: torch.Tensor
+    codebook_size: int
+
+    @property
+    def max_level(self) -> int:
+        return (self.values.shape[1] - COL_THRESHOLDS + 1) // 2
+
+    shift = property(lambda self: self.values[:, COL_SHIFT])
+    half_l = property(lambda self: self.values[:, COL_HALF_L])
+    offset = property(lambda self: self.values[:, COL_OFFSET])
+    grad_scale = property(lambda self: self.values[:, COL_GRAD_SCALE])
+    thresholds = property(lambda self: self.values[:, COL_THRESHOLDS : COL_THRESHOLDS + self.max_level - 1])
+    codes = property(lambda self: self.values[:, COL_THRESHOLDS + self.max_level - 1 :])
+    basis = property(lambda self: self.integers[:, COL_BASIS])
+    num_levels = property(lambda self: self.integers[:, COL_NUM_LEVELS])
+    half_width = property(lambda self: self.integers[:, COL_HALF_WIDTH])
+
+    @classmethod
+    def from_tensors(cls, values: torch.Tensor, integers: torch.Tensor) -> "LevelTables":
+        """Rebuild from the two tensors (as the custom ops receive them); reads ``num_levels`` on the host."""
+        return cls(values, integers, math.prod(integers[:, COL_NUM_LEVELS].tolist()))
+
+
+def _build_tables(levels: tuple[int, ...], device: torch.device) -> LevelTables:
+    d = len(levels)
+    max_level = max(levels)
+    lv = torch.tensor(levels, dtype=torch.int32, device=device)
+    half_l, offset, shift, half_width = _reference_constants(lv)
+
+    # One predicate per (channel j, level k >= 1): "level(z) >= k".
+    ks = torch.arange(1, max_level, device=device, dtype=torch.int32)
+    chan = torch.arange(d, device=device).repeat_interleave(max_level - 1)
+    k_flat = ks.repeat(d)
+    valid = k_flat < lv[chan]
+    # Padding predicates (k >= L_j) would never turn True; ask for level 1 and overwrite them with +inf.
+    target = torch.where(valid, k_flat, torch.ones_like(k_flat))
+
+    def level_at_least(z):
+        q = ((z + shift[chan]).tanh() * half_l[chan] - offset[chan]).round()
+        return q + half_width[chan] >= target
+
+    thresholds = _bisect_first_true(level_at_least, chan.numel(), device)
+    thresholds = torch.where(valid, thresholds, float("inf")).reshape(d, max_level - 1)
+    k_all = torch.arange(max_level, device=device, dtype=torch.int32)
+    codes = (k_all[None, :] - half_width[:, None]).to(torch.float32) / half_width[:, None]
+
+    columns = [shift, half_l, offset, half_l / half_width]
+    values = torch.cat([torch.stack([c.to(torch.float32) for c in columns], dim=1), thresholds, codes], dim=1)
+    integers = torch.stack([basis_of(levels).to(device), lv, half_width.to(torch.int32)], dim=1)
+    return LevelTables(values.contiguous(), integers.contiguous(), math.prod(levels))
+
+
+_TABLES: dict[tuple[tuple[int, ...], str], LevelTables] = {}
+_TABLES_LOCK = threading.Lock()
+
+
+def level_tables(levels: tuple[int, ...], device: torch.device | str) -> LevelTables:
+    """The calibrated :class:`LevelTables` of ``levels`` on ``device``, built once per process and cached."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (tuple(levels), str(device))
+    tables = _TABLES.get(key)
+    if tables is None:
+        with _TABLES_LOCK:
+            tables = _TABLES.get(key)
+            if tables is None:
+                tables = _build_tables(tuple(levels), device)
+                _TABLES[key] = tables
+    return tables

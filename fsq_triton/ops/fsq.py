@@ -1,0 +1,332 @@
+"""Fused FSQ: Triton kernels, their launchers, the ``torch.library`` custom ops and the autograd.Function.
+
+Read top to bottom: the three kernels (forward, backward, decode), the launch heuristics, the custom
+ops in the ``fsq_triton`` namespace (a Triton implementation for CUDA, the plain PyTorch path for
+CPU unless ``TRITON_INTERPRET=1`` asks for the kernels there, and shape-only fake implementations),
+and :class:`FSQFunction`, which supplies the straight-through gradient by calling those ops.
+
+Every kernel works on the *feature view* of a tensor, ``(b, c*d, n)`` with arbitrary strides:
+``b`` batch, ``c`` codebooks, ``d = len(levels)`` channels per codebook, ``n`` tokens. A
+channel-first image or video ``(b, c*d, *spatial)`` flattens its spatial dims into ``n``; a
+channel-last sequence ``(b, n, c*d)`` is transposed. Nothing is copied to reach that view. One
+program owns ``BLOCK_N`` tokens of one batch row and all their channels, so a token's index is
+reduced in registers. When the batch stride equals ``n * token stride`` (channel-last contiguous),
+the batch is folded into the token axis so that short sequences still fill whole blocks.
+
+Offsets are computed in int64 (``OFFSET_64``) whenever any address of a launch can pass 2**31.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import levels as _lv
+from .. import torch_impl
+from ..levels import LevelTables
+
+# Column layout of the level tables (see fsq_triton.levels.LevelTables), as kernel constants.
+COL_SHIFT = tl.constexpr(_lv.COL_SHIFT)
+COL_GRAD_SCALE = tl.constexpr(_lv.COL_GRAD_SCALE)
+COL_THRESHOLDS = tl.constexpr(_lv.COL_THRESHOLDS)
+COL_BASIS = tl.constexpr(_lv.COL_BASIS)
+COL_NUM_LEVELS = tl.constexpr(_lv.COL_NUM_LEVELS)
+INT_COLS = tl.constexpr(3)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels with its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fsq_forward_kernel(
+    z_ptr, out_ptr, idx_ptr, val_ptr, int_ptr,
+    N, num_n_blocks,
+    stride_zb, stride_zc, stride_zn,
+    stride_ob, stride_oc, stride_on,
+    C: tl.constexpr, D: tl.constexpr, C_PAD: tl.constexpr, D_PAD: tl.constexpr,
+    MAX_LEVEL: tl.constexpr, BLOCK_N: tl.constexpr, OFFSET_64: tl.constexpr,
+):
+    """FSQ forward, one pass over a tile of ``BLOCK_N`` tokens x all ``c*d`` channels.
+
+    Math, per element ``z`` of channel ``j`` (with ``L = L_j``, ``hw = L // 2``):
+        level = #{k < L - 1 : z >= thr[j, k]}                  (= round(tanh(z + shift) * half_l - offset) + hw)
+        out   = codes[j, level]                                 (= (level - hw) / hw, IEEE division, from the table)
+        out   = NaN where z is NaN
+    per token and codebook: index = sum_j level_j * basis_j, or -1 if any channel is NaN.
+    The thresholds were calibrated on this device with the reference's own ops, so no ``tanh`` is
+    evaluated and the result is the reference's, bit for bit.
+
+    Memory traffic per element: read ``z`` once (4 B float32, 2 B bfloat16/float16), write ``out`` once
+    (same size), and 4 B of int32 index per ``d`` elements; the per-level tables (a few hundred bytes)
+    stay in cache.
+    """
+    pid = tl.program_id(0)
+    b = pid // num_n_blocks
+    n_start = (pid % num_n_blocks) * BLOCK_N
+    if OFFSET_64:
+        b = b.to(tl.int64)
+        n_start = n_start.to(tl.int64)
+
+    cc = tl.arange(0, C_PAD)[:, None, None]            # codebook
+    dd = tl.arange(0, D_PAD)[None, :, None]            # channel within the codebook
+    nn = n_start + tl.arange(0, BLOCK_N)[None, None, :]  # token
+    chan = cc * D + dd
+    d_ok = dd < D
+    mask = (cc < C) & d_ok & (nn < N)
+
+    z = tl.load(z_ptr + (b * stride_zb + chan * stride_zc + nn * stride_zn), mask=mask, other=0.0)
+    z = z.to(tl.float32)
+
+    ROW: tl.constexpr = COL_THRESHOLDS + 2 * MAX_LEVEL - 1      # floats per row of the value table
+    COL_CODES: tl.constexpr = COL_THRESHOLDS + MAX_LEVEL - 1
+    values = val_ptr + dd * ROW
+    integers = int_ptr + dd * INT_COLS
+    nlev = tl.load(integers + COL_NUM_LEVELS, mask=d_ok, other=2)
+    basis = tl.load(integers + COL_BASIS, mask=d_ok, other=0)
+
+    # Count the thresholds at or below z; the code follows the count through a chain of selects.
+    level = tl.zeros((C_PAD, D_PAD, BLOCK_N), dtype=tl.int32)
+    code = tl.load(values + COL_CODES, mask=d_ok, other=0.0) + tl.zeros((C_PAD, D_PAD, BLOCK_N), dtype=tl.float32)
+    for k in tl.static_range(MAX_LEVEL - 1):
+        thr_k = tl.load(values + (COL_THRESHOLDS + k), mask=d_ok, other=float("inf"))
+        code_k = tl.load(values + (COL_CODES + k + 1), mask=d_ok, other=0.0)
+        step = (z >= thr_k) & (k < nlev - 1)
+        level += step.to(tl.int32)
+        code = tl.where(step, code_k, code)
+    is_nan = z != z
+    code = tl.where(is_nan, z, code)
+    tl.store(out_ptr + (b * stride_ob + chan * stride_oc + nn * stride_on),
+             code.to(out_ptr.dtype.element_ty), mask=mask)
+
+    index = tl.sum(level * basis, axis=1)                        # (C_PAD, BLOCK_N)
+    token_nan = tl.max(is_nan.to(tl.int32), axis=1) > 0
+    index = tl.where(token_nan, -1, index)
+    c2 = tl.arange(0, C_PAD)[:, None]
+    n2 = n_start + tl.arange(0, BLOCK_N)[None, :]
+    tl.store(idx_ptr + ((b * N + n2) * C + c2), index, mask=(c2 < C) & (n2 < N))
+
+
+@triton.jit
+def _fsq_backward_kernel(
+    g_ptr, z_ptr, dz_ptr, val_ptr,
+    N, num_n_blocks,
+    stride_gb, stride_gc, stride_gn,
+    stride_zb, stride_zc, stride_zn,
+    stride_db, stride_dc, stride_dn,
+    CD: tl.constexpr, D: tl.constexpr, CD_PAD: tl.constexpr, MAX_LEVEL: tl.constexpr,
+    BLOCK_N: tl.constexpr, OFFSET_64: tl.constexpr,
+):
+    """Straight-through FSQ backward, recomputed from the saved input ``z`` alone.
+
+    Math, per element of channel ``j``: ``x = z + shift[j]``,
+        dz = g * (half_l / hw)[j] * (1 - tanh(x)^2),  with  1 - tanh(x)^2 = 4u / (1 + u)^2,  u = exp(-2|x|)
+    (the rounding passes the gradient through; that form of sech^2 has no cancellation and no overflow,
+    and is within a few ulp of the reference's ``1 - t*t``).
+
+    Memory traffic per element: read ``g`` and ``z`` (4 B each in float32, 2 B in half precision),
+    write ``dz`` (same size); nothing else was saved.
+    """
+    pid = tl.program_id(0)
+    b = pid // num_n_blocks
+    n_start = (pid % num_n_blocks) * BLOCK_N
+    if OFFSET_64:
+        b = b.to(tl.int64)
+        n_start = n_start.to(tl.int64)
+
+    chan = tl.arange(0, CD_PAD)[:, None]
+    nn = n_start + tl.arange(0, BLOCK_N)[None, :]
+    c_ok = chan < CD
+    mask = c_ok & (nn < N)
+    j = chan % D
+
+    g = tl.load(g_ptr + (b * stride_gb + chan * stride_gc + nn * stride_gn), mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + (b * stride_zb + chan * stride_zc + nn * stride_zn), mask=mask, other=0.0).to(tl.float32)
+    ROW: tl.constexpr = COL_THRESHOLDS + 2 * MAX_LEVEL - 1
+    shift = tl.load(val_ptr + j * ROW + COL_SHIFT, mask=c_ok, other=0.0)
+    scale = tl.load(val_ptr + j * ROW + COL_GRAD_SCALE, mask=c_ok, other=0.0)
+
+    u = tl.exp(-2.0 * tl.abs(z + shift))
+    sech2 = 4.0 * u / ((1.0 + u) * (1.0 + u))
+    dz = g * scale * sech2
+    tl.store(dz_ptr + (b * stride_db + chan * stride_dc + nn * stride_dn), dz.to(dz_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _fsq_decode_kernel(
+    idx_ptr, out_ptr, val_ptr, int_ptr,
+    N, num_n_blocks, codebook_size,
+    stride_ob, stride_oc, stride_on,
+    C: tl.constexpr, D: tl.constexpr, C_PAD: tl.constexpr, D_PAD: tl.constexpr,
+    MAX_LEVEL: tl.constexpr, BLOCK_N: tl.constexpr, OFFSET_64: tl.constexpr,
+):
+    """``indices_to_codes``: token indices ``(b, n, c)`` to codes on the feature view ``(b, c*d, n)``.
+
+    Math, per token index ``i`` and channel ``j``: ``level = (i // basis[j]) % L_j``,
+    ``code = codes[j, level]`` (= ``(level - hw) / hw`` with IEEE division). An index outside
+    ``[0, prod(levels))`` gives NaN codes: checking it on the host would cost a device sync.
+
+    Memory traffic per element: write the code once (4 B float32); read 4 B (int32) or 8 B (int64)
+    of index per ``d`` elements.
+    """
+    pid = tl.program_id(0)
+    b = pid // num_n_blocks
+    n_start = (pid % num_n_blocks) * BLOCK_N
+    if OFFSET_64:
+        b = b.to(tl.int64)
+        n_start = n_start.to(tl.int64)
+
+    cc = tl.arange(0, C_PAD)[:, None, None]
+    dd = tl.arange(0, D_PAD)[None, :, None]
+    nn = n_start + tl.arange(0, BLOCK_N)[None, None, :]
+    d_ok = dd < D
+    tok_ok = (cc < C) & (nn < N)
+    mask = tok_ok & d_ok
+
+    index = tl.load(idx_ptr + ((b * N + nn) * C + cc), mask=tok_ok, other=0)
+    valid = (index >= 0) & (index < codebook_size)
+    index = tl.where(valid, index, 0)
+    ROW: tl.constexpr = COL_THRESHOLDS + 2 * MAX_LEVEL - 1
+    COL_CODES: tl.constexpr = COL_THRESHOLDS + MAX_LEVEL - 1
+    basis = tl.load(int_ptr + dd * INT_COLS + COL_BASIS, mask=d_ok, other=1)
+    nlev = tl.load(int_ptr + dd * INT_COLS + COL_NUM_LEVELS, mask=d_ok, other=1)
+    level = (index // basis) % nlev
+    code = tl.load(val_ptr + dd * ROW + COL_CODES + level, mask=mask, other=0.0)
+    code = tl.where(valid, code, float("nan"))
+    chan = cc * D + dd
+    tl.store(out_ptr + (b * stride_ob + chan * stride_oc + nn * stride_on), code.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launch geometry
+# --------------------------------------------------------------------------------------------------
+
+_INT32_LIMIT = 2**31
+
+
+def _max_offset(t: torch.Tensor) -> int:
+    """Largest element offset of ``t`` (in elements) plus one: the reach of its addresses."""
+    return 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()) if s > 0)
+
+
+def _needs_int64(*tensors: torch.Tensor) -> bool:
+    return any(_max_offset(t) >= _INT32_LIMIT for t in tensors)
+
+
+def _token_axes(*features: torch.Tensor) -> tuple[int, int, list[tuple[int, int, int]]]:
+    """(batch rows, tokens per row, per-tensor (batch, channel, token) strides) for one launch.
+
+    When every tensor's batch stride is its token stride times ``n`` (channel-last contiguous), the
+    batch folds into the token axis: one row of ``b * n`` tokens, so short sequences fill blocks.
+    """
+    b, _, n = features[0].shape
+    strides = [tuple(t.stride()) for t in features]
+    if b > 1 and all(sb == n * sn for sb, _, sn in strides):
+        return 1, b * n, [(0, sc, sn) for _, sc, sn in strides]
+    return b, n, strides
+
+
+def _block_n(channels: int, n: int) -> int:
+    """Tokens per program: about 8K elements a tile (4K under the interpreter, where fewer programs run faster)."""
+    budget = 4096 if interpreting() else 8192
+    block = triton.next_power_of_2(max(1, budget // triton.next_power_of_2(channels)))
+    return max(16, min(block, 2048, triton.next_power_of_2(max(n, 1))))
+
+
+def _num_warps(block_elems: int) -> int:
+    return 8 if block_elems >= 4096 else 4
+
+
+def _launch(kernel):
+    """Launch through ``torch.library.wrap_triton`` (so torch.compile and export see the kernel), or directly
+    under the interpreter, whose kernels ``wrap_triton`` does not accept."""
+    if interpreting():
+        return kernel
+    return torch.library.wrap_triton(kernel)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers (plain functions on the feature view; the custom ops below call them)
+# --------------------------------------------------------------------------------------------------
+
+
+def _empty_feature(shape, device, channels_last: bool, dtype: torch.dtype) -> torch.Tensor:
+    """A new (b, c*d, n) tensor whose memory is (b, n, c*d) or (b, c*d, n) contiguous."""
+    b, cd, n = shape
+    if channels_last:
+        return torch.empty((b, n, cd), dtype=dtype, device=device).transpose(1, 2)
+    return torch.empty((b, cd, n), dtype=dtype, device=device)
+
+
+def forward_triton(z, values, integers, num_codebooks: int, channels_last: bool):
+    """Launch the forward kernel: z (b, c*d, n) -> out (b, c*d, n) in z's dtype, indices (b, n, c) int32."""
+    b, cd, n = z.shape
+    d, max_level = integers.shape[0], (values.shape[1] - _lv.COL_THRESHOLDS + 1) // 2
+    out = _empty_feature(z.shape, z.device, channels_last, z.dtype)
+    indices = torch.empty((b, n, num_codebooks), dtype=torch.int32, device=z.device)
+    if out.numel() == 0:
+        return out, indices
+    rows, tokens, (sz, so) = _token_axes(z, out)
+    block_n = _block_n(cd, tokens)
+    nblocks = triton.cdiv(tokens, block_n)
+    c_pad, d_pad = triton.next_power_of_2(num_codebooks), triton.next_power_of_2(d)
+    _launch(_fsq_forward_kernel)[(rows * nblocks,)](
+        z, out, indices, values, integers,
+        tokens, nblocks, *sz, *so,
+        C=num_codebooks, D=d, C_PAD=c_pad, D_PAD=d_pad, MAX_LEVEL=max_level,
+        BLOCK_N=block_n, OFFSET_64=_needs_int64(z, out, indices),
+        num_warps=_num_warps(block_n * c_pad * d_pad),
+    )
+    return out, indices
+
+
+def backward_triton(grad_out, z, values, channels_last: bool):
+    """Launch the backward kernel: grad_out, z (b, c*d, n) -> grad_z (b, c*d, n) in z's dtype."""
+    b, cd, n = z.shape
+    d, max_level = values.shape[0], (values.shape[1] - _lv.COL_THRESHOLDS + 1) // 2
+    grad_z = _empty_feature(z.shape, z.device, channels_last, z.dtype)
+    if grad_z.numel() == 0:
+        return grad_z
+    rows, tokens, (sg, sz, sd) = _token_axes(grad_out, z, grad_z)
+    block_n = _block_n(cd, tokens)
+    nblocks = triton.cdiv(tokens, block_n)
+    cd_pad = triton.next_power_of_2(cd)
+    _launch(_fsq_backward_kernel)[(rows * nblocks,)](
+        grad_out, z, grad_z, values,
+        tokens, nblocks, *sg, *sz, *sd,
+        CD=cd, D=d, CD_PAD=cd_pad, MAX_LEVEL=max_level,
+        BLOCK_N=block_n, OFFSET_64=_needs_int64(grad_out, z, grad_z),
+        num_warps=_num_warps(block_n * cd_pad),
+    )
+    return grad_z
+
+
+def decode_triton(indices, values, integers, codebook_size: int, channels_last: bool, dtype: torch.dtype):
+    """Launch the decode kernel: indices (b, n, c) -> codes (b, c*d, n) in ``dtype``."""
+    b, n, c = indices.shape
+    d, max_level = integers.shape[0], (values.shape[1] - _lv.COL_THRESHOLDS + 1) // 2
+    out = _empty_feature((b, c * d, n), indices.device, channels_last, dtype)
+    if out.numel() == 0:
+        return out
+    indices = indices.contiguous()  # read flat as (b * n, c); small next to the codes
+    rows, tokens, (so,) = _token_axes(out)
+    block_n = _block_n(c * d, tokens)
+    nblocks = triton.cdiv(tokens, block_n)
+    c_pad, d_pad = triton.next_power_of_2(c), triton.next_power_of_2(d)
+    _launch(_fsq_decode_kernel)[(rows * nblocks,)](
+        indices, out, values, integers,
+        tokens, nblocks, codebook_size, *so,
+        C=c, D=d, C_PAD=c_pad, D_PAD=d_pad, MAX_LEVEL=max_level,
+        BLOCK_N=block_n, OFFSET_64=_needs_int64(indices, out),
+        num_warps=_num_warps(block_n * c_pad * d_pad),
+    )
+    return out
