@@ -148,12 +148,10 @@ class LevelTables:
         the columns past ``L_j - 1`` hold ``+inf`` and are masked by ``num_levels``;
       - ``codes`` (max(L) columns): ``codes[j, k] = (k - half_width_j) / half_width_j`` (IEEE division).
     ``integers`` (d, 3) int32: ``basis``, ``num_levels``, ``half_width``.
-    ``codebook_size``: ``prod(levels)``, a Python int.
     """
 
     values: torch.Tensor
     integers: torch.Tensor
-    codebook_size: int
 
     @property
     def max_level(self) -> int:
@@ -168,11 +166,6 @@ class LevelTables:
     basis = property(lambda self: self.integers[:, COL_BASIS])
     num_levels = property(lambda self: self.integers[:, COL_NUM_LEVELS])
     half_width = property(lambda self: self.integers[:, COL_HALF_WIDTH])
-
-    @classmethod
-    def from_tensors(cls, values: torch.Tensor, integers: torch.Tensor) -> "LevelTables":
-        """Rebuild from the two tensors (as the custom ops receive them); reads ``num_levels`` on the host."""
-        return cls(values, integers, math.prod(integers[:, COL_NUM_LEVELS].tolist()))
 
 
 def _build_tables(levels: tuple[int, ...], device: torch.device) -> LevelTables:
@@ -201,7 +194,7 @@ def _build_tables(levels: tuple[int, ...], device: torch.device) -> LevelTables:
     columns = [shift, half_l, offset, half_l / half_width]
     values = torch.cat([torch.stack([c.to(torch.float32) for c in columns], dim=1), thresholds, codes], dim=1)
     integers = torch.stack([basis_of(levels).to(device), lv, half_width.to(torch.int32)], dim=1)
-    return LevelTables(values.contiguous(), integers.contiguous(), math.prod(levels))
+    return LevelTables(values.contiguous(), integers.contiguous())
 
 
 _TABLES: dict[tuple[tuple[int, ...], str], LevelTables] = {}

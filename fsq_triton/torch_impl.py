@@ -43,19 +43,20 @@ def quantize(z: torch.Tensor, tables: LevelTables, num_codebooks: int) -> tuple[
     return out, indices
 
 
-def quantize_backward(grad_out: torch.Tensor, z: torch.Tensor, tables: LevelTables) -> torch.Tensor:
-    """Straight-through gradient on the feature view: ``grad * half_l * (1 - tanh(z + shift)^2) / half_width``.
+def quantize_backward(grad_out: torch.Tensor, z: torch.Tensor, shift: torch.Tensor, grad_scale: torch.Tensor) -> torch.Tensor:
+    """Straight-through gradient on the feature view: ``grad * (half_l / half_width) * (1 - tanh(z + shift)^2)``.
 
-    Same order of operations as autograd through the reference. grad_out, z: (b, c*d, n) -> (b, c*d, n) in z's dtype.
+    ``shift`` and ``grad_scale`` are per channel of one codebook, (d,). grad_out, z: (b, c*d, n) -> (b, c*d, n)
+    in z's dtype. (Autograd through :func:`quantize` gives the same within an ulp; this is the custom op's CPU path.)
     """
-    d = tables.shift.numel()
-    per_channel = lambda t: t.repeat(z.shape[1] // d)[:, None]  # noqa: E731  (c*d, 1), codebook-major
-    t = (z.float() + per_channel(tables.shift)).tanh()
-    grad = (grad_out.float() / per_channel(tables.half_width)) * per_channel(tables.half_l) * (1 - t * t)
-    return grad.to(z.dtype)
+    per_channel = lambda t: t.repeat(z.shape[1] // t.numel())[:, None]  # noqa: E731  (c*d, 1), codebook-major
+    t = (z.float() + per_channel(shift)).tanh()
+    return (grad_out.float() * per_channel(grad_scale) * (1 - t * t)).to(z.dtype)
 
 
-def indices_to_codes(indices: torch.Tensor, tables: LevelTables, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def indices_to_codes(
+    indices: torch.Tensor, tables: LevelTables, codebook_size: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Codes of the indices on the feature view: (b, n, c) integer -> (b, c*d, n).
 
     ``level_j = (index // basis_j) % L_j`` and ``code_j = (level_j - half_width_j) / half_width_j``. An index
@@ -64,6 +65,6 @@ def indices_to_codes(indices: torch.Tensor, tables: LevelTables, dtype: torch.dt
     idx = indices.to(torch.int64)[..., None]
     level = (idx // tables.basis) % tables.num_levels
     codes = (level - tables.half_width) / tables.half_width
-    valid = (idx >= 0) & (idx < tables.codebook_size)
+    valid = (idx >= 0) & (idx < codebook_size)
     codes = torch.where(valid, codes, float("nan"))
     return rearrange(codes, "b n c d -> b (c d) n").to(dtype)

@@ -246,12 +246,30 @@ def _num_warps(block_elems: int) -> int:
     return 8 if block_elems >= 4096 else 4
 
 
-def _launch(kernel):
-    """Launch through ``torch.library.wrap_triton`` (so torch.compile and export see the kernel), or directly
-    under the interpreter, whose kernels ``wrap_triton`` does not accept."""
-    if interpreting():
-        return kernel
+def _skip_launch(*grid_args, **kwargs):
+    return None
+
+
+class _NoLaunch:
+    def __getitem__(self, grid):
+        return _skip_launch
+
+
+def _launch(kernel, probe: torch.Tensor):
+    """``torch.library.wrap_triton(kernel)``, so that torch.compile and export see the kernel.
+
+    Under the interpreter the kernel runs on real CPU tensors only: shape propagation with fake
+    tensors (the custom op's fake implementation) must not run it.
+    """
+    if interpreting() and _is_fake(probe):
+        return _NoLaunch()
     return torch.library.wrap_triton(kernel)
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return t.device.type == "meta" or is_fake(t)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -279,7 +297,7 @@ def forward_triton(z, values, integers, num_codebooks: int, channels_last: bool)
     block_n = _block_n(cd, tokens)
     nblocks = triton.cdiv(tokens, block_n)
     c_pad, d_pad = triton.next_power_of_2(num_codebooks), triton.next_power_of_2(d)
-    _launch(_fsq_forward_kernel)[(rows * nblocks,)](
+    _launch(_fsq_forward_kernel, z)[(rows * nblocks,)](
         z, out, indices, values, integers,
         tokens, nblocks, *sz, *so,
         C=num_codebooks, D=d, C_PAD=c_pad, D_PAD=d_pad, MAX_LEVEL=max_level,
@@ -300,7 +318,7 @@ def backward_triton(grad_out, z, values, channels_last: bool):
     block_n = _block_n(cd, tokens)
     nblocks = triton.cdiv(tokens, block_n)
     cd_pad = triton.next_power_of_2(cd)
-    _launch(_fsq_backward_kernel)[(rows * nblocks,)](
+    _launch(_fsq_backward_kernel, z)[(rows * nblocks,)](
         grad_out, z, grad_z, values,
         tokens, nblocks, *sg, *sz, *sd,
         CD=cd, D=d, CD_PAD=cd_pad, MAX_LEVEL=max_level,
@@ -322,7 +340,7 @@ def decode_triton(indices, values, integers, codebook_size: int, channels_last: 
     block_n = _block_n(c * d, tokens)
     nblocks = triton.cdiv(tokens, block_n)
     c_pad, d_pad = triton.next_power_of_2(c), triton.next_power_of_2(d)
-    _launch(_fsq_decode_kernel)[(rows * nblocks,)](
+    _launch(_fsq_decode_kernel, out)[(rows * nblocks,)](
         indices, out, values, integers,
         tokens, nblocks, codebook_size, *so,
         C=c, D=d, C_PAD=c_pad, D_PAD=d_pad, MAX_LEVEL=max_level,
@@ -330,3 +348,82 @@ def decode_triton(indices, values, integers, codebook_size: int, channels_last: 
         num_warps=_num_warps(block_n * c_pad * d_pad),
     )
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Custom ops: fsq_triton::quantize, fsq_triton::quantize_backward, fsq_triton::indices_to_codes
+# --------------------------------------------------------------------------------------------------
+# Each op runs its Triton launcher on CUDA tensors, and on real CPU tensors when TRITON_INTERPRET=1;
+# otherwise the plain PyTorch path. The op body is a ``triton_op``: Inductor and export trace into it
+# (seeing the kernel through ``wrap_triton``), and it doubles as the fake implementation (allocation
+# and a traced kernel call; the device branch is static while tracing).
+
+
+def _runs_triton(t: torch.Tensor) -> bool:
+    return t.device.type == "cuda" or (interpreting() and t.device.type == "cpu" and not _is_fake(t))
+
+
+@torch.library.triton_op("fsq_triton::quantize", mutates_args=())
+def quantize(
+    z: torch.Tensor, values: torch.Tensor, integers: torch.Tensor, num_codebooks: int, channels_last: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FSQ forward on the feature view ``z (b, c*d, n)`` -> ``(out (b, c*d, n) in z's dtype, indices (b, n, c) int32)``."""
+    if _runs_triton(z):
+        return forward_triton(z, values, integers, num_codebooks, channels_last)
+    out, indices = torch_impl.quantize(z, LevelTables(values, integers), num_codebooks)
+    return _in_layout(out, channels_last), indices
+
+
+@torch.library.triton_op("fsq_triton::quantize_backward", mutates_args=())
+def quantize_backward(grad_out: torch.Tensor, z: torch.Tensor, values: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """Straight-through gradient of :func:`quantize` with respect to ``z``, recomputed from ``z``."""
+    if _runs_triton(z):
+        return backward_triton(grad_out, z, values, channels_last)
+    grad_z = torch_impl.quantize_backward(grad_out, z, values[:, _lv.COL_SHIFT], values[:, _lv.COL_GRAD_SCALE])
+    return _in_layout(grad_z, channels_last)
+
+
+@torch.library.triton_op("fsq_triton::indices_to_codes", mutates_args=())
+def indices_to_codes(
+    indices: torch.Tensor, values: torch.Tensor, integers: torch.Tensor, codebook_size: int,
+    channels_last: bool, dtype: torch.dtype,
+) -> torch.Tensor:
+    """Codes of ``indices (b, n, c)`` on the feature view ``(b, c*d, n)``; NaN codes for indices out of range."""
+    if _runs_triton(indices):
+        return decode_triton(indices, values, integers, codebook_size, channels_last, dtype)
+    codes = torch_impl.indices_to_codes(indices, LevelTables(values, integers), codebook_size, dtype)
+    return _in_layout(codes, channels_last)
+
+
+def _in_layout(feature: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """Copy of a (b, c*d, n) result in the memory layout the Triton path allocates (a custom op must not alias)."""
+    out = _empty_feature(feature.shape, feature.device, channels_last, feature.dtype)
+    return out.copy_(feature)
+
+
+# --------------------------------------------------------------------------------------------------
+# autograd.Function
+# --------------------------------------------------------------------------------------------------
+
+
+class FSQFunction(torch.autograd.Function):
+    """``(out, indices) = FSQFunction.apply(z, values, integers, num_codebooks, channels_last)``.
+
+    Forward runs ``fsq_triton::quantize``; backward runs ``fsq_triton::quantize_backward`` from the saved
+    input alone (the straight-through estimator: rounding passes the gradient, the tanh bound scales it).
+    ``indices`` is not differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, z, values, integers, num_codebooks: int, channels_last: bool):
+        out, indices = torch.ops.fsq_triton.quantize(z, values, integers, num_codebooks, channels_last)
+        ctx.save_for_backward(z, values)
+        ctx.channels_last = channels_last
+        ctx.mark_non_differentiable(indices)
+        return out, indices
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_indices):
+        z, values = ctx.saved_tensors
+        grad_z = torch.ops.fsq_triton.quantize_backward(grad_out, z, values, ctx.channels_last)
+        return grad_z, None, None, None, None

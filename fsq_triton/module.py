@@ -1,0 +1,306 @@
+"""``fsq_triton.FSQ``: the reference FSQ module's surface, name for name, on the fused kernels.
+
+Shape letters: ``b`` batch, ``n`` tokens, ``c`` codebooks, ``d`` channels per codebook
+(``codebook_dim = len(levels)``), ``e = c * d`` (``effective_codebook_dim``).
+
+Data flows one way: the module checks its input and turns it into the *feature view*
+``(b, e, n)`` (a strided view, no copy), the op (``fsq_triton.ops``) quantizes that view, and the
+module puts the result back into the caller's shape. Projections stay ``nn.Linear`` around the
+fused quantizer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from . import torch_impl
+from .levels import basis_of, level_tables, reference_bound, validate_levels
+
+BACKENDS = ("auto", "triton", "torch")
+
+# The implicit codebook is built at construction up to this many floats (16 MiB); past it, on first access.
+EAGER_CODEBOOK_LIMIT = 2**22
+
+
+class BackendUnavailableError(RuntimeError, ValueError):
+    """``backend="triton"`` was asked for where the Triton kernels cannot run."""
+
+
+def _ops():
+    """The Triton ops module, or None when Triton cannot be imported here."""
+    try:
+        from .ops import fsq
+    except ImportError:  # no triton on this platform: the PyTorch path serves everything
+        return None
+    return fsq
+
+
+def _check_float_tensor(name: str, t: object) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, found {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (float32, bfloat16, float16 or float64), found {t.dtype}")
+    return t
+
+
+class FSQ(nn.Module):
+    """Finite Scalar Quantization (Mentzer et al., 2023), a drop-in for the reference ``FSQ``.
+
+    Args:
+        levels: number of levels of each channel of a codebook, e.g. ``[8, 5, 5, 5, 5]``.
+        dim: feature size of the input; defaults to ``len(levels) * num_codebooks``. When it differs,
+            ``project_in``/``project_out`` are ``nn.Linear`` layers to and from the codebook channels.
+        num_codebooks: codebooks per token, each with its own index and the same ``levels``.
+        keep_num_codebooks_dim: keep the codebook axis in ``indices``; defaults to ``num_codebooks > 1``.
+        scale: stored, unused (as in the reference).
+        backend: ``"auto"`` (Triton kernels on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1``;
+            the PyTorch path otherwise), ``"triton"`` (the kernels, or :class:`BackendUnavailableError`)
+            or ``"torch"`` (the PyTorch path).
+
+    ``forward(z)`` takes a sequence ``(b, n, dim)`` or a channel-first image/video ``(b, dim, *spatial)``
+    and returns ``(out, indices)``: ``out`` in z's shape and dtype, ``indices`` int32 of shape
+    ``(b, n)``/``(b, *spatial)``, with a trailing codebook axis when ``keep_num_codebooks_dim``.
+    """
+
+    def __init__(
+        self,
+        levels: Sequence[int],
+        dim: int | None = None,
+        num_codebooks: int = 1,
+        keep_num_codebooks_dim: bool | None = None,
+        scale: float | None = None,
+        *,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        levels = validate_levels(levels)
+        if isinstance(num_codebooks, bool) or not isinstance(num_codebooks, int):
+            raise TypeError(f"num_codebooks must be an int, found {num_codebooks!r}")
+        if num_codebooks < 1:
+            raise ValueError(f"num_codebooks must be at least 1, found {num_codebooks}")
+        if keep_num_codebooks_dim is None:
+            keep_num_codebooks_dim = num_codebooks > 1
+        if num_codebooks > 1 and not keep_num_codebooks_dim:
+            raise ValueError(
+                f"keep_num_codebooks_dim must be True with num_codebooks={num_codebooks} > 1: "
+                "each token has one index per codebook"
+            )
+        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
+            raise ValueError(f"dim must be a positive int or None, found {dim!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, found {backend!r}")
+
+        self.levels = levels
+        self.backend = backend
+        self.register_buffer("_levels", torch.tensor(levels, dtype=torch.int32), persistent=False)
+        self.register_buffer("_basis", basis_of(levels), persistent=False)
+        self.scale = scale
+
+        self.codebook_dim = len(levels)
+        self.num_codebooks = num_codebooks
+        self.effective_codebook_dim = self.codebook_dim * num_codebooks
+        self.keep_num_codebooks_dim = bool(keep_num_codebooks_dim)
+        self.dim = self.effective_codebook_dim if dim is None else dim
+
+        self.has_projections = self.dim != self.effective_codebook_dim
+        self.project_in = nn.Linear(self.dim, self.effective_codebook_dim) if self.has_projections else nn.Identity()
+        self.project_out = nn.Linear(self.effective_codebook_dim, self.dim) if self.has_projections else nn.Identity()
+
+        self.codebook_size = math.prod(levels)
+        eager = self.codebook_size * self.codebook_dim <= EAGER_CODEBOOK_LIMIT
+        self.register_buffer("implicit_codebook", self._implicit_codebook() if eager else None, persistent=False)
+
+    def extra_repr(self) -> str:
+        return (
+            f"levels={list(self.levels)}, dim={self.dim}, num_codebooks={self.num_codebooks}, "
+            f"codebook_size={self.codebook_size}, backend={self.backend!r}"
+        )
+
+    # ----------------------------------------------------------------------------------------------
+    # The implicit codebook (built lazily when it is huge: the reference tries to allocate it and dies)
+    # ----------------------------------------------------------------------------------------------
+
+    def _implicit_codebook(self) -> torch.Tensor:
+        """``indices_to_codes(arange(codebook_size), project_out=False)`` as the reference computes it.
+
+        With ``keep_num_codebooks_dim`` the reference folds the index axis into the codebook axis, giving a
+        flat ``(codebook_size * d,)`` tensor; that quirk is kept so that the buffer matches the reference.
+        """
+        device = self._levels.device
+        indices = torch.arange(self.codebook_size, device=device)
+        level = (indices[:, None] // self._basis) % self._levels
+        half_width = self._levels // 2
+        codes = (level - half_width) / half_width
+        return codes.flatten() if self.keep_num_codebooks_dim else codes
+
+    def __getattr__(self, name: str):
+        value = super().__getattr__(name)
+        if name == "implicit_codebook" and value is None:
+            value = self._implicit_codebook()
+            self._buffers["implicit_codebook"] = value
+        return value
+
+    # ----------------------------------------------------------------------------------------------
+    # Backend choice and the quantizer on the feature view
+    # ----------------------------------------------------------------------------------------------
+
+    def _triton_ops(self, t: torch.Tensor):
+        """The ops module if this call runs the Triton kernels, else None (PyTorch path)."""
+        if self.backend == "torch":
+            return None
+        ops = _ops()
+        runnable = ops is not None and (t.device.type == "cuda" or (ops.interpreting() and t.device.type == "cpu"))
+        if runnable:
+            return ops
+        if self.backend == "triton":
+            if ops is None:
+                raise BackendUnavailableError("backend='triton' needs the triton package, which cannot be imported here")
+            raise BackendUnavailableError(
+                f"backend='triton' runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), found a tensor on {t.device}"
+            )
+        return None
+
+    def _quantize_feature(self, feature: torch.Tensor, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(b, e, n) -> codes (b, e, n) in feature's dtype, indices (b, n, c) int32; differentiable."""
+        tables = level_tables(self.levels, feature.device)
+        ops = self._triton_ops(feature)
+        if ops is not None:
+            return ops.FSQFunction.apply(feature, tables.values, tables.integers, self.num_codebooks, channels_last)
+        return torch_impl.quantize(feature, tables, self.num_codebooks)
+
+    # ----------------------------------------------------------------------------------------------
+    # The reference's methods
+    # ----------------------------------------------------------------------------------------------
+
+    def bound(self, z: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+        """``tanh(z + shift) * half_l - offset`` on the last dim (``codebook_dim``), as the reference."""
+        _check_float_tensor("z", z)
+        return reference_bound(z, self._levels.to(z.device), eps)
+
+    def quantize(self, z: torch.Tensor) -> torch.Tensor:
+        """Quantize ``z (..., codebook_dim)`` to codes of the same shape and dtype, straight-through."""
+        _check_float_tensor("z", z)
+        if z.ndim == 0 or z.shape[-1] != self.codebook_dim:
+            raise ValueError(f"quantize expects z of shape (..., {self.codebook_dim}), found {tuple(z.shape)}")
+        tokens = z.reshape(1, -1, self.codebook_dim)
+        codes, _ = self._quantize_one_codebook(tokens)
+        return codes.reshape(z.shape)
+
+    def _quantize_one_codebook(self, tokens: torch.Tensor):
+        tables = level_tables(self.levels, tokens.device)
+        feature = tokens.transpose(1, 2)
+        ops = self._triton_ops(feature)
+        if ops is not None:
+            codes, indices = ops.FSQFunction.apply(feature, tables.values, tables.integers, 1, True)
+        else:
+            codes, indices = torch_impl.quantize(feature, tables, 1)
+        return codes.transpose(1, 2), indices
+
+    def codes_to_indices(self, zhat: torch.Tensor) -> torch.Tensor:
+        """Index of each code ``zhat (..., codebook_dim)``: exact int32, ``-1`` where a code is NaN or off the grid.
+
+        The level is ``round(code * half_width + half_width)`` per channel (the reference truncates the float
+        sum instead, which is exact only for codebooks under 2**24 and levels up to 25).
+        """
+        _check_float_tensor("zhat", zhat)
+        if zhat.ndim == 0 or zhat.shape[-1] != self.codebook_dim:
+            raise ValueError(f"codes_to_indices expects zhat of shape (..., {self.codebook_dim}), found {tuple(zhat.shape)}")
+        levels, basis = self._levels.to(zhat.device), self._basis.to(zhat.device)
+        half_width = levels // 2
+        level = (zhat.float() * half_width + half_width).round()
+        invalid = (level.isnan() | (level < 0) | (level >= levels)).any(dim=-1)
+        indices = (level.nan_to_num(0.0).to(torch.int64) * basis).sum(dim=-1)
+        return torch.where(invalid, -1, indices).to(torch.int32)
+
+    def indices_to_codes(self, indices: torch.Tensor, project_out: bool = True) -> torch.Tensor:
+        """Codes of ``indices``, the inverse of ``forward``'s indices.
+
+        ``indices`` is ``(b, n)``/``(b, *spatial)`` (with a trailing ``c`` axis when ``keep_num_codebooks_dim``);
+        the codes are ``(b, n, dim)`` for sequences and channel-first ``(b, dim, *spatial)`` when
+        ``indices.ndim >= 3 + keep_num_codebooks_dim``, as the reference decides. ``project_out=False``
+        skips the output projection (``e`` channels instead of ``dim``).
+
+        An index outside ``[0, codebook_size)`` raises ``IndexError`` for CPU tensors; on CUDA, where the
+        check would cost a device sync, it decodes to NaN codes.
+        """
+        if not isinstance(indices, torch.Tensor):
+            raise TypeError(f"indices must be a torch.Tensor, found {type(indices).__name__}")
+        if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+            raise TypeError(f"indices must be an integer tensor, found {indices.dtype}")
+        c = self.num_codebooks
+        keep = self.keep_num_codebooks_dim
+        if keep and (indices.ndim == 0 or indices.shape[-1] != c):
+            raise ValueError(
+                f"indices must end in the codebook axis of size num_codebooks={c}, found shape {tuple(indices.shape)}"
+            )
+        if indices.device.type == "cpu" and indices.numel() > 0:
+            low, high = int(indices.min()), int(indices.max())
+            if low < 0 or high >= self.codebook_size:
+                bad = low if low < 0 else high
+                raise IndexError(f"indices must lie in [0, {self.codebook_size}), found {bad}")
+
+        is_img_or_video = indices.ndim >= 3 + int(keep)
+        tokens = indices if keep else indices.unsqueeze(-1)  # (..., c)
+        lead = tokens.shape[:-1]
+        b = lead[0] if is_img_or_video else 1
+        tokens = tokens.reshape(b, -1, c)
+        channel_first_out = is_img_or_video and not (project_out and self.has_projections)
+
+        tables = level_tables(self.levels, indices.device)
+        ops = self._triton_ops(tokens)
+        dtype = self.project_out.weight.dtype if (project_out and self.has_projections) else torch.float32
+        if ops is not None:
+            feature = torch.ops.fsq_triton.indices_to_codes(
+                tokens, tables.values, tables.integers, self.codebook_size, not channel_first_out, dtype
+            )
+        else:
+            feature = torch_impl.indices_to_codes(tokens, tables, self.codebook_size, dtype)
+
+        if channel_first_out:
+            return feature.reshape(b, self.effective_codebook_dim, *lead[1:])
+        codes = feature.transpose(1, 2).reshape(*lead, self.effective_codebook_dim)
+        if project_out:
+            codes = self.project_out(codes)
+        if is_img_or_video:
+            codes = rearrange(codes, "b ... d -> b d ...")
+        return codes
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(out, indices) = fsq(z)`` for ``z (b, n, dim)`` or channel-first ``(b, dim, *spatial)``."""
+        _check_float_tensor("z", z)
+        if z.ndim < 3:
+            raise ValueError(
+                f"z must be a sequence (b, n, {self.dim}) or channel-first (b, {self.dim}, *spatial), "
+                f"found shape {tuple(z.shape)}"
+            )
+        is_img_or_video = z.ndim >= 4
+        channels = z.shape[1] if is_img_or_video else z.shape[-1]
+        if channels != self.dim:
+            where = "dim 1 (channel-first image/video)" if is_img_or_video else "the last dim (sequence)"
+            raise ValueError(f"expected {self.dim} channels in {where} of z, found {channels} (shape {tuple(z.shape)})")
+        b = z.shape[0]
+        spatial = z.shape[2:] if is_img_or_video else z.shape[1:2]
+
+        if self.has_projections:
+            x = rearrange(z, "b d ... -> b (...) d") if is_img_or_video else z
+            x = self.project_in(x.to(self.project_in.weight.dtype))           # (b, n, e)
+            codes, indices = self._quantize_feature(x.transpose(1, 2), channels_last=True)
+            out = self.project_out(codes.transpose(1, 2)).to(z.dtype)         # (b, n, dim)
+            if is_img_or_video:
+                out = rearrange(out.reshape(b, *spatial, self.dim), "b ... d -> b d ...")
+        elif is_img_or_video:
+            codes, indices = self._quantize_feature(z.flatten(2), channels_last=False)
+            out = codes.reshape(z.shape)
+        else:
+            codes, indices = self._quantize_feature(z.transpose(1, 2), channels_last=True)
+            out = codes.transpose(1, 2)
+
+        indices = indices.reshape(b, *spatial, self.num_codebooks)
+        if not self.keep_num_codebooks_dim:
+            indices = indices.squeeze(-1)
+        return out, indices
