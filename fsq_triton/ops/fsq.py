@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import autotune
 from .. import levels as _lv
 from .. import torch_impl
 from ..levels import LevelTables
@@ -235,17 +236,6 @@ def _token_axes(*features: torch.Tensor) -> tuple[int, int, list[tuple[int, int,
     return b, n, strides
 
 
-def _block_n(channels: int, n: int) -> int:
-    """Tokens per program: about 8K elements a tile (4K under the interpreter, where fewer programs run faster)."""
-    budget = 4096 if interpreting() else 8192
-    block = triton.next_power_of_2(max(1, budget // triton.next_power_of_2(channels)))
-    return max(16, min(block, 2048, triton.next_power_of_2(max(n, 1))))
-
-
-def _num_warps(block_elems: int) -> int:
-    return 8 if block_elems >= 4096 else 4
-
-
 def _skip_launch(*grid_args, **kwargs):
     return None
 
@@ -285,6 +275,13 @@ def _empty_feature(shape, device, channels_last: bool, dtype: torch.dtype) -> to
     return torch.empty((b, cd, n), dtype=dtype, device=device)
 
 
+def _configured_launch(kernel_name: str, probe: torch.Tensor, tokens: int, channel_tile: int, dtype, channels_last, launch):
+    """Pick the launch configuration (fsq_triton.autotune: forced, tuned, cached or default) and launch."""
+    key = autotune.problem_key(kernel_name, tokens, channel_tile, dtype, channels_last)
+    default = autotune.default_config(channel_tile, tokens, interpreting())
+    launch(autotune.launch_config(kernel_name, key, default, launch, probe, channel_tile))
+
+
 def forward_triton(z, values, integers, num_codebooks: int, channels_last: bool):
     """Launch the forward kernel: z (b, c*d, n) -> out (b, c*d, n) in z's dtype, indices (b, n, c) int32."""
     b, cd, n = z.shape
@@ -294,16 +291,19 @@ def forward_triton(z, values, integers, num_codebooks: int, channels_last: bool)
     if out.numel() == 0:
         return out, indices
     rows, tokens, (sz, so) = _token_axes(z, out)
-    block_n = _block_n(cd, tokens)
-    nblocks = triton.cdiv(tokens, block_n)
     c_pad, d_pad = triton.next_power_of_2(num_codebooks), triton.next_power_of_2(d)
-    _launch(_fsq_forward_kernel, z)[(rows * nblocks,)](
-        z, out, indices, values, integers,
-        tokens, nblocks, *sz, *so,
-        C=num_codebooks, D=d, C_PAD=c_pad, D_PAD=d_pad, MAX_LEVEL=max_level,
-        BLOCK_N=block_n, OFFSET_64=_needs_int64(z, out, indices),
-        num_warps=_num_warps(block_n * c_pad * d_pad),
-    )
+    offset_64 = _needs_int64(z, out, indices)
+
+    def launch(cfg):
+        nblocks = triton.cdiv(tokens, cfg["BLOCK_N"])
+        _launch(_fsq_forward_kernel, z)[(rows * nblocks,)](
+            z, out, indices, values, integers,
+            tokens, nblocks, *sz, *so,
+            C=num_codebooks, D=d, C_PAD=c_pad, D_PAD=d_pad, MAX_LEVEL=max_level,
+            BLOCK_N=cfg["BLOCK_N"], OFFSET_64=offset_64, num_warps=cfg["num_warps"],
+        )
+
+    _configured_launch("forward", z, rows * tokens, c_pad * d_pad, z.dtype, channels_last, launch)
     return out, indices
 
 
@@ -315,16 +315,19 @@ def backward_triton(grad_out, z, values, channels_last: bool):
     if grad_z.numel() == 0:
         return grad_z
     rows, tokens, (sg, sz, sd) = _token_axes(grad_out, z, grad_z)
-    block_n = _block_n(cd, tokens)
-    nblocks = triton.cdiv(tokens, block_n)
     cd_pad = triton.next_power_of_2(cd)
-    _launch(_fsq_backward_kernel, z)[(rows * nblocks,)](
-        grad_out, z, grad_z, values,
-        tokens, nblocks, *sg, *sz, *sd,
-        CD=cd, D=d, CD_PAD=cd_pad, MAX_LEVEL=max_level,
-        BLOCK_N=block_n, OFFSET_64=_needs_int64(grad_out, z, grad_z),
-        num_warps=_num_warps(block_n * cd_pad),
-    )
+    offset_64 = _needs_int64(grad_out, z, grad_z)
+
+    def launch(cfg):
+        nblocks = triton.cdiv(tokens, cfg["BLOCK_N"])
+        _launch(_fsq_backward_kernel, z)[(rows * nblocks,)](
+            grad_out, z, grad_z, values,
+            tokens, nblocks, *sg, *sz, *sd,
+            CD=cd, D=d, CD_PAD=cd_pad, MAX_LEVEL=max_level,
+            BLOCK_N=cfg["BLOCK_N"], OFFSET_64=offset_64, num_warps=cfg["num_warps"],
+        )
+
+    _configured_launch("backward", z, rows * tokens, cd_pad, z.dtype, channels_last, launch)
     return grad_z
 
 
@@ -337,16 +340,19 @@ def decode_triton(indices, values, integers, codebook_size: int, channels_last: 
         return out
     indices = indices.contiguous()  # read flat as (b * n, c); small next to the codes
     rows, tokens, (so,) = _token_axes(out)
-    block_n = _block_n(c * d, tokens)
-    nblocks = triton.cdiv(tokens, block_n)
     c_pad, d_pad = triton.next_power_of_2(c), triton.next_power_of_2(d)
-    _launch(_fsq_decode_kernel, out)[(rows * nblocks,)](
-        indices, out, values, integers,
-        tokens, nblocks, codebook_size, *so,
-        C=c, D=d, C_PAD=c_pad, D_PAD=d_pad, MAX_LEVEL=max_level,
-        BLOCK_N=block_n, OFFSET_64=_needs_int64(indices, out),
-        num_warps=_num_warps(block_n * c_pad * d_pad),
-    )
+    offset_64 = _needs_int64(indices, out)
+
+    def launch(cfg):
+        nblocks = triton.cdiv(tokens, cfg["BLOCK_N"])
+        _launch(_fsq_decode_kernel, out)[(rows * nblocks,)](
+            indices, out, values, integers,
+            tokens, nblocks, codebook_size, *so,
+            C=c, D=d, C_PAD=c_pad, D_PAD=d_pad, MAX_LEVEL=max_level,
+            BLOCK_N=cfg["BLOCK_N"], OFFSET_64=offset_64, num_warps=cfg["num_warps"],
+        )
+
+    _configured_launch("decode", out, rows * tokens, c_pad * d_pad, dtype, channels_last, launch)
     return out
 
 

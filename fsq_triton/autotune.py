@@ -1,0 +1,288 @@
+"""Launch configurations for the kernels: a heuristic default, a per-GPU cache, and the tuner.
+
+Each launch asks :func:`launch_config` for its configuration (``BLOCK_N`` tokens per program and
+``num_warps``), keyed by a *problem class*: the kernel, a power-of-two bucket of the token count,
+the padded channel tile, the dtype and the layout. The answer comes from, in order:
+
+1. a configuration forced by :func:`forced_config` (tests use it to run every configuration);
+2. the tuner, when tuning is on (``FSQ_TRITON_AUTOTUNE=1``, or ``python -m fsq_triton autotune``)
+   and this class has no cached result (or a re-tune is forced): it times every configuration of
+   the kernel's space with ``triton.testing.do_bench`` on the real arguments and keeps the fastest;
+3. the cache of earlier tuning on this GPU model and Triton version, a JSON file under
+   ``$FSQ_TRITON_CACHE_DIR`` (default ``$XDG_CACHE_HOME/fsq_triton`` or ``~/.cache/fsq_triton``),
+   read once per process; a corrupt or foreign file is ignored with a warning;
+4. the heuristic default, about 8K elements a tile (``tokens * padded channels``).
+
+So the first call never spends time tuning unless asked. Writes are atomic (a temporary file and
+``os.replace``) after merging with what is on disk, so processes that tune at once cannot corrupt
+the cache; the last writer's entries win for a class both tuned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+CACHE_FORMAT = 1
+_LOCK = threading.Lock()
+_CACHES: dict[str, dict[str, dict]] = {}  # cache file path -> {problem key: config}
+_FORCED: list[dict] = []
+_RETUNE: list[bool] = []
+_TUNED_LOG: list[dict] = []  # what the tuner chose in this process, for the command line report
+
+# The space each kernel is tuned over: tokens per program x warps (tiles capped at 16K elements).
+BLOCK_NS = (64, 128, 256, 512, 1024, 2048)
+NUM_WARPS = (2, 4, 8, 16)
+MAX_TILE = 16384
+
+
+def config_space(channel_tile: int) -> list[dict]:
+    """Every configuration worth timing for a tile of ``channel_tile`` padded channels."""
+    space = []
+    for block_n in BLOCK_NS:
+        elems = block_n * channel_tile
+        if elems > MAX_TILE:
+            continue
+        for warps in NUM_WARPS:
+            if warps * 32 * 2 <= elems:  # at least two elements a thread
+                space.append({"BLOCK_N": block_n, "num_warps": warps})
+    return space
+
+
+def default_config(channel_tile: int, tokens: int, interpreting: bool = False) -> dict:
+    """The heuristic: about 8K elements a tile (4K under the interpreter), 8 warps from 4K elements up."""
+    budget = 4096 if interpreting else 8192
+    block = max(1, budget // channel_tile)
+    block = 1 << (block.bit_length() - 1)  # power of two at or below
+    block = max(16, min(block, 2048, 1 << max(0, (max(tokens, 1) - 1).bit_length())))
+    return {"BLOCK_N": block, "num_warps": 8 if block * channel_tile >= 4096 else 4}
+
+
+def problem_key(kernel: str, tokens: int, channel_tile: int, dtype: torch.dtype, channels_last: bool) -> str:
+    bucket = 1 << max(10, min(26, (max(tokens, 1) - 1).bit_length()))
+    layout = "cl" if channels_last else "cf"
+    return f"{kernel}|t{bucket}|ch{channel_tile}|{str(dtype).replace('torch.', '')}|{layout}"
+
+
+# ------------------------------------------------------------------------------------------------
+# The cache
+# ------------------------------------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("FSQ_TRITON_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fsq_triton"
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type}-interpreter"
+
+
+def cache_path(device: torch.device) -> Path:
+    import triton
+
+    name = "".join(ch if ch.isalnum() else "_" for ch in _device_name(device))
+    return cache_dir() / f"{name}-triton{triton.__version__}.json"
+
+
+def _read(path: Path) -> dict[str, dict]:
+    """The configs in ``path``, or {} (with a warning) when it is missing, corrupt or for another device."""
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT or data.get("file") != path.name:
+            raise ValueError("not an fsq_triton tuning cache for this GPU and Triton version")
+        configs = data["configs"]
+        for key, cfg in configs.items():
+            if not (isinstance(cfg, dict) and isinstance(cfg.get("BLOCK_N"), int) and isinstance(cfg.get("num_warps"), int)):
+                raise ValueError(f"bad entry {key!r}")
+        return configs
+    except Exception as exc:  # noqa: BLE001 - any unreadable cache is ignored, never fatal
+        warnings.warn(f"fsq_triton: ignoring the tuning cache {path}: {exc}", RuntimeWarning, stacklevel=3)
+        return {}
+
+
+def _write(path: Path, new: dict[str, dict]) -> None:
+    """Merge ``new`` into the file at ``path`` atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged = {**_read(path), **new}
+    payload = {"format": CACHE_FORMAT, "file": path.name, "configs": merged}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _cached(device: torch.device) -> dict[str, dict]:
+    path = str(cache_path(device))
+    configs = _CACHES.get(path)
+    if configs is None:
+        with _LOCK:
+            configs = _CACHES.setdefault(path, _read(Path(path)))
+    return configs
+
+
+def clear_cache(device: torch.device) -> Path:
+    """Delete this device's cache file (and forget it in this process)."""
+    path = cache_path(device)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    _CACHES.pop(str(path), None)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Choosing a configuration at launch
+# ------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def forced_config(config: dict) -> Iterator[None]:
+    """Every launch inside uses ``config`` (for tests that run the whole space)."""
+    _FORCED.append(config)
+    try:
+        yield
+    finally:
+        _FORCED.pop()
+
+
+@contextlib.contextmanager
+def retuning() -> Iterator[None]:
+    """Every launch inside is tuned (again) and the result persisted: what ``python -m fsq_triton autotune`` does."""
+    _RETUNE.append(True)
+    try:
+        yield
+    finally:
+        _RETUNE.pop()
+
+
+def _tuning_enabled() -> bool:
+    return bool(_RETUNE) or os.environ.get("FSQ_TRITON_AUTOTUNE", "0") not in ("", "0")
+
+
+def launch_config(kernel: str, key: str, default: dict, run: Callable[[dict], None], probe: torch.Tensor,
+                  channel_tile: int) -> dict:
+    """The configuration for one launch (see the module docstring for the order of sources).
+
+    ``run(config)`` launches the kernel with ``config`` (idempotent: it rewrites the same outputs);
+    ``probe`` is one of the launch's tensors (its device names the cache; fake tensors never tune).
+    """
+    if _FORCED:
+        return _FORCED[-1]
+    if probe.device.type != "cuda" or _is_traced(probe):
+        return default if probe.device.type != "cuda" else _cached(probe.device).get(key, default)
+    cached = _cached(probe.device).get(key)
+    if _tuning_enabled() and (cached is None or _RETUNE):
+        return _tune(kernel, key, default, run, probe, channel_tile)
+    return cached or default
+
+
+def _is_traced(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(t) or torch.compiler.is_compiling()
+
+
+def _tune(kernel, key, default, run, probe, channel_tile) -> dict:
+    from triton.testing import do_bench
+
+    space = config_space(channel_tile)
+    if default not in space:
+        space.append(default)
+    timings = []
+    for cfg in space:
+        try:
+            ms = do_bench(lambda: run(cfg), warmup=5, rep=20, return_mode="median")
+        except Exception as exc:  # noqa: BLE001 - a configuration that fails to compile or launch is skipped
+            warnings.warn(f"fsq_triton: {kernel} config {cfg} failed: {exc}", RuntimeWarning, stacklevel=2)
+            continue
+        timings.append((ms, cfg))
+    best_ms, best = min(timings, key=lambda t: t[0])
+    default_ms = next(ms for ms, cfg in timings if cfg == default)
+    path = cache_path(probe.device)
+    with _LOCK:
+        _cached(probe.device)[key] = best
+        _write(path, {key: best})
+    _TUNED_LOG.append({"key": key, "config": best, "ms": best_ms, "default": default, "default_ms": default_ms})
+    return best
+
+
+# ------------------------------------------------------------------------------------------------
+# python -m fsq_triton autotune
+# ------------------------------------------------------------------------------------------------
+
+
+def standard_workloads(quick: bool) -> list[dict]:
+    """The shapes tuned by the command line: the benchmark's workloads (channel-first videos and images,
+    channel-last sequences, two codebooks), in float32 and bfloat16."""
+    work = [
+        {"levels": [8, 8, 8, 5, 5, 5], "shape": (8, 6, 16, 64, 64), "dtype": torch.float32},
+        {"levels": [8, 8, 8, 5, 5, 5], "shape": (8, 6, 16, 64, 64), "dtype": torch.bfloat16},
+        {"levels": [8, 5, 5, 5, 5], "shape": (64, 5, 32, 32), "dtype": torch.float32},
+        {"levels": [8, 5, 5, 5], "shape": (16, 4096, 8), "dtype": torch.float32, "num_codebooks": 2},
+    ]
+    if not quick:
+        work += [
+            {"levels": [8, 8, 8, 5, 5, 5], "shape": (32, 6, 32, 128, 128), "dtype": torch.float32},
+            {"levels": [8, 8, 8, 5, 5, 5], "shape": (32, 6, 32, 128, 128), "dtype": torch.bfloat16},
+            {"levels": [8, 5, 5, 5], "shape": (64, 4096, 4), "dtype": torch.bfloat16},
+        ]
+    return work
+
+
+def main(quick: bool = False, reset: bool = False) -> int:
+    """Tune the standard shapes on this GPU; print each choice and its gain over the default. Exit status 2 without a GPU."""
+    from .ops import interpreting
+
+    if not torch.cuda.is_available() or interpreting():
+        print("fsq_triton autotune needs a CUDA GPU (and TRITON_INTERPRET unset): nothing to tune here.", file=sys.stderr)
+        return 2
+    from . import FSQ
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    if reset:
+        print(f"cleared {clear_cache(device)}")
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the progress bar is a nicety
+        tqdm = None
+    work = standard_workloads(quick)
+    bar = tqdm(work, desc="autotune", unit="shape") if tqdm else work
+    _TUNED_LOG.clear()
+    for w in bar:
+        fsq = FSQ(w["levels"], num_codebooks=w.get("num_codebooks", 1)).to(device)
+        z = torch.randn(w["shape"], device=device, dtype=w["dtype"], requires_grad=True)
+        with retuning():
+            out, indices = fsq(z)
+            out.backward(torch.randn_like(out))
+            fsq.indices_to_codes(indices)
+        torch.cuda.synchronize()
+    print(f"\n{'problem class':<48} {'chosen':<24} {'ms':>8} {'default ms':>11} {'gain':>6}")
+    for row in _TUNED_LOG:
+        cfg = f"BLOCK_N={row['config']['BLOCK_N']} warps={row['config']['num_warps']}"
+        gain = row["default_ms"] / row["ms"]
+        print(f"{row['key']:<48} {cfg:<24} {row['ms']:8.4f} {row['default_ms']:11.4f} {gain:5.2f}x")
+    print(f"\ncache: {cache_path(device)}")
+    return 0
