@@ -1,0 +1,165 @@
+"""Shared setup of the fsq_triton test suite.
+
+The Triton kernels run on CPU tensors under Triton's interpreter, which must be switched on before
+triton (or fsq_triton's kernels) is imported: hence the first lines below. On a GPU machine run
+``TRITON_INTERPRET=0 pytest -m gpu`` to compile the real kernels (see test_gpu.py).
+
+Helpers here are imported by the test modules (``from conftest import ...``); they use plain torch
+ops only, never fsq_triton, so that they can serve as an independent reference.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import math  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+BACKENDS = ("torch", "triton")
+GOLDEN_PATH = Path(__file__).parent / "data" / "fsq_reference_cases.pt"
+EPS = 1e-3
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run on CPU tensors (TRITON_INTERPRET set to something other than 0)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def gpu_available() -> bool:
+    """A CUDA device with real (compiled) Triton kernels: what the ``gpu`` tests need."""
+    return torch.cuda.is_available() and not interpreting()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """Both backends; "triton" runs the kernels on CPU tensors, so it needs the interpreter."""
+    if request.param == "triton" and not interpreting():
+        pytest.skip("backend='triton' on CPU tensors needs TRITON_INTERPRET=1")
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def golden():
+    return torch.load(GOLDEN_PATH, weights_only=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    if gpu_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU and TRITON_INTERPRET=0 (run `TRITON_INTERPRET=0 pytest -m gpu`)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+# --------------------------------------------------------------------------------------------------
+# An independent reference of the FSQ math (SPEC.md), in plain torch ops
+# --------------------------------------------------------------------------------------------------
+
+
+def ref_constants(levels, device="cpu"):
+    """The reference's per-level float32 constants, computed as it does from an int32 tensor."""
+    lv = torch.tensor(list(levels), dtype=torch.int32, device=device)
+    half_l = (lv - 1) * (1 + EPS) / 2
+    offset = torch.where(lv % 2 == 0, 0.5, 0.0)
+    shift = (offset / half_l).atanh()
+    half_width = lv // 2
+    return lv, half_l, offset, shift, half_width
+
+
+def ref_basis(levels):
+    """Exclusive cumulative product of the levels, as Python ints."""
+    basis, acc = [], 1
+    for level in levels:
+        basis.append(acc)
+        acc *= level
+    return basis
+
+
+def ref_quantize_tokens(z, levels):
+    """Reference FSQ of channel-last tokens ``z (..., d)``, math in float32.
+
+    Returns (codes float32 (..., d), integer levels int64 (..., d), indices int64 (...,)) with the
+    index computed exactly from the integer levels; tokens with a NaN channel get index -1 and
+    NaN codes at their NaN channels.
+    """
+    lv, half_l, offset, shift, half_width = ref_constants(levels, z.device)
+    zf = z.float()
+    bounded = (zf + shift).tanh() * half_l - offset
+    q = bounded + (bounded.round() - bounded)  # the reference's round_ste, forward value
+    codes = q / half_width
+    level = (q + half_width).nan_to_num(0.0).to(torch.int64)
+    basis = torch.tensor(ref_basis(levels), dtype=torch.int64, device=z.device)
+    indices = (level * basis).sum(-1)
+    indices = torch.where(zf.isnan().any(-1), -1, indices)
+    return codes, level, indices
+
+
+def ref_grad_tokens(z, grad_out, levels):
+    """Reference straight-through gradient of the codes w.r.t. ``z (..., d)``, in float64 for accuracy."""
+    _, half_l, _, shift, half_width = ref_constants(levels, z.device)
+    t = (z.double() + shift.double()).tanh()
+    return grad_out.double() * half_l.double() / half_width.double() * (1 - t * t)
+
+
+def ref_forward(z, levels, num_codebooks=1, keep_num_codebooks_dim=None):
+    """Reference FSQ forward without projections: ``(out float32, indices int64)`` for a sequence
+    ``(b, n, c*d)`` or a channel-first ``(b, c*d, *spatial)`` input."""
+    if keep_num_codebooks_dim is None:
+        keep_num_codebooks_dim = num_codebooks > 1
+    d = len(levels)
+    channel_first = z.ndim >= 4
+    x = z.movedim(1, -1) if channel_first else z  # (b, *spatial, c*d)
+    x = x.reshape(*x.shape[:-1], num_codebooks, d)
+    codes, _, indices = ref_quantize_tokens(x, levels)
+    out = codes.reshape(*codes.shape[:-2], num_codebooks * d)
+    if channel_first:
+        out = out.movedim(-1, 1)
+    if not keep_num_codebooks_dim:
+        indices = indices.squeeze(-1)
+    return out, indices
+
+
+def ref_indices_to_codes(indices, levels):
+    """Codes ``(..., d)`` of integer indices ``(...)``, exactly: ``(level - hw) / hw`` in float32."""
+    basis = torch.tensor(ref_basis(levels), dtype=torch.int64, device=indices.device)
+    lv = torch.tensor(list(levels), dtype=torch.int64, device=indices.device)
+    level = (indices.to(torch.int64)[..., None] // basis) % lv
+    half_width = lv // 2
+    return (level - half_width).float() / half_width.float()
+
+
+def random_grid_codes(levels, shape, generator=None):
+    """Random codes on the FSQ grid, float32 ``(*shape, d)``, and their integer levels."""
+    lv = torch.tensor(list(levels), dtype=torch.int64)
+    u = torch.rand(*shape, len(levels), generator=generator, dtype=torch.float64)
+    level = (u * lv).floor().to(torch.int64).clamp_max(lv - 1)
+    half_width = lv // 2
+    return (level - half_width).float() / half_width.float(), level
+
+
+def bits(t):
+    """Bit patterns of a float tensor, to compare values exactly (signed zeros, NaN payloads)."""
+    t = t.contiguous()
+    view = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+    return t.view(view[t.dtype])
+
+
+def assert_bitwise_equal(a, b, msg=""):
+    """Same shape, dtype and bit pattern, except that NaNs only need to sit at the same places."""
+    assert a.shape == b.shape, f"{msg}: shapes {tuple(a.shape)} != {tuple(b.shape)}"
+    assert a.dtype == b.dtype, f"{msg}: dtypes {a.dtype} != {b.dtype}"
+    if not a.is_floating_point():
+        mismatches = (a != b).sum().item()
+    else:
+        nan_a, nan_b = a.isnan(), b.isnan()
+        assert torch.equal(nan_a, nan_b), f"{msg}: NaNs at different places"
+        mismatches = ((bits(a) != bits(b)) & ~nan_a).sum().item()
+    assert mismatches == 0, f"{msg}: {mismatches} of {a.numel()} values differ bitwise"
+
+
+def codebook_size(levels):
+    return math.prod(levels)
