@@ -35,6 +35,7 @@ import torch
 CACHE_FORMAT = 1
 _LOCK = threading.Lock()
 _CACHES: dict[str, dict[str, dict]] = {}  # cache file path -> {problem key: config}
+_DEVICE_CACHES: dict[torch.device, dict[str, dict]] = {}  # the same dicts by device: one lookup per launch
 _FORCED: list[dict] = []
 _RETUNE: list[bool] = []
 _TUNED_LOG: list[dict] = []  # what the tuner chose in this process, for the command line report
@@ -61,6 +62,7 @@ def config_space(channel_tile: int) -> list[dict]:
 def default_config(channel_tile: int, tokens: int, interpreting: bool = False) -> dict:
     """The heuristic: about 8K elements a tile (4K under the interpreter), 8 warps from 4K elements up."""
     budget = 4096 if interpreting else 8192
+    tokens = int(tokens)  # a SymInt while torch.compile traces: specialise, the choice is per size class anyway
     block = max(1, budget // channel_tile)
     block = 1 << (block.bit_length() - 1)  # power of two at or below
     block = max(16, min(block, 2048, 1 << max(0, (max(tokens, 1) - 1).bit_length())))
@@ -68,7 +70,7 @@ def default_config(channel_tile: int, tokens: int, interpreting: bool = False) -
 
 
 def problem_key(kernel: str, tokens: int, channel_tile: int, dtype: torch.dtype, channels_last: bool) -> str:
-    bucket = 1 << max(10, min(26, (max(tokens, 1) - 1).bit_length()))
+    bucket = 1 << max(10, min(26, (max(int(tokens), 1) - 1).bit_length()))
     layout = "cl" if channels_last else "cf"
     return f"{kernel}|t{bucket}|ch{channel_tile}|{str(dtype).replace('torch.', '')}|{layout}"
 
@@ -136,11 +138,12 @@ def _write(path: Path, new: dict[str, dict]) -> None:
 
 
 def _cached(device: torch.device) -> dict[str, dict]:
-    path = str(cache_path(device))
-    configs = _CACHES.get(path)
+    configs = _DEVICE_CACHES.get(device)
     if configs is None:
+        path = str(cache_path(device))
         with _LOCK:
             configs = _CACHES.setdefault(path, _read(Path(path)))
+            _DEVICE_CACHES[device] = configs
     return configs
 
 
@@ -150,6 +153,7 @@ def clear_cache(device: torch.device) -> Path:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
     _CACHES.pop(str(path), None)
+    _DEVICE_CACHES.pop(device, None)
     return path
 
 

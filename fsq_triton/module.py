@@ -31,13 +31,10 @@ class BackendUnavailableError(RuntimeError, ValueError):
     """``backend="triton"`` was asked for where the Triton kernels cannot run."""
 
 
-def _ops():
-    """The Triton ops module, or None when Triton cannot be imported here."""
-    try:
-        from .ops import fsq
-    except ImportError:  # no triton on this platform: the PyTorch path serves everything
-        return None
-    return fsq
+try:  # registers the torch.ops.fsq_triton ops
+    from .ops import fsq as _fsq_ops
+except ImportError:  # no triton on this platform: the PyTorch path serves everything
+    _fsq_ops = None
 
 
 def _check_float_tensor(name: str, t: object) -> torch.Tensor:
@@ -153,7 +150,7 @@ class FSQ(nn.Module):
         """The ops module if this call runs the Triton kernels, else None (PyTorch path)."""
         if self.backend == "torch":
             return None
-        ops = _ops()
+        ops = _fsq_ops
         runnable = ops is not None and (t.device.type == "cuda" or (ops.interpreting() and t.device.type == "cpu"))
         if runnable:
             return ops

@@ -401,6 +401,22 @@ def indices_to_codes(
     return _in_layout(codes, channels_last)
 
 
+def _quantize_setup_context(ctx, inputs, output):
+    z, values, _integers, _num_codebooks, channels_last = inputs
+    ctx.save_for_backward(z, values)
+    ctx.channels_last = channels_last
+    ctx.mark_non_differentiable(output[1])
+
+
+def _quantize_grad(ctx, grad_out, _grad_indices):
+    z, values = ctx.saved_tensors
+    return torch.ops.fsq_triton.quantize_backward(grad_out, z, values, ctx.channels_last), None, None, None, None
+
+
+# The op's own gradient, for callers of torch.ops.fsq_triton.quantize; FSQFunction below does the same.
+quantize.register_autograd(_quantize_grad, setup_context=_quantize_setup_context)
+
+
 def _in_layout(feature: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """Copy of a (b, c*d, n) result in the memory layout the Triton path allocates (a custom op must not alias)."""
     out = _empty_feature(feature.shape, feature.device, channels_last, feature.dtype)
