@@ -145,7 +145,7 @@ class LevelTables:
       - ``shift``, ``half_l``, ``offset``: the reference's constants (the plain PyTorch path);
       - ``grad_scale = half_l / half_width``: the backward's factor;
       - ``thresholds`` (max(L) - 1 columns): ``level(z) = #{k < L_j - 1 : z >= thresholds[j, k]}``;
-        the columns past ``L_j - 1`` hold ``+inf`` and are masked by ``num_levels``;
+        the columns past ``L_j - 1`` hold NaN, which no comparison passes (``+inf`` would count for ``z = +inf``);
       - ``codes`` (max(L) columns): ``codes[j, k] = (k - half_width_j) / half_width_j`` (IEEE division).
     ``integers`` (d, 3) int32: ``basis``, ``num_levels``, ``half_width``.
     """
@@ -179,7 +179,7 @@ def _build_tables(levels: tuple[int, ...], device: torch.device) -> LevelTables:
     chan = torch.arange(d, device=device).repeat_interleave(max_level - 1)
     k_flat = ks.repeat(d)
     valid = k_flat < lv[chan]
-    # Padding predicates (k >= L_j) would never turn True; ask for level 1 and overwrite them with +inf.
+    # Padding predicates (k >= L_j) would never turn True; ask for level 1 and overwrite them with NaN.
     target = torch.where(valid, k_flat, torch.ones_like(k_flat))
 
     def level_at_least(z):
@@ -187,7 +187,7 @@ def _build_tables(levels: tuple[int, ...], device: torch.device) -> LevelTables:
         return q + half_width[chan] >= target
 
     thresholds = _bisect_first_true(level_at_least, chan.numel(), device)
-    thresholds = torch.where(valid, thresholds, float("inf")).reshape(d, max_level - 1)
+    thresholds = torch.where(valid, thresholds, float("nan")).reshape(d, max_level - 1)
     k_all = torch.arange(max_level, device=device, dtype=torch.int32)
     codes = (k_all[None, :] - half_width[:, None]).to(torch.float32) / half_width[:, None]
 

@@ -60,8 +60,8 @@ def _fsq_forward_kernel(
     """FSQ forward, one pass over a tile of ``BLOCK_N`` tokens x all ``c*d`` channels.
 
     Math, per element ``z`` of channel ``j`` (with ``L = L_j``, ``hw = L // 2``):
-        level = #{k < L - 1 : z >= thr[j, k]}                  (= round(tanh(z + shift) * half_l - offset) + hw)
-        out   = codes[j, level]                                 (= (level - hw) / hw, IEEE division, from the table)
+        level = #{k : z >= thr[j, k]}        (= round(tanh(z + shift) * half_l - offset) + hw; NaN padding never counts)
+        out   = codes[j, level]              (= (level - hw) / hw, IEEE division, from the table)
         out   = NaN where z is NaN
     per token and codebook: index = sum_j level_j * basis_j, or -1 if any channel is NaN.
     The thresholds were calibrated on this device with the reference's own ops, so no ``tanh`` is
@@ -92,18 +92,15 @@ def _fsq_forward_kernel(
     COL_CODES: tl.constexpr = COL_THRESHOLDS + MAX_LEVEL - 1
     values = val_ptr + dd * ROW
     integers = int_ptr + dd * INT_COLS
-    nlev = tl.load(integers + COL_NUM_LEVELS, mask=d_ok, other=2)
     basis = tl.load(integers + COL_BASIS, mask=d_ok, other=0)
 
-    # Count the thresholds at or below z; the code follows the count through a chain of selects.
+    # Count the thresholds at or below z (padding thresholds are NaN: no comparison passes), then look
+    # the code up in the row's table (a few hundred bytes, cache resident).
     level = tl.zeros((C_PAD, D_PAD, BLOCK_N), dtype=tl.int32)
-    code = tl.load(values + COL_CODES, mask=d_ok, other=0.0) + tl.zeros((C_PAD, D_PAD, BLOCK_N), dtype=tl.float32)
     for k in tl.static_range(MAX_LEVEL - 1):
-        thr_k = tl.load(values + (COL_THRESHOLDS + k), mask=d_ok, other=float("inf"))
-        code_k = tl.load(values + (COL_CODES + k + 1), mask=d_ok, other=0.0)
-        step = (z >= thr_k) & (k < nlev - 1)
-        level += step.to(tl.int32)
-        code = tl.where(step, code_k, code)
+        thr_k = tl.load(values + (COL_THRESHOLDS + k), mask=d_ok, other=float("nan"))
+        level += (z >= thr_k).to(tl.int32)
+    code = tl.load(values + COL_CODES + level, mask=mask, other=0.0)
     is_nan = z != z
     code = tl.where(is_nan, z, code)
     tl.store(out_ptr + (b * stride_ob + chan * stride_oc + nn * stride_on),
