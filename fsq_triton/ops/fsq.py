@@ -97,9 +97,14 @@ def _fsq_forward_kernel(
     # Count the thresholds at or below z (padding thresholds are NaN: no comparison passes), then look
     # the code up in the row's table (a few hundred bytes, cache resident).
     level = tl.zeros((C_PAD, D_PAD, BLOCK_N), dtype=tl.int32)
-    for k in tl.static_range(MAX_LEVEL - 1):
-        thr_k = tl.load(values + (COL_THRESHOLDS + k), mask=d_ok, other=float("nan"))
-        level += (z >= thr_k).to(tl.int32)
+    if MAX_LEVEL <= 64:  # unrolled for the usual small levels; a loop for large ones
+        for k in tl.static_range(MAX_LEVEL - 1):
+            thr_k = tl.load(values + (COL_THRESHOLDS + k), mask=d_ok, other=float("nan"))
+            level += (z >= thr_k).to(tl.int32)
+    else:
+        for k in range(MAX_LEVEL - 1):
+            thr_k = tl.load(values + (COL_THRESHOLDS + k), mask=d_ok, other=float("nan"))
+            level += (z >= thr_k).to(tl.int32)
     code = tl.load(values + COL_CODES + level, mask=mask, other=0.0)
     is_nan = z != z
     code = tl.where(is_nan, z, code)
