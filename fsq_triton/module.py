@@ -32,7 +32,7 @@ class BackendUnavailableError(RuntimeError, ValueError):
 
 
 try:  # registers the torch.ops.fsq_triton ops
-    from .ops import fsq as _fsq_ops
+    from . import ops as _fsq_ops
 except ImportError:  # no triton on this platform: the PyTorch path serves everything
     _fsq_ops = None
 
@@ -245,27 +245,65 @@ class FSQ(nn.Module):
         tokens = indices if keep else indices.unsqueeze(-1)  # (..., c)
         lead = tokens.shape[:-1]
         b = lead[0] if is_img_or_video else 1
-        tokens = tokens.reshape(b, -1, c)
-        channel_first_out = is_img_or_video and not (project_out and self.has_projections)
-
+        tokens = tokens.reshape(b, -1, c)                     # (b, n, c)
+        project = project_out and self.has_projections
+        channels = self.dim if project else self.effective_codebook_dim
         tables = level_tables(self.levels, indices.device)
         ops = self._triton_ops(tokens)
-        dtype = self.project_out.weight.dtype if (project_out and self.has_projections) else torch.float32
-        if ops is not None:
-            feature = torch.ops.fsq_triton.indices_to_codes(
-                tokens, tables.values, tables.integers, self.codebook_size, not channel_first_out, dtype
-            )
-        else:
-            feature = torch_impl.indices_to_codes(tokens, tables, self.codebook_size, dtype)
 
-        if channel_first_out:
-            return feature.reshape(b, self.effective_codebook_dim, *lead[1:])
-        codes = feature.transpose(1, 2).reshape(*lead, self.effective_codebook_dim)
-        if project_out:
-            codes = self.project_out(codes)
+        if ops is not None and project and isinstance(self.project_out, nn.Linear):
+            _, _, w_out, b_out = self._projection_params()
+            feature = torch.ops.fsq_triton.indices_to_codes_projected(
+                tokens, w_out, b_out, tables.values, tables.integers, self.codebook_size, not is_img_or_video
+            )                                                  # (b, dim, n)
+        else:
+            dtype = self.project_out.weight.dtype if project else torch.float32
+            if ops is not None:
+                feature = torch.ops.fsq_triton.indices_to_codes(
+                    tokens, tables.values, tables.integers, self.codebook_size, project or not is_img_or_video, dtype
+                )
+            else:
+                feature = torch_impl.indices_to_codes(tokens, tables, self.codebook_size, dtype)
+            if project:
+                feature = self.project_out(feature.transpose(1, 2)).transpose(1, 2)
+
         if is_img_or_video:
-            codes = rearrange(codes, "b ... d -> b d ...")
-        return codes
+            return feature.reshape(b, channels, *lead[1:])
+        return feature.transpose(1, 2).reshape(*lead, channels)
+
+    def _projection_params(self):
+        """(w_in, b_in, w_out, b_out), contiguous, in the weights' dtype (a missing bias reads as zeros)."""
+        params = []
+        for linear in (self.project_in, self.project_out):
+            weight = linear.weight.contiguous()
+            bias = linear.bias if linear.bias is not None else weight.new_zeros(weight.shape[0])
+            params += [weight, bias]
+        return params
+
+    def _forward_projected(self, z: torch.Tensor, is_img_or_video: bool):
+        """project_in -> FSQ -> project_out. The projections follow the weights' dtype (the input is cast to it,
+        autocast or not), the quantizer works in float32, and ``out`` comes back in the input's dtype."""
+        b = z.shape[0]
+        spatial = z.shape[2:] if is_img_or_video else z.shape[1:2]
+        dtype = self.project_in.weight.dtype
+        with torch.autocast(z.device.type, enabled=False):
+            feature = (z.flatten(2) if is_img_or_video else z.transpose(1, 2)).to(dtype)   # (b, dim, n)
+            ops = self._triton_ops(feature)
+            if ops is not None and isinstance(self.project_in, nn.Linear):
+                tables = level_tables(self.levels, z.device)
+                out, indices = ops.FSQProjectedFunction.apply(
+                    feature, *self._projection_params(), tables.values, tables.integers,
+                    self.num_codebooks, not is_img_or_video,
+                )
+                out = out.reshape(b, self.dim, *spatial) if is_img_or_video else out.transpose(1, 2)
+                return out.to(z.dtype), indices
+            x = rearrange(z, "b d ... -> b (...) d") if is_img_or_video else z
+            h = self.project_in(x.to(dtype))                                      # (b, n, e)
+            codes, indices = self._quantize_feature(h.transpose(1, 2), channels_last=True)
+            out = self.project_out(codes.transpose(1, 2)).to(z.dtype)          # (b, n, dim)
+        if is_img_or_video:
+            out = rearrange(out.reshape(b, *spatial, self.dim), "b ... d -> b d ...")
+        return out, indices
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(out, indices) = fsq(z)`` for ``z (b, n, dim)`` or channel-first ``(b, dim, *spatial)``."""
@@ -284,12 +322,7 @@ class FSQ(nn.Module):
         spatial = z.shape[2:] if is_img_or_video else z.shape[1:2]
 
         if self.has_projections:
-            x = rearrange(z, "b d ... -> b (...) d") if is_img_or_video else z
-            x = self.project_in(x.to(self.project_in.weight.dtype))           # (b, n, e)
-            codes, indices = self._quantize_feature(x.transpose(1, 2), channels_last=True)
-            out = self.project_out(codes.transpose(1, 2)).to(z.dtype)         # (b, n, dim)
-            if is_img_or_video:
-                out = rearrange(out.reshape(b, *spatial, self.dim), "b ... d -> b d ...")
+            out, indices = self._forward_projected(z, is_img_or_video)
         elif is_img_or_video:
             codes, indices = self._quantize_feature(z.flatten(2), channels_last=False)
             out = codes.reshape(z.shape)

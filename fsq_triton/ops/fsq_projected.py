@@ -1,0 +1,365 @@
+"""FSQ behind projections, fused: ``project_in``, quantize and ``project_out`` in one pass per token tile.
+
+Most FSQ layers sit behind projections: ``dim`` (512 to 1024) features go down to ``e = c * d``
+(4 to 16) codebook channels and back up. Unfused, that is two skinny matrix products with the
+quantizer's launches between them, and the ``(n, e)`` intermediates round-trip through memory.
+Here one program owns ``BLOCK_N`` tokens: it reads their ``x`` once (through its strides,
+channel-first or channel-last), computes ``h = x W_in^T + b_in`` with ``tl.dot`` (``e`` padded to
+``E_PAD >= 16``), quantizes ``h`` in registers with the calibrated thresholds (as
+``fsq_triton.ops.fsq``), reduces the indices, and writes ``out = codes W_out^T + b_out`` once.
+
+(Under the Triton interpreter, whose ``tl.dot`` mishandles bfloat16, ``DOT_IN_F32`` upcasts the operands:
+exact, since products of half-precision values are exact in float32.)
+
+Numerics follow ``nn.Linear`` around the quantizer: products accumulate in float32 (IEEE float32
+products for float32 weights, no TF32), ``h`` is rounded to the weights' dtype as ``nn.Linear``'s output
+would be, the quantizer works in float32, and the codes are cast to the weights' dtype before
+``project_out``.
+
+The backward uses cuBLAS for the four small products (``g W_out``, ``g^T codes``, ``dh W_in``,
+``dh^T x``) around the fused straight-through kernel (``fsq_triton::quantize_backward``) on the saved
+``h`` (``e`` floats per token, 1/64 to 1/256 of ``x``): there the work is matrix products that cuBLAS
+already runs at the bandwidth bound.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .. import levels as _lv
+from .. import torch_impl
+from ..levels import LevelTables
+from .fsq import (
+    COL_BASIS,
+    COL_NUM_LEVELS,
+    COL_THRESHOLDS,
+    INT_COLS,
+    _configured_launch,
+    _empty_feature,
+    _is_fake,
+    _launch,
+    _needs_int64,
+    _token_axes,
+    interpreting,
+)
+
+
+@triton.jit
+def _project_out_store(
+    codes, w_out_ptr, b_out_ptr, out_row, nn, n_ok, ee, e_ok, DIM, stride_oc, stride_on,
+    E: tl.constexpr, BLOCK_K: tl.constexpr, IEEE_DOT: tl.constexpr, DOT_IN_F32: tl.constexpr,
+):
+    """out[n, k] = sum_e codes[n, e] * W_out[k, e] + b_out[k], written chunk by chunk of ``BLOCK_K`` features."""
+    codes = codes.to(w_out_ptr.dtype.element_ty)
+    if DOT_IN_F32:  # exact: products of half-precision values are exact in float32
+        codes = codes.to(tl.float32)
+    for k0 in range(0, DIM, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = kk < DIM
+        w = tl.load(w_out_ptr + kk[None, :] * E + ee[:, None], mask=e_ok[:, None] & k_ok[None, :], other=0.0)
+        if DOT_IN_F32:
+            w = w.to(tl.float32)
+        if IEEE_DOT:
+            o = tl.dot(codes, w, input_precision="ieee")
+        else:
+            o = tl.dot(codes, w)
+        o += tl.load(b_out_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_row + kk[None, :] * stride_oc + nn[:, None] * stride_on,
+                 o.to(out_row.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
+
+
+@triton.jit
+def _fsq_projected_forward_kernel(
+    x_ptr, w_in_ptr, b_in_ptr, w_out_ptr, b_out_ptr,
+    out_ptr, idx_ptr, h_ptr, val_ptr, int_ptr,
+    N, num_n_blocks, DIM,
+    stride_xb, stride_xc, stride_xn,
+    stride_ob, stride_oc, stride_on,
+    C: tl.constexpr, D: tl.constexpr, E_PAD: tl.constexpr, MAX_LEVEL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SAVE_H: tl.constexpr, IEEE_DOT: tl.constexpr, DOT_IN_F32: tl.constexpr, OFFSET_64: tl.constexpr,
+):
+    """project_in -> FSQ -> project_out for ``BLOCK_N`` tokens of one batch row.
+
+    Math, per token (``x`` a row of ``dim`` features, ``e = c * d``):
+        h     = round_to_weight_dtype(x W_in^T + b_in)                     (e,)
+        level = #{k : h_j >= thr[j % d, k]},  code_j = codes[j % d, level]  (the calibrated FSQ, float32)
+        index_c = sum_{j in codebook c} level_j * basis[j % d]  (-1 if any h_j of the codebook is NaN)
+        out   = code W_out^T + b_out                                        (dim,)
+    Memory traffic per token: read ``dim`` elements of ``x``, write ``dim`` of ``out`` (2 B each in
+    bfloat16, 4 B in float32), 4 B of index per codebook, and ``4 e`` B of ``h`` when saved for the
+    backward; the weights (``2 * dim * e`` elements) are read by every program from L2.
+    """
+    pid = tl.program_id(0)
+    b = pid // num_n_blocks
+    n_start = (pid % num_n_blocks) * BLOCK_N
+    if OFFSET_64:
+        b = b.to(tl.int64)
+        n_start = n_start.to(tl.int64)
+    E: tl.constexpr = C * D
+    ROW: tl.constexpr = COL_THRESHOLDS + 2 * MAX_LEVEL - 1
+    COL_CODES: tl.constexpr = COL_THRESHOLDS + MAX_LEVEL - 1
+
+    nn = n_start + tl.arange(0, BLOCK_N)
+    ee = tl.arange(0, E_PAD)
+    n_ok = nn < N
+    e_ok = ee < E
+    tile_ok = n_ok[:, None] & e_ok[None, :]
+
+    # project_in: h = x W_in^T + b_in, float32 accumulation over chunks of BLOCK_K features
+    x_row = x_ptr + b * stride_xb
+    acc = tl.zeros((BLOCK_N, E_PAD), dtype=tl.float32)
+    for k0 in range(0, DIM, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = kk < DIM
+        x = tl.load(x_row + kk[None, :] * stride_xc + nn[:, None] * stride_xn, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_in_ptr + ee[None, :] * DIM + kk[:, None], mask=e_ok[None, :] & k_ok[:, None], other=0.0)
+        if DOT_IN_F32:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        if IEEE_DOT:
+            acc = tl.dot(x, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, w, acc)
+    h = acc + tl.load(b_in_ptr + ee, mask=e_ok, other=0.0).to(tl.float32)[None, :]
+    h = h.to(w_in_ptr.dtype.element_ty).to(tl.float32)
+
+    # FSQ on h: count the calibrated thresholds (NaN padding never counts), look the code up
+    jj = ee % D
+    values = val_ptr + jj * ROW
+    level = tl.zeros((BLOCK_N, E_PAD), dtype=tl.int32)
+    for k in tl.static_range(MAX_LEVEL - 1):
+        thr_k = tl.load(values + (COL_THRESHOLDS + k), mask=e_ok, other=float("nan"))
+        level += (h >= thr_k[None, :]).to(tl.int32)
+    code = tl.load(values[None, :] + COL_CODES + level, mask=tile_ok, other=0.0)
+    is_nan = h != h
+    code = tl.where(is_nan, h, code)
+    if SAVE_H:
+        tl.store(h_ptr + ((b * N + nn)[:, None] * E + ee[None, :]), h, mask=tile_ok)
+
+    # one index per codebook
+    basis = tl.load(int_ptr + jj * INT_COLS + COL_BASIS, mask=e_ok, other=0)
+    contrib = level * basis[None, :]
+    book = ee // D
+    for c in tl.static_range(C):
+        in_book = ((book == c) & e_ok)[None, :]
+        index = tl.sum(tl.where(in_book, contrib, 0), axis=1)
+        book_nan = tl.max(tl.where(in_book & is_nan, 1, 0), axis=1) > 0
+        tl.store(idx_ptr + ((b * N + nn) * C + c), tl.where(book_nan, -1, index), mask=n_ok)
+
+    _project_out_store(code, w_out_ptr, b_out_ptr, out_ptr + b * stride_ob, nn, n_ok, ee, e_ok, DIM,
+                       stride_oc, stride_on, E, BLOCK_K, IEEE_DOT, DOT_IN_F32)
+
+
+@triton.jit
+def _fsq_projected_decode_kernel(
+    idx_ptr, w_out_ptr, b_out_ptr, out_ptr, val_ptr, int_ptr,
+    N, num_n_blocks, DIM, codebook_size,
+    stride_ob, stride_oc, stride_on,
+    C: tl.constexpr, D: tl.constexpr, E_PAD: tl.constexpr, MAX_LEVEL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE_DOT: tl.constexpr, DOT_IN_F32: tl.constexpr,
+    OFFSET_64: tl.constexpr,
+):
+    """Decode with ``project_out`` fused: token indices ``(b, n, c)`` -> features ``(b, dim, n)``.
+
+    Math, per token: ``level_j = (index_{j // d} // basis[j % d]) % L[j % d]``, ``code_j = codes[j % d, level_j]``
+    (NaN for an index outside ``[0, prod(levels))``), ``out = code W_out^T + b_out``.
+    Memory traffic per token: read ``4 c`` B of indices, write ``dim`` elements (the weights' dtype).
+    """
+    pid = tl.program_id(0)
+    b = pid // num_n_blocks
+    n_start = (pid % num_n_blocks) * BLOCK_N
+    if OFFSET_64:
+        b = b.to(tl.int64)
+        n_start = n_start.to(tl.int64)
+    E: tl.constexpr = C * D
+    ROW: tl.constexpr = COL_THRESHOLDS + 2 * MAX_LEVEL - 1
+    COL_CODES: tl.constexpr = COL_THRESHOLDS + MAX_LEVEL - 1
+
+    nn = n_start + tl.arange(0, BLOCK_N)
+    ee = tl.arange(0, E_PAD)
+    n_ok = nn < N
+    e_ok = ee < E
+    tile_ok = n_ok[:, None] & e_ok[None, :]
+    jj = ee % D
+
+    index = tl.load(idx_ptr + ((b * N + nn)[:, None] * C + (ee // D)[None, :]), mask=tile_ok, other=0)
+    valid = (index >= 0) & (index < codebook_size)
+    index = tl.where(valid, index, 0)
+    basis = tl.load(int_ptr + jj * INT_COLS + COL_BASIS, mask=e_ok, other=1)
+    nlev = tl.load(int_ptr + jj * INT_COLS + COL_NUM_LEVELS, mask=e_ok, other=1)
+    level = (index // basis[None, :]) % nlev[None, :]
+    code = tl.load((val_ptr + jj * ROW)[None, :] + COL_CODES + level, mask=tile_ok, other=0.0)
+    code = tl.where(valid | ~tile_ok, code, float("nan"))
+
+    _project_out_store(code, w_out_ptr, b_out_ptr, out_ptr + b * stride_ob, nn, n_ok, ee, e_ok, DIM,
+                       stride_oc, stride_on, E, BLOCK_K, IEEE_DOT, DOT_IN_F32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------
+
+
+def _e_pad(e: int) -> int:
+    return max(16, triton.next_power_of_2(e))  # tl.dot needs every dimension >= 16
+
+
+def _block_k(dim: int) -> int:
+    return max(16, min(64, triton.next_power_of_2(dim)))
+
+
+def forward_projected_triton(x, w_in, b_in, w_out, b_out, values, integers, num_codebooks: int,
+                             channels_last: bool, save_h: bool):
+    """x (b, dim, n) in the weights' dtype -> out (b, dim, n), indices (b, n, c) int32, h (b, n, e) float32 or (0,)."""
+    b, dim, n = x.shape
+    d, max_level = integers.shape[0], (values.shape[1] - _lv.COL_THRESHOLDS + 1) // 2
+    e = num_codebooks * d
+    out = _empty_feature(x.shape, x.device, channels_last, x.dtype)
+    indices = torch.empty((b, n, num_codebooks), dtype=torch.int32, device=x.device)
+    h = torch.empty((b, n, e) if save_h else (0,), dtype=torch.float32, device=x.device)
+    if out.numel() == 0:
+        return out, indices, h
+    rows, tokens, (sx, so) = _token_axes(x, out)
+    e_pad, block_k = _e_pad(e), _block_k(dim)
+    offset_64 = _needs_int64(x, out, indices)
+
+    def launch(cfg):
+        block_n = max(16, min(cfg["BLOCK_N"], 256))  # a (BLOCK_N, BLOCK_K) tile of x per step
+        nblocks = triton.cdiv(tokens, block_n)
+        _launch(_fsq_projected_forward_kernel, x)[(rows * nblocks,)](
+            x, w_in, b_in, w_out, b_out, out, indices, h, values, integers,
+            tokens, nblocks, dim, *sx, *so,
+            C=num_codebooks, D=d, E_PAD=e_pad, MAX_LEVEL=max_level,
+            BLOCK_N=block_n, BLOCK_K=block_k, SAVE_H=save_h, IEEE_DOT=x.dtype == torch.float32,
+            DOT_IN_F32=interpreting(), OFFSET_64=offset_64, num_warps=cfg["num_warps"],
+        )
+
+    _configured_launch("projected_forward", x, rows * tokens, block_k, x.dtype, channels_last, launch)
+    return out, indices, h
+
+
+def decode_projected_triton(indices, w_out, b_out, values, integers, codebook_size: int, channels_last: bool):
+    """indices (b, n, c) -> out (b, dim, n) in the weights' dtype."""
+    b, n, c = indices.shape
+    dim = w_out.shape[0]
+    d, max_level = integers.shape[0], (values.shape[1] - _lv.COL_THRESHOLDS + 1) // 2
+    out = _empty_feature((b, dim, n), indices.device, channels_last, w_out.dtype)
+    if out.numel() == 0:
+        return out
+    indices = indices.contiguous()
+    rows, tokens, (so,) = _token_axes(out)
+    e_pad, block_k = _e_pad(c * d), _block_k(dim)
+    offset_64 = _needs_int64(indices, out)
+
+    def launch(cfg):
+        block_n = max(16, min(cfg["BLOCK_N"], 256))
+        nblocks = triton.cdiv(tokens, block_n)
+        _launch(_fsq_projected_decode_kernel, out)[(rows * nblocks,)](
+            indices, w_out, b_out, out, values, integers,
+            tokens, nblocks, dim, codebook_size, *so,
+            C=c, D=d, E_PAD=e_pad, MAX_LEVEL=max_level,
+            BLOCK_N=block_n, BLOCK_K=block_k, IEEE_DOT=w_out.dtype == torch.float32,
+            DOT_IN_F32=interpreting(), OFFSET_64=offset_64, num_warps=cfg["num_warps"],
+        )
+
+    _configured_launch("projected_decode", out, rows * tokens, block_k, w_out.dtype, channels_last, launch)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Custom ops: fsq_triton::quantize_projected, fsq_triton::indices_to_codes_projected
+# --------------------------------------------------------------------------------------------------
+
+
+def _runs_triton(t: torch.Tensor) -> bool:
+    return t.device.type == "cuda" or (interpreting() and t.device.type == "cpu" and not _is_fake(t))
+
+
+def _tokens(feature: torch.Tensor) -> torch.Tensor:
+    """(b, k, n) feature view -> (b, n, k) token rows (a view)."""
+    return feature.transpose(1, 2)
+
+
+@torch.library.triton_op("fsq_triton::quantize_projected", mutates_args=())
+def quantize_projected(
+    x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, w_out: torch.Tensor, b_out: torch.Tensor,
+    values: torch.Tensor, integers: torch.Tensor, num_codebooks: int, channels_last: bool, save_h: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused project_in -> FSQ -> project_out on ``x (b, dim, n)`` (the weights' dtype).
+
+    Returns ``out (b, dim, n)``, ``indices (b, n, c)`` int32 and, with ``save_h``, ``h (b, n, e)`` float32
+    (the projected input, for the backward; an empty tensor otherwise).
+    """
+    if _runs_triton(x):
+        return forward_projected_triton(x, w_in, b_in, w_out, b_out, values, integers, num_codebooks, channels_last, save_h)
+    h = F.linear(_tokens(x), w_in, b_in)                                   # (b, n, e), the weights' dtype
+    codes, indices = torch_impl.quantize(_tokens(h), LevelTables(values, integers), num_codebooks)
+    out = F.linear(_tokens(codes), w_out, b_out)                             # (b, n, dim)
+    out_feature = _empty_feature(x.shape, x.device, channels_last, x.dtype).copy_(_tokens(out))
+    saved = h.float() if save_h else torch.empty((0,), dtype=torch.float32, device=x.device)
+    return out_feature, indices, saved
+
+
+@torch.library.triton_op("fsq_triton::indices_to_codes_projected", mutates_args=())
+def indices_to_codes_projected(
+    indices: torch.Tensor, w_out: torch.Tensor, b_out: torch.Tensor, values: torch.Tensor, integers: torch.Tensor,
+    codebook_size: int, channels_last: bool,
+) -> torch.Tensor:
+    """Decode ``indices (b, n, c)`` and ``project_out`` in one pass -> ``(b, dim, n)`` in the weights' dtype."""
+    if _runs_triton(indices):
+        return decode_projected_triton(indices, w_out, b_out, values, integers, codebook_size, channels_last)
+    codes = torch_impl.indices_to_codes(indices, LevelTables(values, integers), codebook_size, w_out.dtype)
+    out = F.linear(_tokens(codes), w_out, b_out)
+    b, n, _ = indices.shape
+    return _empty_feature((b, w_out.shape[0], n), indices.device, channels_last, w_out.dtype).copy_(_tokens(out))
+
+
+# --------------------------------------------------------------------------------------------------
+# autograd.Function
+# --------------------------------------------------------------------------------------------------
+
+
+class FSQProjectedFunction(torch.autograd.Function):
+    """``(out, indices) = FSQProjectedFunction.apply(x, w_in, b_in, w_out, b_out, values, integers, c, channels_last)``.
+
+    ``x`` is the feature view ``(b, dim, n)`` in the weights' dtype. The forward is one fused kernel; it
+    saves ``h`` (``e`` floats per token) so that the backward needs neither ``project_in`` again nor the codes.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w_in, b_in, w_out, b_out, values, integers, num_codebooks: int, channels_last: bool):
+        save_h = any(ctx.needs_input_grad[:5])
+        out, indices, h = torch.ops.fsq_triton.quantize_projected(
+            x, w_in, b_in, w_out, b_out, values, integers, num_codebooks, channels_last, save_h
+        )
+        ctx.save_for_backward(x, w_in, w_out, h, values, integers)
+        ctx.num_codebooks = num_codebooks
+        ctx.mark_non_differentiable(indices)
+        return out, indices
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_indices):
+        x, w_in, w_out, h, values, integers = ctx.saved_tensors
+        b, dim, n = x.shape
+        e = w_in.shape[0]
+        dtype = w_in.dtype
+        g = _tokens(grad_out).reshape(b * n, dim).to(dtype)                     # (t, dim)
+        h_feature = _tokens(h.reshape(1, b * n, e))                             # (1, e, t)
+        codes, _ = torch.ops.fsq_triton.quantize(h_feature, values, integers, ctx.num_codebooks, True)
+        codes = _tokens(codes).reshape(b * n, e).to(dtype)                      # (t, e)
+
+        grad_codes = g @ w_out                                                  # (t, e)
+        grad_h = torch.ops.fsq_triton.quantize_backward(
+            _tokens(grad_codes.float().reshape(1, b * n, e)), h_feature, values, True
+        )
+        grad_h = _tokens(grad_h).reshape(b * n, e).to(dtype)                    # (t, e)
+        grad_x = _tokens((grad_h @ w_in).reshape(b, n, dim))                    # (b, dim, n)
+        grad_w_in = grad_h.t() @ _tokens(x).reshape(b * n, dim)
+        grad_b_in = grad_h.sum(dim=0)
+        grad_w_out = g.t() @ codes
+        grad_b_out = g.sum(dim=0)
+        return grad_x, grad_w_in, grad_b_in, grad_w_out, grad_b_out, None, None, None, None
