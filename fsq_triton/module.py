@@ -245,7 +245,8 @@ class FSQ(nn.Module):
         tokens = indices if keep else indices.unsqueeze(-1)  # (..., c)
         lead = tokens.shape[:-1]
         b = lead[0] if is_img_or_video else 1
-        tokens = tokens.reshape(b, -1, c)                     # (b, n, c)
+        n = math.prod(lead[1:]) if is_img_or_video else math.prod(lead)
+        tokens = tokens.reshape(b, n, c)                      # (b, n, c)
         project = project_out and self.has_projections
         channels = self.dim if project else self.effective_codebook_dim
         tables = level_tables(self.levels, indices.device)
