@@ -82,6 +82,8 @@ def _fsq_forward_kernel(
     dd = tl.arange(0, D_PAD)[None, :, None]            # channel within the codebook
     nn = n_start + tl.arange(0, BLOCK_N)[None, None, :]  # token
     chan = cc * D + dd
+    if OFFSET_64:
+        chan = chan.to(tl.int64)
     d_ok = dd < D
     mask = (cc < C) & d_ok & (nn < N)
 
@@ -151,6 +153,8 @@ def _fsq_backward_kernel(
     c_ok = chan < CD
     mask = c_ok & (nn < N)
     j = chan % D
+    if OFFSET_64:
+        chan = chan.to(tl.int64)
 
     g = tl.load(g_ptr + (b * stride_gb + chan * stride_gc + nn * stride_gn), mask=mask, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + (b * stride_zb + chan * stride_zc + nn * stride_zn), mask=mask, other=0.0).to(tl.float32)
@@ -206,6 +210,8 @@ def _fsq_decode_kernel(
     code = tl.load(val_ptr + dd * ROW + COL_CODES + level, mask=mask, other=0.0)
     code = tl.where(valid, code, float("nan"))
     chan = cc * D + dd
+    if OFFSET_64:
+        chan = chan.to(tl.int64)
     tl.store(out_ptr + (b * stride_ob + chan * stride_oc + nn * stride_on), code.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -256,6 +262,15 @@ def _launch(kernel, probe: torch.Tensor):
     if interpreting() and _is_fake(probe):
         return _NoLaunch()
     return torch.library.wrap_triton(kernel)
+
+
+def _index_tensor(indices: torch.Tensor) -> torch.Tensor:
+    """Indices as the decode kernels read them: (b * n, c) contiguous, int32 or int64 (other integer dtypes are
+    widened or, for unsigned 32/64-bit values past the signed range, wrapped negative and so decode as invalid)."""
+    if indices.dtype not in (torch.int32, torch.int64):
+        wide = indices.dtype in (torch.uint32, torch.uint64)
+        indices = indices.to(torch.int64 if wide else torch.int32)
+    return indices.contiguous()
 
 
 def _is_fake(t: torch.Tensor) -> bool:
@@ -340,7 +355,7 @@ def decode_triton(indices, values, integers, codebook_size: int, channels_last: 
     out = _empty_feature((b, c * d, n), indices.device, channels_last, dtype)
     if out.numel() == 0:
         return out
-    indices = indices.contiguous()  # read flat as (b * n, c); small next to the codes
+    indices = _index_tensor(indices)  # read flat as (b * n, c); small next to the codes
     rows, tokens, (so,) = _token_axes(out)
     c_pad, d_pad = triton.next_power_of_2(c), triton.next_power_of_2(d)
     offset_64 = _needs_int64(indices, out)

@@ -39,6 +39,7 @@ from .fsq import (
     INT_COLS,
     _configured_launch,
     _empty_feature,
+    _index_tensor,
     _is_fake,
     _launch,
     _needs_int64,
@@ -51,6 +52,7 @@ from .fsq import (
 def _project_out_store(
     codes, w_out_ptr, b_out_ptr, out_row, nn, n_ok, ee, e_ok, DIM, stride_oc, stride_on,
     E: tl.constexpr, BLOCK_K: tl.constexpr, IEEE_DOT: tl.constexpr, DOT_IN_F32: tl.constexpr,
+    OFFSET_64: tl.constexpr,
 ):
     """out[n, k] = sum_e codes[n, e] * W_out[k, e] + b_out[k], written chunk by chunk of ``BLOCK_K`` features."""
     codes = codes.to(w_out_ptr.dtype.element_ty)
@@ -67,6 +69,8 @@ def _project_out_store(
         else:
             o = tl.dot(codes, w)
         o += tl.load(b_out_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        if OFFSET_64:
+            kk = kk.to(tl.int64)
         tl.store(out_row + kk[None, :] * stride_oc + nn[:, None] * stride_on,
                  o.to(out_row.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
 
@@ -115,7 +119,8 @@ def _fsq_projected_forward_kernel(
     for k0 in range(0, DIM, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         k_ok = kk < DIM
-        x = tl.load(x_row + kk[None, :] * stride_xc + nn[:, None] * stride_xn, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        kx = kk.to(tl.int64) if OFFSET_64 else kk
+        x = tl.load(x_row + kx[None, :] * stride_xc + nn[:, None] * stride_xn, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_in_ptr + ee[None, :] * DIM + kk[:, None], mask=e_ok[None, :] & k_ok[:, None], other=0.0)
         if DOT_IN_F32:
             x = x.to(tl.float32)
@@ -151,7 +156,7 @@ def _fsq_projected_forward_kernel(
         tl.store(idx_ptr + ((b * N + nn) * C + c), tl.where(book_nan, -1, index), mask=n_ok)
 
     _project_out_store(code, w_out_ptr, b_out_ptr, out_ptr + b * stride_ob, nn, n_ok, ee, e_ok, DIM,
-                       stride_oc, stride_on, E, BLOCK_K, IEEE_DOT, DOT_IN_F32)
+                       stride_oc, stride_on, E, BLOCK_K, IEEE_DOT, DOT_IN_F32, OFFSET_64)
 
 
 @triton.jit
@@ -196,7 +201,7 @@ def _fsq_projected_decode_kernel(
     code = tl.where(valid | ~tile_ok, code, float("nan"))
 
     _project_out_store(code, w_out_ptr, b_out_ptr, out_ptr + b * stride_ob, nn, n_ok, ee, e_ok, DIM,
-                       stride_oc, stride_on, E, BLOCK_K, IEEE_DOT, DOT_IN_F32)
+                       stride_oc, stride_on, E, BLOCK_K, IEEE_DOT, DOT_IN_F32, OFFSET_64)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -250,7 +255,7 @@ def decode_projected_triton(indices, w_out, b_out, values, integers, codebook_si
     out = _empty_feature((b, dim, n), indices.device, channels_last, w_out.dtype)
     if out.numel() == 0:
         return out
-    indices = indices.contiguous()
+    indices = _index_tensor(indices)
     rows, tokens, (so,) = _token_axes(out)
     e_pad, block_k = _e_pad(c * d), _block_k(dim)
     offset_64 = _needs_int64(indices, out)
