@@ -291,7 +291,17 @@ def copy_bandwidth_gbs(device: torch.device, quick: bool) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
-def _mode_step(impl: Impl, mode: str, z: torch.Tensor, grads: dict, indices: torch.Tensor):
+def make_inputs(wl: Workload, device: torch.device) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """Seeded inputs of ``wl``: ``z`` in its dtype, ``grad_out`` by dtype (float32 and z's), int32 ``indices`` to decode."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    z = torch.randn(wl.shape, generator=generator, device=device).to(wl.dtype)
+    grad_out = torch.randn(wl.shape, generator=generator, device=device)
+    grads = {torch.float32: grad_out, wl.dtype: grad_out.to(wl.dtype)}
+    indices = torch.randint(wl.codebook_size, wl.indices_shape, generator=generator, device=device, dtype=torch.int32)
+    return z, grads, indices
+
+
+def mode_step(impl: Impl, mode: str, z: torch.Tensor, grads: dict, indices: torch.Tensor):
     """(setup, fn) of one timed call of ``impl`` in ``mode``; ``fn`` returns what the call produced."""
     if mode == "training":
         leaf = z.detach().requires_grad_(True)
@@ -341,6 +351,17 @@ def _available_bytes(device: torch.device) -> int | None:
     return None
 
 
+def memory_shortfall(wl: Workload, device: torch.device) -> str | None:
+    """Why ``wl`` would not fit in the memory free on ``device`` (``PEAK_FLOAT32_COPIES`` of z), or None if it fits."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # what earlier cases left in PyTorch's cache is free for this one
+    need = PEAK_FLOAT32_COPIES * 4 * math.prod(wl.shape)
+    free = _available_bytes(device)
+    if free is not None and need > free:
+        return f"needs about {need / 1e9:.1f} GB, {free / 1e9:.1f} GB free"
+    return None
+
+
 def measure_case(wl: Workload, device: torch.device, timer: Timer, bandwidth_gbs: float, progress: tqdm) -> dict:
     """Every implementation in every mode on ``wl``: the case's entry of results.json."""
     case = {
@@ -352,21 +373,13 @@ def measure_case(wl: Workload, device: torch.device, timer: Timer, bandwidth_gbs
         nbytes = wl.bytes_moved(mode)
         case["modes"][mode] = {"bytes": nbytes, "bound_ms": nbytes / (bandwidth_gbs * 1e9) * 1e3, "results": {}}
 
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # what the previous case left in PyTorch's cache is free for this one
-    need = PEAK_FLOAT32_COPIES * 4 * math.prod(wl.shape)
-    free = _available_bytes(device)
-    if free is not None and need > free:
-        case["skipped"] = f"needs about {need / 1e9:.1f} GB, {free / 1e9:.1f} GB free"
+    case["skipped"] = memory_shortfall(wl, device)
+    if case["skipped"]:
         return case
 
     impls, notes = build_impls(wl, device)
     case["notes"] += notes + [note for impl in impls for note in impl.notes]
-    generator = torch.Generator(device=device).manual_seed(0)
-    z = torch.randn(wl.shape, generator=generator, device=device).to(wl.dtype)
-    grad_out = torch.randn(wl.shape, generator=generator, device=device)
-    grads = {torch.float32: grad_out, wl.dtype: grad_out.to(wl.dtype)}
-    indices = torch.randint(wl.codebook_size, wl.indices_shape, generator=generator, device=device, dtype=torch.int32)
+    z, grads, indices = make_inputs(wl, device)
     reference = impls[0]
     reference_indices = None
 
@@ -374,7 +387,7 @@ def measure_case(wl: Workload, device: torch.device, timer: Timer, bandwidth_gbs
         impl_z = z.to(impl.dtype)
         for mode in MODES:
             progress.set_postfix_str(f"{impl.name} {mode}")
-            setup, fn = _mode_step(impl, mode, impl_z, grads, indices)
+            setup, fn = mode_step(impl, mode, impl_z, grads, indices)
             entry = {"median_ms": None, "min_ms": None, "repeats": 0, "first_call_ms": None, "error": None}
             try:
                 entry["first_call_ms"], result = timer.wall_ms(fn, setup)
