@@ -119,9 +119,10 @@ def _fsq_projected_forward_kernel(
     for k0 in range(0, DIM, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         k_ok = kk < DIM
-        kx = kk.to(tl.int64) if OFFSET_64 else kk
-        x = tl.load(x_row + kx[None, :] * stride_xc + nn[:, None] * stride_xn, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_in_ptr + ee[None, :] * DIM + kk[:, None], mask=e_ok[None, :] & k_ok[:, None], other=0.0)
+        if OFFSET_64:
+            kk = kk.to(tl.int64)
+        x = tl.load(x_row + kk[None, :] * stride_xc + nn[:, None] * stride_xn, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         if DOT_IN_F32:
             x = x.to(tl.float32)
             w = w.to(tl.float32)
