@@ -655,7 +655,9 @@ def run(quick: bool, device: str | None, out_dir: str) -> int:
 
     print()
     print(_text_table(["case", "mode", "bound ms", *impls], table_rows(cases, impls)))
-    print("\ncells: median ms (speedup over the reference, % of the bandwidth bound)")
+    print("\ncells: median ms (speedup over the reference, % of the bandwidth bound)\n")
+    print(_text_table(["case", "mode", *[f"{name} first call ms" for name in impls]], first_call_rows(cases, impls)))
+    print()
     for line in case_notes(cases):
         print(f"note: {line}")
     print(f"\nwrote {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}")
