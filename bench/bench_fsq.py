@@ -579,7 +579,7 @@ def write_plot(path: Path, results: dict) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, NullFormatter
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
     impls = results["implementations"]
     groups = [(case, mode) for case in results["cases"] if not case["skipped"] for mode in MODES]
@@ -599,6 +599,10 @@ def write_plot(path: Path, results: dict) -> None:
         axis.grid(axis="y", alpha=0.3)
     top.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
     top.set_yscale("log")
+    speedups = [v for bars in top.containers for v in bars.datavalues]
+    if speedups:  # bars start at the bottom of the axis: keep a labelled tick below the smallest
+        top.set_ylim(min(min(speedups), 1.0) / 1.5, max(max(speedups), 1.0) * 1.5)
+    top.yaxis.set_major_locator(FixedLocator([m * 10.0**e for e in range(-3, 4) for m in (1, 2, 5)]))
     top.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
     top.yaxis.set_minor_formatter(NullFormatter())
     top.set_ylabel("speedup over the reference")
