@@ -375,11 +375,13 @@ def test_noncontiguous_inputs_match_contiguous(name, num_codebooks, backend):
     assert_bitwise_equal(g, g_c, "grad")
 
 
-def test_noncontiguous_grad_out(backend):
+@pytest.mark.parametrize("dim", [None, 12])
+def test_noncontiguous_grad_out(dim, backend):
     """A broadcast (stride 0) or transposed upstream gradient gives the same input gradient."""
-    m = FSQ(LEVELS, backend=backend)
+    torch.manual_seed(4)
+    m = FSQ(LEVELS, dim=dim, backend=backend)
     gen = torch.Generator().manual_seed(4)
-    for z0 in (torch.randn(3, 10, 4, generator=gen), torch.randn(2, 4, 5, 6, generator=gen)):
+    for z0 in (torch.randn(3, 10, m.dim, generator=gen), torch.randn(2, m.dim, 5, 6, generator=gen)):
         z = z0.clone().requires_grad_(True)
         out, _ = m(z)
         (g_sum,) = torch.autograd.grad(out.sum(), z)  # grad_out is an expanded scalar
@@ -507,6 +509,15 @@ def test_implicit_codebook_lazy_and_eager():
     assert torch.equal(book, expected)
     assert "implicit_codebook" not in lazy.state_dict()
     assert torch.equal(eager.implicit_codebook, ref_indices_to_codes(torch.arange(2**20), [32] * 4))
+
+
+@pytest.mark.parametrize("levels", [[32, 32, 32, 32], [33, 32, 32, 32]], ids=["eager", "lazy"])
+def test_implicit_codebook_follows_module_dtype(levels):
+    """Like any float buffer, the implicit codebook follows ``module.to(dtype)``, whether built eagerly or lazily."""
+    m = FSQ(levels).double()
+    assert m.implicit_codebook.dtype == torch.float64
+    m = FSQ(levels).to(torch.bfloat16)
+    assert m.implicit_codebook.dtype == torch.bfloat16
 
 
 def test_bound_is_the_reference_formula():
