@@ -222,6 +222,16 @@ def _fsq_decode_kernel(
 _INT32_LIMIT = 2**31
 
 
+# Plain Python (triton.cdiv and triton.next_power_of_2 are jit functions: microseconds a call from the host).
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+
 def _max_offset(t: torch.Tensor) -> int:
     """Largest element offset of ``t`` (in elements) plus one: the reach of its addresses."""
     return 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()) if s > 0)
@@ -308,11 +318,11 @@ def forward_triton(z, values, integers, num_codebooks: int, channels_last: bool)
     if out.numel() == 0:
         return out, indices
     rows, tokens, (sz, so) = _token_axes(z, out)
-    c_pad, d_pad = triton.next_power_of_2(num_codebooks), triton.next_power_of_2(d)
+    c_pad, d_pad = next_pow2(num_codebooks), next_pow2(d)
     offset_64 = _needs_int64(z, out, indices)
 
     def launch(cfg):
-        nblocks = triton.cdiv(tokens, cfg["BLOCK_N"])
+        nblocks = cdiv(tokens, cfg["BLOCK_N"])
         _launch(_fsq_forward_kernel, z)[(rows * nblocks,)](
             z, out, indices, values, integers,
             tokens, nblocks, *sz, *so,
@@ -332,11 +342,11 @@ def backward_triton(grad_out, z, values, channels_last: bool):
     if grad_z.numel() == 0:
         return grad_z
     rows, tokens, (sg, sz, sd) = _token_axes(grad_out, z, grad_z)
-    cd_pad = triton.next_power_of_2(cd)
+    cd_pad = next_pow2(cd)
     offset_64 = _needs_int64(grad_out, z, grad_z)
 
     def launch(cfg):
-        nblocks = triton.cdiv(tokens, cfg["BLOCK_N"])
+        nblocks = cdiv(tokens, cfg["BLOCK_N"])
         _launch(_fsq_backward_kernel, z)[(rows * nblocks,)](
             grad_out, z, grad_z, values,
             tokens, nblocks, *sg, *sz, *sd,
@@ -357,11 +367,11 @@ def decode_triton(indices, values, integers, codebook_size: int, channels_last: 
         return out
     indices = _index_tensor(indices)  # read flat as (b * n, c); small next to the codes
     rows, tokens, (so,) = _token_axes(out)
-    c_pad, d_pad = triton.next_power_of_2(c), triton.next_power_of_2(d)
+    c_pad, d_pad = next_pow2(c), next_pow2(d)
     offset_64 = _needs_int64(indices, out)
 
     def launch(cfg):
-        nblocks = triton.cdiv(tokens, cfg["BLOCK_N"])
+        nblocks = cdiv(tokens, cfg["BLOCK_N"])
         _launch(_fsq_decode_kernel, out)[(rows * nblocks,)](
             indices, out, values, integers,
             tokens, nblocks, codebook_size, *so,

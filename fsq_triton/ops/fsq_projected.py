@@ -44,7 +44,9 @@ from .fsq import (
     _launch,
     _needs_int64,
     _token_axes,
+    cdiv,
     interpreting,
+    next_pow2,
 )
 
 
@@ -211,11 +213,11 @@ def _fsq_projected_decode_kernel(
 
 
 def _e_pad(e: int) -> int:
-    return max(16, triton.next_power_of_2(e))  # tl.dot needs every dimension >= 16
+    return max(16, next_pow2(e))  # tl.dot needs every dimension >= 16
 
 
 def _block_k(dim: int) -> int:
-    return max(16, min(64, triton.next_power_of_2(dim)))
+    return max(16, min(64, next_pow2(dim)))
 
 
 def forward_projected_triton(x, w_in, b_in, w_out, b_out, values, integers, num_codebooks: int,
@@ -235,7 +237,7 @@ def forward_projected_triton(x, w_in, b_in, w_out, b_out, values, integers, num_
 
     def launch(cfg):
         block_n = max(16, min(cfg["BLOCK_N"], 256))  # a (BLOCK_N, BLOCK_K) tile of x per step
-        nblocks = triton.cdiv(tokens, block_n)
+        nblocks = cdiv(tokens, block_n)
         _launch(_fsq_projected_forward_kernel, x)[(rows * nblocks,)](
             x, w_in, b_in, w_out, b_out, out, indices, h, values, integers,
             tokens, nblocks, dim, *sx, *so,
@@ -263,7 +265,7 @@ def decode_projected_triton(indices, w_out, b_out, values, integers, codebook_si
 
     def launch(cfg):
         block_n = max(16, min(cfg["BLOCK_N"], 256))
-        nblocks = triton.cdiv(tokens, block_n)
+        nblocks = cdiv(tokens, block_n)
         _launch(_fsq_projected_decode_kernel, out)[(rows * nblocks,)](
             indices, w_out, b_out, out, values, integers,
             tokens, nblocks, dim, codebook_size, *so,
