@@ -45,7 +45,7 @@ import fsq_triton
 from reference import ReferenceFSQ
 
 MODES = ("inference", "training", "decode")
-IMPLS = ("fsq_triton", "reference", "vqp", "torch.compile")  # table order; the reference is measured first
+IMPLS = ("fsq_triton", "fsq_triton compiled", "reference", "vqp", "torch.compile")  # table order; the reference is measured first
 FLUSH_BYTES = 256 * 2**20  # larger than the L2 of any current GPU (50 MB on H100, 60 MB on H200)
 # Peak memory of one case, in float32 copies of z: its inputs plus the 11 to 19 copies that one implementation's
 # training step was seen to hold on CPU; a case that cannot have them free is skipped rather than crashing.
@@ -207,6 +207,12 @@ def build_impls(wl: Workload, device: torch.device) -> tuple[list[Impl], list[st
         impls.append(Impl(
             "torch.compile", reference, ref_dtype,
             torch.compile(reference, dynamic=False), torch.compile(reference.indices_to_codes, dynamic=False),
+        ))
+        # the "compiled model" row: a model holding fsq_triton.FSQ under torch.compile (its kernels seen by Inductor)
+        impls.append(Impl(
+            "fsq_triton compiled", ours, wl.dtype,
+            torch.compile(ours, dynamic=False, fullgraph=True),
+            torch.compile(ours.indices_to_codes, dynamic=False, fullgraph=True),
         ))
     return impls, notes
 
