@@ -274,6 +274,36 @@ def test_module_backends_agree(levels, dim, num_codebooks, shape, dtype):
                 assert_bitwise_equal(codes, ref_codes, f"decode project_out={project_out}")
 
 
+@pytest.mark.parametrize(
+    "levels,dim,num_codebooks",
+    [([8, 5], 1, 1), ([5], 4, 1), ([8, 5, 5], 3, 1), ([8, 5, 5, 5], 100, 1), ([7, 5], 130, 3), ([8, 5, 5, 5], 200, 4),
+     ([1000, 3], 9, 1), ([2], 5, 1)],
+)
+@pytest.mark.parametrize("shape_kind", ["seq", "image"])
+def test_projection_shapes_backends_agree(levels, dim, num_codebooks, shape_kind):
+    """The fused projection kernels' masking: feature counts that are no multiple of the tile, tiny and odd codebooks."""
+    torch.manual_seed(dim)
+    ours = FSQ(levels, dim=dim, num_codebooks=num_codebooks, backend="triton")
+    ref = FSQ(levels, dim=dim, num_codebooks=num_codebooks, backend="torch")
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    gen = torch.Generator().manual_seed(dim + 1)
+    z = torch.randn((3, 37, dim) if shape_kind == "seq" else (2, dim, 5, 7), generator=gen) * 2
+    z1, z2 = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
+    out, indices = ours(z1)
+    ref_out, ref_indices = ref(z2)
+    assert torch.equal(indices, ref_indices)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-5)
+    grad_out = torch.randn(out.shape, generator=gen)
+    out.backward(grad_out)
+    ref_out.backward(grad_out)
+    torch.testing.assert_close(z1.grad, z2.grad, rtol=0, atol=1e-5)
+    ref_params = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, ref_params[name].grad, rtol=1e-5, atol=1e-4, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.indices_to_codes(indices), ref.indices_to_codes(indices), rtol=0, atol=1e-5)
+
+
 def test_package_exports():
     assert fsq_triton.FSQ is FSQ
     assert issubclass(fsq_triton.BackendUnavailableError, RuntimeError)
