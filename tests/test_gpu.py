@@ -107,8 +107,10 @@ def check_gradient(levels, z, grad_out, **kwargs):
     tol = dict(rtol=0, atol=1e-5) if z.dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(z1.grad, z2.grad, **tol)
     ref_params = dict(ref.named_parameters())
-    for name, p in ours.named_parameters():
-        torch.testing.assert_close(p.grad, ref_params[name].grad, rtol=1e-5, atol=1e-5, msg=name)
+    for name, p in ours.named_parameters():  # sums over every token, in another order: scale the tolerance
+        expected = ref_params[name].grad
+        atol = 1e-5 * max(1.0, expected.abs().max().item())
+        torch.testing.assert_close(p.grad, expected, rtol=1e-4, atol=atol, msg=name)
 
 
 def check_decode(levels, indices, **kwargs):
