@@ -111,6 +111,8 @@ class FSQ(nn.Module):
         self.codebook_size = math.prod(levels)
         eager = self.codebook_size * self.codebook_dim <= EAGER_CODEBOOK_LIMIT
         self.register_buffer("implicit_codebook", self._implicit_codebook() if eager else None, persistent=False)
+        if not eager:  # an empty stand-in that follows .to()/.double()/.cuda(), so the lazy codebook does too
+            self.register_buffer("_implicit_codebook_like", torch.empty(0), persistent=False)
 
     def extra_repr(self) -> str:
         return (
@@ -138,7 +140,8 @@ class FSQ(nn.Module):
     def __getattr__(self, name: str):
         value = super().__getattr__(name)
         if name == "implicit_codebook" and value is None:
-            value = self._implicit_codebook()
+            like = self._buffers["_implicit_codebook_like"]
+            value = self._implicit_codebook().to(device=like.device, dtype=like.dtype)
             self._buffers["implicit_codebook"] = value
         return value
 

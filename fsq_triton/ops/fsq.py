@@ -29,6 +29,12 @@ from .. import levels as _lv
 from .. import torch_impl
 from ..levels import LevelTables
 
+
+def interpreting() -> bool:
+    """True when Triton runs kernels with its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 # Column layout of the level tables (see fsq_triton.levels.LevelTables), as kernel constants.
 COL_SHIFT = tl.constexpr(_lv.COL_SHIFT)
 COL_GRAD_SCALE = tl.constexpr(_lv.COL_GRAD_SCALE)
@@ -36,16 +42,23 @@ COL_THRESHOLDS = tl.constexpr(_lv.COL_THRESHOLDS)
 COL_BASIS = tl.constexpr(_lv.COL_BASIS)
 COL_NUM_LEVELS = tl.constexpr(_lv.COL_NUM_LEVELS)
 INT_COLS = tl.constexpr(3)
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels with its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# Triton's interpreter truncates float32 -> bfloat16 instead of rounding to nearest even; round by hand there.
+EMULATE_BF16_RNE = tl.constexpr(interpreting())
 
 
 # --------------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def cast_rne(x, dtype: tl.constexpr):
+    """``x.to(dtype)`` rounding to nearest even (by hand for bfloat16 under the interpreter, which truncates)."""
+    if EMULATE_BF16_RNE and dtype == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.int32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+        x = tl.where(x != x, x, rounded.to(tl.float32, bitcast=True))
+    return x.to(dtype)
 
 
 @triton.jit
@@ -111,7 +124,7 @@ def _fsq_forward_kernel(
     is_nan = z != z
     code = tl.where(is_nan, z, code)
     tl.store(out_ptr + (b * stride_ob + chan * stride_oc + nn * stride_on),
-             code.to(out_ptr.dtype.element_ty), mask=mask)
+             cast_rne(code, out_ptr.dtype.element_ty), mask=mask)
 
     index = tl.sum(level * basis, axis=1)                        # (C_PAD, BLOCK_N)
     token_nan = tl.max(is_nan.to(tl.int32), axis=1) > 0
@@ -165,7 +178,7 @@ def _fsq_backward_kernel(
     u = tl.exp(-2.0 * tl.abs(z + shift))
     sech2 = 4.0 * u / ((1.0 + u) * (1.0 + u))
     dz = g * scale * sech2
-    tl.store(dz_ptr + (b * stride_db + chan * stride_dc + nn * stride_dn), dz.to(dz_ptr.dtype.element_ty), mask=mask)
+    tl.store(dz_ptr + (b * stride_db + chan * stride_dc + nn * stride_dn), cast_rne(dz, dz_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -212,7 +225,7 @@ def _fsq_decode_kernel(
     chan = cc * D + dd
     if OFFSET_64:
         chan = chan.to(tl.int64)
-    tl.store(out_ptr + (b * stride_ob + chan * stride_oc + nn * stride_on), code.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + (b * stride_ob + chan * stride_oc + nn * stride_on), cast_rne(code, out_ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from .fsq import (
     _launch,
     _needs_int64,
     _token_axes,
+    cast_rne,
     cdiv,
     interpreting,
     next_pow2,
@@ -57,7 +58,7 @@ def _project_out_store(
     OFFSET_64: tl.constexpr,
 ):
     """out[n, k] = sum_e codes[n, e] * W_out[k, e] + b_out[k], written chunk by chunk of ``BLOCK_K`` features."""
-    codes = codes.to(w_out_ptr.dtype.element_ty)
+    codes = cast_rne(codes, w_out_ptr.dtype.element_ty)
     if DOT_IN_F32:  # exact: products of half-precision values are exact in float32
         codes = codes.to(tl.float32)
     for k0 in range(0, DIM, BLOCK_K):
@@ -74,7 +75,7 @@ def _project_out_store(
         if OFFSET_64:
             kk = kk.to(tl.int64)
         tl.store(out_row + kk[None, :] * stride_oc + nn[:, None] * stride_on,
-                 o.to(out_row.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
+                 cast_rne(o, out_row.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
 
 
 @triton.jit
@@ -133,7 +134,7 @@ def _fsq_projected_forward_kernel(
         else:
             acc = tl.dot(x, w, acc)
     h = acc + tl.load(b_in_ptr + ee, mask=e_ok, other=0.0).to(tl.float32)[None, :]
-    h = h.to(w_in_ptr.dtype.element_ty).to(tl.float32)
+    h = cast_rne(h, w_in_ptr.dtype.element_ty).to(tl.float32)
 
     # FSQ on h: count the calibrated thresholds (NaN padding never counts), look the code up
     jj = ee % D
