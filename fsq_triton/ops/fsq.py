@@ -52,6 +52,34 @@ EMULATE_BF16_RNE = tl.constexpr(interpreting())
 
 
 @triton.jit
+def tile_origin(num_n_blocks, BLOCK_N: tl.constexpr, OFFSET_64: tl.constexpr):
+    """(batch row, first token) of this program's tile: programs run over ``rows * num_n_blocks`` tiles."""
+    pid = tl.program_id(0)
+    b = pid // num_n_blocks
+    n_start = (pid % num_n_blocks) * BLOCK_N
+    if OFFSET_64:
+        b = b.to(tl.int64)
+        n_start = n_start.to(tl.int64)
+    return b, n_start
+
+
+@triton.jit
+def count_levels(z, values, row_ok, MAX_LEVEL: tl.constexpr):
+    """``level = #{k : z >= thresholds[k]}`` per element; ``values`` points at each element's table row (broadcastable).
+
+    Padding thresholds are NaN, which no comparison passes. Unrolled for the usual small levels, a loop past 64.
+    """
+    level = tl.zeros(z.shape, dtype=tl.int32)
+    if MAX_LEVEL <= 64:
+        for k in tl.static_range(MAX_LEVEL - 1):
+            level += (z >= tl.load(values + (COL_THRESHOLDS + k), mask=row_ok, other=float("nan"))).to(tl.int32)
+    else:
+        for k in range(MAX_LEVEL - 1):
+            level += (z >= tl.load(values + (COL_THRESHOLDS + k), mask=row_ok, other=float("nan"))).to(tl.int32)
+    return level
+
+
+@triton.jit
 def cast_rne(x, dtype: tl.constexpr):
     """``x.to(dtype)`` rounding to nearest even (by hand for bfloat16 under the interpreter, which truncates)."""
     if EMULATE_BF16_RNE and dtype == tl.bfloat16:
@@ -84,12 +112,7 @@ def _fsq_forward_kernel(
     (same size), and 4 B of int32 index per ``d`` elements; the per-level tables (a few hundred bytes)
     stay in cache.
     """
-    pid = tl.program_id(0)
-    b = pid // num_n_blocks
-    n_start = (pid % num_n_blocks) * BLOCK_N
-    if OFFSET_64:
-        b = b.to(tl.int64)
-        n_start = n_start.to(tl.int64)
+    b, n_start = tile_origin(num_n_blocks, BLOCK_N, OFFSET_64)
 
     cc = tl.arange(0, C_PAD)[:, None, None]            # codebook
     dd = tl.arange(0, D_PAD)[None, :, None]            # channel within the codebook
@@ -109,17 +132,8 @@ def _fsq_forward_kernel(
     integers = int_ptr + dd * INT_COLS
     basis = tl.load(integers + COL_BASIS, mask=d_ok, other=0)
 
-    # Count the thresholds at or below z (padding thresholds are NaN: no comparison passes), then look
-    # the code up in the row's table (a few hundred bytes, cache resident).
-    level = tl.zeros((C_PAD, D_PAD, BLOCK_N), dtype=tl.int32)
-    if MAX_LEVEL <= 64:  # unrolled for the usual small levels; a loop for large ones
-        for k in tl.static_range(MAX_LEVEL - 1):
-            thr_k = tl.load(values + (COL_THRESHOLDS + k), mask=d_ok, other=float("nan"))
-            level += (z >= thr_k).to(tl.int32)
-    else:
-        for k in range(MAX_LEVEL - 1):
-            thr_k = tl.load(values + (COL_THRESHOLDS + k), mask=d_ok, other=float("nan"))
-            level += (z >= thr_k).to(tl.int32)
+    # Count the thresholds at or below z, then look the code up in the row's table (cache resident).
+    level = count_levels(z, values, d_ok, MAX_LEVEL)
     code = tl.load(values + COL_CODES + level, mask=mask, other=0.0)
     is_nan = z != z
     code = tl.where(is_nan, z, code)
@@ -154,12 +168,7 @@ def _fsq_backward_kernel(
     Memory traffic per element: read ``g`` and ``z`` (4 B each in float32, 2 B in half precision),
     write ``dz`` (same size); nothing else was saved.
     """
-    pid = tl.program_id(0)
-    b = pid // num_n_blocks
-    n_start = (pid % num_n_blocks) * BLOCK_N
-    if OFFSET_64:
-        b = b.to(tl.int64)
-        n_start = n_start.to(tl.int64)
+    b, n_start = tile_origin(num_n_blocks, BLOCK_N, OFFSET_64)
 
     chan = tl.arange(0, CD_PAD)[:, None]
     nn = n_start + tl.arange(0, BLOCK_N)[None, :]
@@ -198,12 +207,7 @@ def _fsq_decode_kernel(
     Memory traffic per element: write the code once (4 B float32); read 4 B (int32) or 8 B (int64)
     of index per ``d`` elements.
     """
-    pid = tl.program_id(0)
-    b = pid // num_n_blocks
-    n_start = (pid % num_n_blocks) * BLOCK_N
-    if OFFSET_64:
-        b = b.to(tl.int64)
-        n_start = n_start.to(tl.int64)
+    b, n_start = tile_origin(num_n_blocks, BLOCK_N, OFFSET_64)
 
     cc = tl.arange(0, C_PAD)[:, None, None]
     dd = tl.arange(0, D_PAD)[None, :, None]

@@ -46,6 +46,8 @@ from .fsq import (
     _token_axes,
     cast_rne,
     cdiv,
+    count_levels,
+    tile_origin,
     interpreting,
     next_pow2,
 )
@@ -100,12 +102,7 @@ def _fsq_projected_forward_kernel(
     bfloat16, 4 B in float32), 4 B of index per codebook, and ``4 e`` B of ``h`` when saved for the
     backward; the weights (``2 * dim * e`` elements) are read by every program from L2.
     """
-    pid = tl.program_id(0)
-    b = pid // num_n_blocks
-    n_start = (pid % num_n_blocks) * BLOCK_N
-    if OFFSET_64:
-        b = b.to(tl.int64)
-        n_start = n_start.to(tl.int64)
+    b, n_start = tile_origin(num_n_blocks, BLOCK_N, OFFSET_64)
     E: tl.constexpr = C * D
     ROW: tl.constexpr = COL_THRESHOLDS + 2 * MAX_LEVEL - 1
     COL_CODES: tl.constexpr = COL_THRESHOLDS + MAX_LEVEL - 1
@@ -139,10 +136,7 @@ def _fsq_projected_forward_kernel(
     # FSQ on h: count the calibrated thresholds (NaN padding never counts), look the code up
     jj = ee % D
     values = val_ptr + jj * ROW
-    level = tl.zeros((BLOCK_N, E_PAD), dtype=tl.int32)
-    for k in tl.static_range(MAX_LEVEL - 1):
-        thr_k = tl.load(values + (COL_THRESHOLDS + k), mask=e_ok, other=float("nan"))
-        level += (h >= thr_k[None, :]).to(tl.int32)
+    level = count_levels(h, values[None, :], e_ok[None, :], MAX_LEVEL)
     code = tl.load(values[None, :] + COL_CODES + level, mask=tile_ok, other=0.0)
     is_nan = h != h
     code = tl.where(is_nan, h, code)
@@ -178,12 +172,7 @@ def _fsq_projected_decode_kernel(
     (NaN for an index outside ``[0, prod(levels))``), ``out = code W_out^T + b_out``.
     Memory traffic per token: read ``4 c`` B of indices, write ``dim`` elements (the weights' dtype).
     """
-    pid = tl.program_id(0)
-    b = pid // num_n_blocks
-    n_start = (pid % num_n_blocks) * BLOCK_N
-    if OFFSET_64:
-        b = b.to(tl.int64)
-        n_start = n_start.to(tl.int64)
+    b, n_start = tile_origin(num_n_blocks, BLOCK_N, OFFSET_64)
     E: tl.constexpr = C * D
     ROW: tl.constexpr = COL_THRESHOLDS + 2 * MAX_LEVEL - 1
     COL_CODES: tl.constexpr = COL_THRESHOLDS + MAX_LEVEL - 1
