@@ -82,10 +82,11 @@ def count_levels(z, values, row_ok, MAX_LEVEL: tl.constexpr):
 @triton.jit
 def cast_rne(x, dtype: tl.constexpr):
     """``x.to(dtype)`` rounding to nearest even (by hand for bfloat16 under the interpreter, which truncates)."""
-    if EMULATE_BF16_RNE and dtype == tl.bfloat16:
-        bits = x.to(tl.float32).to(tl.int32, bitcast=True)
-        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-        x = tl.where(x != x, x, rounded.to(tl.float32, bitcast=True))
+    if EMULATE_BF16_RNE:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.int32, bitcast=True)
+            rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+            x = tl.where(x != x, x, rounded.to(tl.float32, bitcast=True))
     return x.to(dtype)
 
 
