@@ -5,8 +5,9 @@ Shape letters: ``b`` batch, ``n`` tokens, ``c`` codebooks, ``d`` channels per co
 
 Data flows one way: the module checks its input and turns it into the *feature view*
 ``(b, e, n)`` (a strided view, no copy), the op (``fsq_triton.ops``) quantizes that view, and the
-module puts the result back into the caller's shape. Projections stay ``nn.Linear`` around the
-fused quantizer.
+module puts the result back into the caller's shape. With projections, ``project_in``, the
+quantizer and ``project_out`` run as one fused op on the Triton path (``nn.Linear`` around the
+quantizer on the PyTorch path).
 """
 
 from __future__ import annotations
@@ -165,13 +166,16 @@ class FSQ(nn.Module):
             )
         return None
 
-    def _quantize_feature(self, feature: torch.Tensor, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(b, e, n) -> codes (b, e, n) in feature's dtype, indices (b, n, c) int32; differentiable."""
+    def _quantize_feature(
+        self, feature: torch.Tensor, channels_last: bool, num_codebooks: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(b, c*d, n) -> codes (b, c*d, n) in feature's dtype, indices (b, n, c) int32; differentiable."""
+        c = self.num_codebooks if num_codebooks is None else num_codebooks
         tables = level_tables(self.levels, feature.device)
         ops = self._triton_ops(feature)
         if ops is not None:
-            return ops.FSQFunction.apply(feature, tables.values, tables.integers, self.num_codebooks, channels_last)
-        return torch_impl.quantize(feature, tables, self.num_codebooks)
+            return ops.FSQFunction.apply(feature, tables.values, tables.integers, c, channels_last)
+        return torch_impl.quantize(feature, tables, c)
 
     # ----------------------------------------------------------------------------------------------
     # The reference's methods
@@ -187,19 +191,9 @@ class FSQ(nn.Module):
         _check_float_tensor("z", z)
         if z.ndim == 0 or z.shape[-1] != self.codebook_dim:
             raise ValueError(f"quantize expects z of shape (..., {self.codebook_dim}), found {tuple(z.shape)}")
-        tokens = z.reshape(1, -1, self.codebook_dim)
-        codes, _ = self._quantize_one_codebook(tokens)
-        return codes.reshape(z.shape)
-
-    def _quantize_one_codebook(self, tokens: torch.Tensor):
-        tables = level_tables(self.levels, tokens.device)
-        feature = tokens.transpose(1, 2)
-        ops = self._triton_ops(feature)
-        if ops is not None:
-            codes, indices = ops.FSQFunction.apply(feature, tables.values, tables.integers, 1, True)
-        else:
-            codes, indices = torch_impl.quantize(feature, tables, 1)
-        return codes.transpose(1, 2), indices
+        tokens = z.reshape(1, -1, self.codebook_dim)                  # (1, n, d)
+        codes, _ = self._quantize_feature(tokens.transpose(1, 2), channels_last=True, num_codebooks=1)
+        return codes.transpose(1, 2).reshape(z.shape)
 
     def codes_to_indices(self, zhat: torch.Tensor) -> torch.Tensor:
         """Index of each code ``zhat (..., codebook_dim)``: exact int32, ``-1`` where a code is NaN or off the grid.
