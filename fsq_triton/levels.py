@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import threading
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -197,8 +196,9 @@ def _build_tables(levels: tuple[int, ...], device: torch.device) -> LevelTables:
     return LevelTables(values.contiguous(), integers.contiguous())
 
 
+# No lock: two threads that miss at once build the same tables, and either result may stay. (A lock would
+# also stop torch.compile from tracing through a miss.)
 _TABLES: dict[tuple[tuple[int, ...], str], LevelTables] = {}
-_TABLES_LOCK = threading.Lock()
 
 
 def level_tables(levels: tuple[int, ...], device: torch.device | str) -> LevelTables:
@@ -209,9 +209,10 @@ def level_tables(levels: tuple[int, ...], device: torch.device | str) -> LevelTa
     key = (tuple(levels), str(device))
     tables = _TABLES.get(key)
     if tables is None:
-        with _TABLES_LOCK:
-            tables = _TABLES.get(key)
-            if tables is None:
-                tables = _build_tables(tuple(levels), device)
-                _TABLES[key] = tables
+        if torch.compiler.is_compiling():
+            raise RuntimeError(
+                f"fsq_triton: the level tables of levels {list(levels)} are not calibrated on {device} yet; "
+                "move the FSQ module there (.to(device)) or run it once eagerly there before torch.compile traces it"
+            )
+        tables = _TABLES[key] = _build_tables(tuple(levels), device)
     return tables

@@ -110,10 +110,19 @@ class FSQ(nn.Module):
         self.project_out = nn.Linear(self.effective_codebook_dim, self.dim) if self.has_projections else nn.Identity()
 
         self.codebook_size = math.prod(levels)
+        level_tables(levels, self._levels.device)  # calibrate once, outside any traced forward
         eager = self.codebook_size * self.codebook_dim <= EAGER_CODEBOOK_LIMIT
         self.register_buffer("implicit_codebook", self._implicit_codebook() if eager else None, persistent=False)
         if not eager:  # an empty stand-in that follows .to()/.double()/.cuda(), so the lazy codebook does too
             self.register_buffer("_implicit_codebook_like", torch.empty(0), persistent=False)
+
+    def _apply(self, fn, *args, **kwargs):
+        """Moves and casts as nn.Module does, then calibrates the level tables for the new device, so that the
+        first forward there (also one traced by torch.compile) finds them cached."""
+        module = super()._apply(fn, *args, **kwargs)
+        if self._levels.device.type in ("cpu", "cuda"):
+            level_tables(self.levels, self._levels.device)
+        return module
 
     def extra_repr(self) -> str:
         return (

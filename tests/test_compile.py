@@ -98,3 +98,14 @@ def test_opcheck_every_op(channels_last):
         ops.indices_to_codes_projected.default,
         (indices, w_out, b_out, tables.values, tables.integers, 1000, channels_last),
     )
+
+
+def test_compile_before_any_eager_call():
+    """The first forward may be a traced one: the module calibrated its tables when it was built and moved."""
+    model = FSQ([9, 7, 4]).to(torch.float64).to("cpu")  # levels no other test uses
+    compiled = torch.compile(model, fullgraph=True)
+    z = torch.randn(2, 3, 4, 5)
+    out, indices = compiled(z)
+    e_out, e_indices = model(z)
+    assert torch.equal(indices, e_indices)
+    assert torch.equal(out, e_out)
