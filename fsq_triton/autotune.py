@@ -21,6 +21,7 @@ the cache; the last writer's entries win for a class both tuned.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 CACHE_FORMAT = 1
 _LOCK = threading.Lock()
@@ -59,6 +61,7 @@ def config_space(channel_tile: int) -> list[dict]:
     return space
 
 
+@functools.lru_cache(maxsize=4096)
 def default_config(channel_tile: int, tokens: int, interpreting: bool = False) -> dict:
     """The heuristic: about 8K elements a tile (4K under the interpreter), 8 warps from 4K elements up."""
     budget = 4096 if interpreting else 8192
@@ -69,6 +72,7 @@ def default_config(channel_tile: int, tokens: int, interpreting: bool = False) -
     return {"BLOCK_N": block, "num_warps": 8 if block * channel_tile >= 4096 else 4}
 
 
+@functools.lru_cache(maxsize=4096)
 def problem_key(kernel: str, tokens: int, channel_tile: int, dtype: torch.dtype, channels_last: bool) -> str:
     bucket = 1 << max(10, min(26, (max(int(tokens), 1) - 1).bit_length()))
     layout = "cl" if channels_last else "cf"
@@ -204,8 +208,6 @@ def launch_config(kernel: str, key: str, default: dict, run: Callable[[dict], No
 
 
 def _is_traced(t: torch.Tensor) -> bool:
-    from torch._subclasses.fake_tensor import is_fake
-
     return is_fake(t) or torch.compiler.is_compiling()
 
 

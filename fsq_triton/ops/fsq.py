@@ -23,6 +23,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 
 from .. import autotune
 from .. import levels as _lv
@@ -250,13 +251,9 @@ def next_pow2(x: int) -> int:
 
 
 
-def _max_offset(t: torch.Tensor) -> int:
-    """Largest element offset of ``t`` (in elements) plus one: the reach of its addresses."""
-    return 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()) if s > 0)
-
-
 def _needs_int64(*tensors: torch.Tensor) -> bool:
-    return any(_max_offset(t) >= _INT32_LIMIT for t in tensors)
+    """Whether any address of a launch can pass 2**31 elements: bounded by each tensor's storage (one call each)."""
+    return any(t.untyped_storage().nbytes() >= _INT32_LIMIT * t.element_size() for t in tensors)
 
 
 def _token_axes(*features: torch.Tensor) -> tuple[int, int, list[tuple[int, int, int]]]:
@@ -302,8 +299,6 @@ def _index_tensor(indices: torch.Tensor) -> torch.Tensor:
 
 
 def _is_fake(t: torch.Tensor) -> bool:
-    from torch._subclasses.fake_tensor import is_fake
-
     return t.device.type == "meta" or is_fake(t)
 
 
@@ -322,6 +317,7 @@ def _empty_feature(shape, device, channels_last: bool, dtype: torch.dtype) -> to
 
 def _configured_launch(kernel_name: str, probe: torch.Tensor, tokens: int, channel_tile: int, dtype, channels_last, launch):
     """Pick the launch configuration (fsq_triton.autotune: forced, tuned, cached or default) and launch."""
+    tokens = int(tokens)  # a SymInt while torch.compile traces: the configuration is per size class anyway
     key = autotune.problem_key(kernel_name, tokens, channel_tile, dtype, channels_last)
     default = autotune.default_config(channel_tile, tokens, interpreting())
     launch(autotune.launch_config(kernel_name, key, default, launch, probe, channel_tile))
@@ -473,17 +469,29 @@ def _in_layout(feature: torch.Tensor, channels_last: bool) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
+def op_or_launcher(op, launcher, probe: torch.Tensor):
+    """The custom op while torch.compile or export trace (they must see the op), else its Triton launcher.
+
+    Eager calls skip the custom-op dispatcher layers (tens of microseconds, the whole cost of a tiny
+    input) and run the same launcher the op would run.
+    """
+    if torch.compiler.is_compiling() or _is_fake(probe) or not _runs_triton(probe):
+        return op
+    return launcher
+
+
 class FSQFunction(torch.autograd.Function):
     """``(out, indices) = FSQFunction.apply(z, values, integers, num_codebooks, channels_last)``.
 
     Forward runs ``fsq_triton::quantize``; backward runs ``fsq_triton::quantize_backward`` from the saved
     input alone (the straight-through estimator: rounding passes the gradient, the tanh bound scales it).
-    ``indices`` is not differentiable.
+    ``indices`` is not differentiable. (Eager calls go straight to the ops' launchers: ``op_or_launcher``.)
     """
 
     @staticmethod
     def forward(ctx, z, values, integers, num_codebooks: int, channels_last: bool):
-        out, indices = torch.ops.fsq_triton.quantize(z, values, integers, num_codebooks, channels_last)
+        quantize_fn = op_or_launcher(torch.ops.fsq_triton.quantize, forward_triton, z)
+        out, indices = quantize_fn(z, values, integers, num_codebooks, channels_last)
         ctx.save_for_backward(z, values)
         ctx.channels_last = channels_last
         ctx.mark_non_differentiable(indices)
@@ -492,5 +500,5 @@ class FSQFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_indices):
         z, values = ctx.saved_tensors
-        grad_z = torch.ops.fsq_triton.quantize_backward(grad_out, z, values, ctx.channels_last)
-        return grad_z, None, None, None, None
+        backward_fn = op_or_launcher(torch.ops.fsq_triton.quantize_backward, backward_triton, z)
+        return backward_fn(grad_out, z, values, ctx.channels_last), None, None, None, None

@@ -44,12 +44,15 @@ from .fsq import (
     _launch,
     _needs_int64,
     _token_axes,
+    backward_triton,
     cast_rne,
     cdiv,
     count_levels,
     tile_origin,
+    forward_triton,
     interpreting,
     next_pow2,
+    op_or_launcher,
 )
 
 
@@ -331,9 +334,8 @@ class FSQProjectedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_in, b_in, w_out, b_out, values, integers, num_codebooks: int, channels_last: bool):
         save_h = any(ctx.needs_input_grad[:5])
-        out, indices, h = torch.ops.fsq_triton.quantize_projected(
-            x, w_in, b_in, w_out, b_out, values, integers, num_codebooks, channels_last, save_h
-        )
+        quantize_fn = op_or_launcher(torch.ops.fsq_triton.quantize_projected, forward_projected_triton, x)
+        out, indices, h = quantize_fn(x, w_in, b_in, w_out, b_out, values, integers, num_codebooks, channels_last, save_h)
         ctx.save_for_backward(x, w_in, w_out, h, values, integers)
         ctx.num_codebooks = num_codebooks
         ctx.mark_non_differentiable(indices)
@@ -347,13 +349,13 @@ class FSQProjectedFunction(torch.autograd.Function):
         dtype = w_in.dtype
         g = _tokens(grad_out).reshape(b * n, dim).to(dtype)                     # (t, dim)
         h_feature = _tokens(h.reshape(1, b * n, e))                             # (1, e, t)
-        codes, _ = torch.ops.fsq_triton.quantize(h_feature, values, integers, ctx.num_codebooks, True)
+        quantize_fn = op_or_launcher(torch.ops.fsq_triton.quantize, forward_triton, h)
+        codes, _ = quantize_fn(h_feature, values, integers, ctx.num_codebooks, True)
         codes = _tokens(codes).reshape(b * n, e).to(dtype)                      # (t, e)
 
         grad_codes = g @ w_out                                                  # (t, e)
-        grad_h = torch.ops.fsq_triton.quantize_backward(
-            _tokens(grad_codes.float().reshape(1, b * n, e)), h_feature, values, True
-        )
+        backward_fn = op_or_launcher(torch.ops.fsq_triton.quantize_backward, backward_triton, h)
+        grad_h = backward_fn(_tokens(grad_codes.float().reshape(1, b * n, e)), h_feature, values, True)
         grad_h = _tokens(grad_h).reshape(b * n, e).to(dtype)                    # (t, e)
         grad_x = _tokens((grad_h @ w_in).reshape(b, n, dim))                    # (b, dim, n)
         grad_w_in = grad_h.t() @ _tokens(x).reshape(b * n, dim)
