@@ -271,8 +271,9 @@ class FSQ(nn.Module):
                 )
             else:
                 feature = torch_impl.indices_to_codes(tokens, tables, self.codebook_size, dtype)
-            if project:
-                feature = self.project_out(feature.transpose(1, 2)).transpose(1, 2)
+            if project:  # the projection follows the weights' dtype, autocast or not (as in forward)
+                with torch.autocast(indices.device.type, enabled=False):
+                    feature = self.project_out(feature.transpose(1, 2)).transpose(1, 2)
 
         if is_img_or_video:
             return feature.reshape(b, channels, *lead[1:])
