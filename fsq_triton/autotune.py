@@ -13,7 +13,9 @@ the padded channel tile, the dtype and the layout. The answer comes from, in ord
    read once per process; a corrupt or foreign file is ignored with a warning;
 4. the heuristic default, about 8K elements a tile (``tokens * padded channels``).
 
-So the first call never spends time tuning unless asked. Writes are atomic (a temporary file and
+So the first call never spends time tuning unless asked. (That is why the tuner is not the
+``triton.autotune`` decorator, which times every configuration on the first call of each key and keeps
+the results in memory or in Triton's own cache; the timing is the same, ``triton.testing.do_bench``.) Writes are atomic (a temporary file and
 ``os.replace``) after merging with what is on disk, so processes that tune at once cannot corrupt
 the cache; the last writer's entries win for a class both tuned.
 """
@@ -45,11 +47,16 @@ _TUNED_LOG: list[dict] = []  # what the tuner chose in this process, for the com
 # The space each kernel is tuned over: tokens per program x warps (tiles capped at 16K elements).
 BLOCK_NS = (64, 128, 256, 512, 1024, 2048)
 NUM_WARPS = (2, 4, 8, 16)
+NUM_STAGES = (2, 3, 4)
 MAX_TILE = 16384
 
 
-def config_space(channel_tile: int) -> list[dict]:
-    """Every configuration worth timing for a tile of ``channel_tile`` padded channels."""
+def config_space(channel_tile: int, pipelined: bool = False) -> list[dict]:
+    """Every configuration worth timing for a tile of ``channel_tile`` padded channels (or ``BLOCK_K`` features).
+
+    ``pipelined`` kernels (the fused projections, which loop over the features) also try software-pipelining
+    depths (``num_stages``); the quantizer kernels have no loop to pipeline.
+    """
     space = []
     for block_n in BLOCK_NS:
         elems = block_n * channel_tile
@@ -57,7 +64,10 @@ def config_space(channel_tile: int) -> list[dict]:
             continue
         for warps in NUM_WARPS:
             if warps * 32 * 2 <= elems:  # at least two elements a thread
-                space.append({"BLOCK_N": block_n, "num_warps": warps})
+                if pipelined:
+                    space += [{"BLOCK_N": block_n, "num_warps": warps, "num_stages": s} for s in NUM_STAGES]
+                else:
+                    space.append({"BLOCK_N": block_n, "num_warps": warps})
     return space
 
 
@@ -115,7 +125,8 @@ def _read(path: Path) -> dict[str, dict]:
             raise ValueError("not an fsq_triton tuning cache for this GPU and Triton version")
         configs = data["configs"]
         for key, cfg in configs.items():
-            if not (isinstance(cfg, dict) and isinstance(cfg.get("BLOCK_N"), int) and isinstance(cfg.get("num_warps"), int)):
+            if not (isinstance(cfg, dict) and isinstance(cfg.get("BLOCK_N"), int) and isinstance(cfg.get("num_warps"), int)
+                    and isinstance(cfg.get("num_stages", 1), int)):
                 raise ValueError(f"bad entry {key!r}")
         return configs
     except Exception as exc:  # noqa: BLE001 - any unreadable cache is ignored, never fatal
@@ -191,11 +202,12 @@ def _tuning_enabled() -> bool:
 
 
 def launch_config(kernel: str, key: str, default: dict, run: Callable[[dict], None], probe: torch.Tensor,
-                  channel_tile: int) -> dict:
+                  space: Callable[[], list[dict]]) -> dict:
     """The configuration for one launch (see the module docstring for the order of sources).
 
     ``run(config)`` launches the kernel with ``config`` (idempotent: it rewrites the same outputs);
-    ``probe`` is one of the launch's tensors (its device names the cache; fake tensors never tune).
+    ``probe`` is one of the launch's tensors (its device names the cache; fake tensors never tune);
+    ``space()`` lists the configurations the tuner may time.
     """
     if _FORCED:
         return _FORCED[-1]
@@ -203,7 +215,7 @@ def launch_config(kernel: str, key: str, default: dict, run: Callable[[dict], No
         return default if probe.device.type != "cuda" else _cached(probe.device).get(key, default)
     cached = _cached(probe.device).get(key)
     if _tuning_enabled() and (cached is None or _RETUNE):
-        return _tune(kernel, key, default, run, probe, channel_tile)
+        return _tune(kernel, key, default, run, probe, space())
     return cached or default
 
 
@@ -211,10 +223,9 @@ def _is_traced(t: torch.Tensor) -> bool:
     return is_fake(t) or torch.compiler.is_compiling()
 
 
-def _tune(kernel, key, default, run, probe, channel_tile) -> dict:
+def _tune(kernel, key, default, run, probe, space: list[dict]) -> dict:
     from triton.testing import do_bench
 
-    space = config_space(channel_tile)
     if default not in space:
         space.append(default)
     timings = []
@@ -287,7 +298,7 @@ def main(quick: bool = False, reset: bool = False) -> int:
         torch.cuda.synchronize()
     print(f"\n{'problem class':<48} {'chosen':<24} {'ms':>8} {'default ms':>11} {'gain':>6}")
     for row in _TUNED_LOG:
-        cfg = f"BLOCK_N={row['config']['BLOCK_N']} warps={row['config']['num_warps']}"
+        cfg = " ".join(f"{k}={v}" for k, v in row["config"].items())
         gain = row["default_ms"] / row["ms"]
         print(f"{row['key']:<48} {cfg:<24} {row['ms']:8.4f} {row['default_ms']:11.4f} {gain:5.2f}x")
     print(f"\ncache: {cache_path(device)}")

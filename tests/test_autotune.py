@@ -36,7 +36,10 @@ def test_every_configuration_gives_identical_results(kwargs, shape, monkeypatch)
     z, g = torch.randn(shape) * 2, torch.randn(shape)
     expected = _run(m, z, g)
     channel_tiles = {4 * 2, 16 * 1, 64}  # padded channel tiles these modules launch with (and the projected BLOCK_K)
-    space = {tuple(sorted(cfg.items())) for tile in channel_tiles for cfg in autotune.config_space(tile)}
+    space = {
+        tuple(sorted(cfg.items()))
+        for tile in channel_tiles for pipelined in (False, True) for cfg in autotune.config_space(tile, pipelined)
+    }
     assert len(space) > 8
     for cfg in sorted(space):
         with autotune.forced_config(dict(cfg)):

@@ -18,6 +18,7 @@ Offsets are computed in int64 (``OFFSET_64``) whenever any address of a launch c
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -320,7 +321,9 @@ def _configured_launch(kernel_name: str, probe: torch.Tensor, tokens: int, chann
     tokens = int(tokens)  # a SymInt while torch.compile traces: the configuration is per size class anyway
     key = autotune.problem_key(kernel_name, tokens, channel_tile, dtype, channels_last)
     default = autotune.default_config(channel_tile, tokens, interpreting())
-    launch(autotune.launch_config(kernel_name, key, default, launch, probe, channel_tile))
+    pipelined = kernel_name.startswith("projected")
+    space = functools.partial(autotune.config_space, channel_tile, pipelined)
+    launch(autotune.launch_config(kernel_name, key, default, launch, probe, space))
 
 
 def forward_triton(z, values, integers, num_codebooks: int, channels_last: bool):

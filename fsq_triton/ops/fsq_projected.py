@@ -236,7 +236,7 @@ def forward_projected_triton(x, w_in, b_in, w_out, b_out, values, integers, num_
             tokens, nblocks, dim, *sx, *so,
             C=num_codebooks, D=d, E_PAD=e_pad, MAX_LEVEL=max_level,
             BLOCK_N=block_n, BLOCK_K=block_k, SAVE_H=save_h, IEEE_DOT=x.dtype == torch.float32,
-            DOT_IN_F32=interpreting(), OFFSET_64=offset_64, num_warps=cfg["num_warps"],
+            DOT_IN_F32=interpreting(), OFFSET_64=offset_64, num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
         )
 
     _configured_launch("projected_forward", x, rows * tokens, block_k, x.dtype, channels_last, launch)
@@ -264,7 +264,7 @@ def decode_projected_triton(indices, w_out, b_out, values, integers, codebook_si
             tokens, nblocks, dim, codebook_size, *so,
             C=c, D=d, E_PAD=e_pad, MAX_LEVEL=max_level,
             BLOCK_N=block_n, BLOCK_K=block_k, IEEE_DOT=w_out.dtype == torch.float32,
-            DOT_IN_F32=interpreting(), OFFSET_64=offset_64, num_warps=cfg["num_warps"],
+            DOT_IN_F32=interpreting(), OFFSET_64=offset_64, num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
         )
 
     _configured_launch("projected_decode", out, rows * tokens, block_k, w_out.dtype, channels_last, launch)
