@@ -231,6 +231,8 @@ class Timer:
         self.warmup = 2 if quick else 3
         self.budget_s = 0.2 if quick else 0.5
         self.min_repeats, self.max_repeats = (5, 50) if quick else (10, 200)
+        if not self.cuda and not quick:  # full cases on a CPU take seconds a call: fewer calls keep the run in minutes
+            self.warmup, self.min_repeats = 1, 3
         self.flush_buffer = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device=device) if self.cuda else None
 
     def sync(self) -> None:
