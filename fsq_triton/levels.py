@@ -147,10 +147,13 @@ class LevelTables:
         the columns past ``L_j - 1`` hold NaN, which no comparison passes (``+inf`` would count for ``z = +inf``);
       - ``codes`` (max(L) columns): ``codes[j, k] = (k - half_width_j) / half_width_j`` (IEEE division).
     ``integers`` (d, 3) int32: ``basis``, ``num_levels``, ``half_width``.
+    ``index_dtype``: a float dtype in which ``sum_j level_j * basis_j`` is exact (float32 for codebooks
+    under 2**24, float64 otherwise); the PyTorch path reduces indices in it.
     """
 
     values: torch.Tensor
     integers: torch.Tensor
+    index_dtype: torch.dtype = torch.float64
 
     @property
     def max_level(self) -> int:
@@ -193,7 +196,8 @@ def _build_tables(levels: tuple[int, ...], device: torch.device) -> LevelTables:
     columns = [shift, half_l, offset, half_l / half_width]
     values = torch.cat([torch.stack([c.to(torch.float32) for c in columns], dim=1), thresholds, codes], dim=1)
     integers = torch.stack([basis_of(levels).to(device), lv, half_width.to(torch.int32)], dim=1)
-    return LevelTables(values.contiguous(), integers.contiguous())
+    index_dtype = torch.float32 if math.prod(levels) < 2**24 else torch.float64
+    return LevelTables(values.contiguous(), integers.contiguous(), index_dtype)
 
 
 # No lock: two threads that miss at once build the same tables, and either result may stay. (A lock would

@@ -270,7 +270,9 @@ class FSQ(nn.Module):
                     tokens, tables.values, tables.integers, self.codebook_size, project or not is_img_or_video, dtype
                 )
             else:
-                feature = torch_impl.indices_to_codes(tokens, tables, self.codebook_size, dtype)
+                feature = torch_impl.indices_to_codes(
+                    tokens, tables, self.codebook_size, dtype, assume_valid=tokens.device.type == "cpu"  # checked above
+                )
             if project:  # the projection follows the weights' dtype, autocast or not (as in forward)
                 with torch.autocast(indices.device.type, enabled=False):
                     feature = self.project_out(feature.transpose(1, 2)).transpose(1, 2)

@@ -24,23 +24,29 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (x.round() - x).detach()
 
 
+def _per_channel(t: torch.Tensor, num_codebooks: int) -> torch.Tensor:
+    """A per-channel constant of one codebook, (d,), as a column over the feature view's channels, (c*d, 1)."""
+    return t.repeat(num_codebooks)[:, None]
+
+
 def quantize(z: torch.Tensor, tables: LevelTables, num_codebooks: int) -> tuple[torch.Tensor, torch.Tensor]:
     """FSQ forward on the feature view, differentiable (straight-through) by plain autograd.
 
-    z: (b, c*d, n) float -> out: (b, c*d, n) in z's dtype, indices: (b, n, c) int32.
+    z: (b, c*d, n) float -> out: (b, c*d, n) in z's dtype and memory layout, indices: (b, n, c) int32.
+    The elementwise math runs in z's own layout (no channel-last copy), the constants broadcast per channel,
+    and half-precision z is promoted by the first add, as in the reference.
     """
-    zc = rearrange(z, "b (c d) n -> b n c d", c=num_codebooks).float()
-    bounded = (zc + tables.shift).tanh() * tables.half_l - tables.offset
+    c = num_codebooks
+    x = z if z.dtype in (torch.float32, torch.bfloat16, torch.float16) else z.float()
+    bounded = (x + _per_channel(tables.shift, c)).tanh() * _per_channel(tables.half_l, c) - _per_channel(tables.offset, c)
     q = round_ste(bounded)
-    codes = q / tables.half_width
+    out = (q / _per_channel(tables.half_width, c)).to(z.dtype)
 
-    # exact index from the integer level; NaN tokens get -1 (their cast below is discarded)
-    level = (q.detach() + tables.half_width).nan_to_num(0.0).to(torch.int64)
-    indices = (level * tables.basis).sum(dim=-1)
-    indices = torch.where(zc.isnan().any(dim=-1), -1, indices).to(torch.int32)
-
-    out = rearrange(codes, "b n c d -> b (c d) n").to(z.dtype)
-    return out, indices
+    # exact index from the integer levels (small integers, exact in index_dtype); NaN in z -> NaN sum -> -1
+    level = rearrange(q.detach() + _per_channel(tables.half_width, c), "b (c d) n -> b c d n", c=c)
+    index = (level.to(tables.index_dtype) * tables.basis.to(tables.index_dtype)[:, None]).sum(dim=2)
+    index = torch.where(index.isnan(), -1, index).to(torch.int32)          # (b, c, n)
+    return out, rearrange(index, "b c n -> b n c").contiguous()
 
 
 def quantize_backward(grad_out: torch.Tensor, z: torch.Tensor, shift: torch.Tensor, grad_scale: torch.Tensor) -> torch.Tensor:
@@ -49,22 +55,24 @@ def quantize_backward(grad_out: torch.Tensor, z: torch.Tensor, shift: torch.Tens
     ``shift`` and ``grad_scale`` are per channel of one codebook, (d,). grad_out, z: (b, c*d, n) -> (b, c*d, n)
     in z's dtype. (Autograd through :func:`quantize` gives the same within an ulp; this is the custom op's CPU path.)
     """
-    per_channel = lambda t: t.repeat(z.shape[1] // t.numel())[:, None]  # noqa: E731  (c*d, 1), codebook-major
-    t = (z.float() + per_channel(shift)).tanh()
-    return (grad_out.float() * per_channel(grad_scale) * (1 - t * t)).to(z.dtype)
+    c = z.shape[1] // shift.numel()
+    t = (z.float() + _per_channel(shift, c)).tanh()
+    return (grad_out.float() * _per_channel(grad_scale, c) * (1 - t * t)).to(z.dtype)
 
 
 def indices_to_codes(
-    indices: torch.Tensor, tables: LevelTables, codebook_size: int, dtype: torch.dtype = torch.float32
+    indices: torch.Tensor, tables: LevelTables, codebook_size: int, dtype: torch.dtype = torch.float32,
+    assume_valid: bool = False,
 ) -> torch.Tensor:
     """Codes of the indices on the feature view: (b, n, c) integer -> (b, c*d, n).
 
     ``level_j = (index // basis_j) % L_j`` and ``code_j = (level_j - half_width_j) / half_width_j``. An index
-    outside ``[0, prod(levels))`` gives NaN codes (the module checks the range first where that is free).
+    outside ``[0, prod(levels))`` gives NaN codes, unless the caller has checked the range (``assume_valid``).
     """
-    idx = indices.to(torch.int64)[..., None]
-    level = (idx // tables.basis) % tables.num_levels
+    idx = indices if indices.dtype in (torch.int32, torch.int64) else indices.to(torch.int64)
+    level = (idx[..., None] // tables.basis) % tables.num_levels
     codes = (level - tables.half_width) / tables.half_width
-    valid = (idx >= 0) & (idx < codebook_size)
-    codes = torch.where(valid, codes, float("nan"))
+    if not assume_valid:
+        valid = (idx >= 0) & (idx < codebook_size)
+        codes = torch.where(valid[..., None], codes, float("nan"))
     return rearrange(codes, "b n c d -> b (c d) n").to(dtype)
