@@ -10,6 +10,7 @@ import time
 
 import torch
 
+import fsq_triton.ops as ops
 import fsq_triton.ops.fsq as fsq_ops
 from fsq_triton import FSQ
 
@@ -32,7 +33,7 @@ def main() -> None:
     fsq_ops._launch = lambda kernel, probe: _NoLaunch()
     fsq_ops._runs_triton = lambda t: True  # take the Triton path on CPU tensors, minus the launch
     fsq = FSQ([8, 5, 5, 5, 5])
-    fsq._triton_ops = lambda t: __import__("fsq_triton.ops", fromlist=["ops"])
+    fsq._triton_ops = lambda t: ops
     z = torch.randn(64, 5, 32, 32)
     one = torch.empty(1)
     with torch.no_grad():
