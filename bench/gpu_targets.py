@@ -116,7 +116,6 @@ def core_targets(bandwidth: float) -> list[dict]:
                 "fsq_triton_ms": median_ms(train_step),
                 "target_pct_of_bound": 85,
             })
-        del z
         torch.cuda.empty_cache()
     for row in rows:
         row["bound_ms"] = row["bytes"] / (bandwidth * 1e9) * 1e3

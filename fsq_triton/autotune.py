@@ -211,10 +211,10 @@ def launch_config(kernel: str, key: str, default: dict, run: Callable[[dict], No
     """
     if _FORCED:
         return _FORCED[-1]
-    if probe.device.type != "cuda" or _is_traced(probe):
-        return default if probe.device.type != "cuda" else _cached(probe.device).get(key, default)
+    if probe.device.type != "cuda":  # the interpreter: no GPU to tune for or cache by
+        return default
     cached = _cached(probe.device).get(key)
-    if _tuning_enabled() and (cached is None or _RETUNE):
+    if _tuning_enabled() and (cached is None or _RETUNE) and not _is_traced(probe):
         return _tune(kernel, key, default, run, probe, space())
     return cached or default
 

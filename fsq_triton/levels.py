@@ -136,6 +136,11 @@ COL_SHIFT, COL_HALF_L, COL_OFFSET, COL_GRAD_SCALE, COL_THRESHOLDS = range(5)
 COL_BASIS, COL_NUM_LEVELS, COL_HALF_WIDTH = range(3)
 
 
+def max_level_of(values: torch.Tensor) -> int:
+    """``max(levels)`` from the width of a ``LevelTables.values`` table (the launchers receive only the tensor)."""
+    return (values.shape[1] - COL_THRESHOLDS + 1) // 2
+
+
 @dataclass(frozen=True)
 class LevelTables:
     """Per-level constants of one codebook on one device: two small tensors, one row per channel ``j``.
@@ -157,7 +162,7 @@ class LevelTables:
 
     @property
     def max_level(self) -> int:
-        return (self.values.shape[1] - COL_THRESHOLDS + 1) // 2
+        return max_level_of(self.values)
 
     shift = property(lambda self: self.values[:, COL_SHIFT])
     half_l = property(lambda self: self.values[:, COL_HALF_L])

@@ -128,7 +128,6 @@ def check_decode(levels, indices, **kwargs):
 def check_huge(levels, shape, channel_first, samples, device, block):
     """More than 2**31 elements: the kernels' 64-bit offsets. Compare slices at ``samples`` token positions
     (start, around the 2**31 element offset, middle, end) with the torch path applied to those slices."""
-    d = len(levels)
     ours = FSQ(levels).to(device)
     ref = FSQ(levels, backend="torch").to(device)
     gen = torch.Generator(device=device).manual_seed(0)

@@ -329,7 +329,7 @@ def _configured_launch(kernel_name: str, probe: torch.Tensor, tokens: int, chann
 def forward_triton(z, values, integers, num_codebooks: int, channels_last: bool):
     """Launch the forward kernel: z (b, c*d, n) -> out (b, c*d, n) in z's dtype, indices (b, n, c) int32."""
     b, cd, n = z.shape
-    d, max_level = integers.shape[0], (values.shape[1] - _lv.COL_THRESHOLDS + 1) // 2
+    d, max_level = integers.shape[0], _lv.max_level_of(values)
     out = _empty_feature(z.shape, z.device, channels_last, z.dtype)
     indices = torch.empty((b, n, num_codebooks), dtype=torch.int32, device=z.device)
     if out.numel() == 0:
@@ -354,7 +354,7 @@ def forward_triton(z, values, integers, num_codebooks: int, channels_last: bool)
 def backward_triton(grad_out, z, values, channels_last: bool):
     """Launch the backward kernel: grad_out, z (b, c*d, n) -> grad_z (b, c*d, n) in z's dtype."""
     b, cd, n = z.shape
-    d, max_level = values.shape[0], (values.shape[1] - _lv.COL_THRESHOLDS + 1) // 2
+    d, max_level = values.shape[0], _lv.max_level_of(values)
     grad_z = _empty_feature(z.shape, z.device, channels_last, z.dtype)
     if grad_z.numel() == 0:
         return grad_z
@@ -378,7 +378,7 @@ def backward_triton(grad_out, z, values, channels_last: bool):
 def decode_triton(indices, values, integers, codebook_size: int, channels_last: bool, dtype: torch.dtype):
     """Launch the decode kernel: indices (b, n, c) -> codes (b, c*d, n) in ``dtype``."""
     b, n, c = indices.shape
-    d, max_level = integers.shape[0], (values.shape[1] - _lv.COL_THRESHOLDS + 1) // 2
+    d, max_level = integers.shape[0], _lv.max_level_of(values)
     out = _empty_feature((b, c * d, n), indices.device, channels_last, dtype)
     if out.numel() == 0:
         return out

@@ -40,9 +40,9 @@ from .fsq import (
     _configured_launch,
     _empty_feature,
     _index_tensor,
-    _is_fake,
     _launch,
     _needs_int64,
+    _runs_triton,
     _token_axes,
     backward_triton,
     cast_rne,
@@ -217,7 +217,7 @@ def forward_projected_triton(x, w_in, b_in, w_out, b_out, values, integers, num_
                              channels_last: bool, save_h: bool):
     """x (b, dim, n) in the weights' dtype -> out (b, dim, n), indices (b, n, c) int32, h (b, n, e) float32 or (0,)."""
     b, dim, n = x.shape
-    d, max_level = integers.shape[0], (values.shape[1] - _lv.COL_THRESHOLDS + 1) // 2
+    d, max_level = integers.shape[0], _lv.max_level_of(values)
     e = num_codebooks * d
     out = _empty_feature(x.shape, x.device, channels_last, x.dtype)
     indices = torch.empty((b, n, num_codebooks), dtype=torch.int32, device=x.device)
@@ -247,7 +247,7 @@ def decode_projected_triton(indices, w_out, b_out, values, integers, codebook_si
     """indices (b, n, c) -> out (b, dim, n) in the weights' dtype."""
     b, n, c = indices.shape
     dim = w_out.shape[0]
-    d, max_level = integers.shape[0], (values.shape[1] - _lv.COL_THRESHOLDS + 1) // 2
+    d, max_level = integers.shape[0], _lv.max_level_of(values)
     out = _empty_feature((b, dim, n), indices.device, channels_last, w_out.dtype)
     if out.numel() == 0:
         return out
@@ -274,10 +274,6 @@ def decode_projected_triton(indices, w_out, b_out, values, integers, codebook_si
 # --------------------------------------------------------------------------------------------------
 # Custom ops: fsq_triton::quantize_projected, fsq_triton::indices_to_codes_projected
 # --------------------------------------------------------------------------------------------------
-
-
-def _runs_triton(t: torch.Tensor) -> bool:
-    return t.device.type == "cuda" or (interpreting() and t.device.type == "cpu" and not _is_fake(t))
 
 
 def _tokens(feature: torch.Tensor) -> torch.Tensor:
