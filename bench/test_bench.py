@@ -1,7 +1,7 @@
 """pytest-benchmark suite: ``pytest bench --benchmark-only`` (plain ``pytest`` collects only ``tests/``).
 
 One benchmark per (workload, mode, implementation), grouped by workload and mode so that each group
-compares the implementations on the same work. The workloads are those of ``bench_fsq`` (the full
+compares the implementations on the same work. The workloads are those of ``fsq_triton.bench.harness`` (the full
 list on CUDA, small shapes on CPU so that the suite takes about a minute). On CUDA the timed function
 synchronises the device, so each round measures finished work. The caches are not flushed between
 rounds here: ``python -m fsq_triton bench`` gives the bandwidth figures.
@@ -15,14 +15,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench_fsq import IMPLS, MODES, Workload, build_impls, make_inputs, memory_shortfall, mode_step, workloads
+from fsq_triton.bench.harness import IMPLS, MODES, Workload, build_impls, make_inputs, memory_shortfall, mode_step, workloads
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _workloads() -> list[Workload]:
     if DEVICE.type == "cuda":
-        return workloads(quick=False)
+        return workloads("full", "cuda")
     f32, bf16 = torch.float32, torch.bfloat16
     return [
         Workload("image", (8, 5, 32, 32), (8, 5, 5, 5, 5), f32),

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from reference import ReferenceFSQ
+from fsq_triton.bench.reference import ReferenceFSQ
 
 GOLDEN = Path(__file__).resolve().parent.parent / "tests" / "data" / "fsq_reference_cases.pt"
 CASES = torch.load(GOLDEN, weights_only=True)["cases"]

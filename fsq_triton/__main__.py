@@ -3,33 +3,56 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from pathlib import Path
 
 
-def _bench_module():
-    """``bench/bench_fsq.py`` of the source checkout this package was installed from (editable or in place)."""
-    path = Path(__file__).resolve().parent.parent / "bench" / "bench_fsq.py"
-    if not path.is_file():
-        raise SystemExit(
-            f"error: the benchmark lives in the repository's bench/ folder, not found at {path}; "
-            "run from a source checkout (pip install -e .)"
-        )
-    sys.path.insert(0, str(path.parent))
-    spec = importlib.util.spec_from_file_location("bench_fsq", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_fsq"] = module
-    spec.loader.exec_module(module)
-    return module
+def _program_name() -> str:
+    """How the user invoked us: ``python -m fsq_triton``, or the script's own name (``fsq-triton``)."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name == "fsq_triton.__main__":
+        return "python -m fsq_triton"
+    return Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "fsq-triton"
+
+
+def _cuda_missing(device: str | None, command: str) -> bool:
+    """True (after printing why) when ``--device cuda`` was asked for on a machine without CUDA."""
+    if device != "cuda":
+        return False
+    import torch
+
+    if torch.cuda.is_available():
+        return False
+    print(f"error: {command} --device cuda asked for, but CUDA is not available here; "
+          "leave --device out to use the CPU", file=sys.stderr)
+    return True
+
+
+def _bench(args: argparse.Namespace) -> int:
+    """``bench``: the harness of the installed package, once its extra is known to be there."""
+    from .bench import BENCH_EXTRA, missing_requirements
+
+    missing = missing_requirements()
+    if missing:
+        print(f"error: the bench needs {', '.join(missing)}, from the bench extra: {BENCH_EXTRA}", file=sys.stderr)
+        return 2
+    if _cuda_missing(args.device, "bench"):
+        return 2
+    from .bench import harness
+
+    return harness.run(quick=args.quick, device=args.device, out_dir=args.out, smoke=args.smoke)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fsq_triton", description=__doc__)
+    parser = argparse.ArgumentParser(prog=_program_name(), description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     bench = sub.add_parser("bench", help="speed comparison: fsq_triton vs the reference, vector-quantize-pytorch, torch.compile")
-    bench.add_argument("--quick", action="store_true", help="a few small cases (under two minutes on a 2-core CPU)")
+    size = bench.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="a few small cases (under 30 s on a 2-core CPU)")
+    size.add_argument("--smoke", action="store_true",
+                      help="one tiny case of each kind, two repeats: checks that everything runs (not a measurement)")
     bench.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda if available, else cpu")
     bench.add_argument("--out", default="bench-results", help="folder for results.json, results.md and results.png")
 
@@ -38,15 +61,17 @@ def main(argv: list[str] | None = None) -> int:
     tune.add_argument("--reset", action="store_true", help="clear this GPU's cached configurations first")
 
     demo = sub.add_parser("demo", help="quantize a video latent on whatever device is here")
-    demo.add_argument("--device", choices=["cuda", "cpu"], default=None)
+    demo.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda if available, else cpu")
 
     args = parser.parse_args(argv)
     if args.command == "bench":
-        return _bench_module().run(quick=args.quick, device=args.device, out_dir=args.out)
+        return _bench(args)
     if args.command == "autotune":
         from . import autotune
 
         return autotune.main(quick=args.quick, reset=args.reset)
+    if _cuda_missing(args.device, "demo"):
+        return 2
     return _demo(args.device)
 
 

@@ -1,6 +1,7 @@
 """Speed of ``fsq_triton.FSQ`` next to the reference FSQ, vector-quantize-pytorch and torch.compile.
 
-Run ``python -m fsq_triton bench [--quick] [--device cuda|cpu] [--out DIR]``, which calls :func:`run`.
+Run ``python -m fsq_triton bench [--quick | --smoke] [--device cuda|cpu] [--out DIR]``, which calls :func:`run`
+(it needs the ``bench`` extra: ``pip install "fsq_triton[bench]"``).
 Every workload is timed in three modes, for every implementation, in one process:
 
 - ``inference``: ``fsq(z)`` under ``torch.no_grad()``;
@@ -8,7 +9,7 @@ Every workload is timed in three modes, for every implementation, in one process
 - ``decode``: ``fsq.indices_to_codes(indices)`` under ``torch.no_grad()``.
 
 Implementations: ``fsq_triton`` (``fsq_triton.FSQ``, default backend), ``reference``
-(``reference.ReferenceFSQ``, eager), ``vqp`` (``vector_quantize_pytorch.FSQ``, when importable) and
+(:class:`fsq_triton.bench.reference.ReferenceFSQ`, eager), ``vqp`` (``vector_quantize_pytorch.FSQ``, when importable) and
 ``torch.compile`` (of the reference, on CUDA only). All share the reference's projection weights.
 
 The *bandwidth bound* of a case is the time to move the bytes it cannot avoid (see
@@ -42,7 +43,8 @@ from torch import nn
 from tqdm import tqdm
 
 import fsq_triton
-from reference import ReferenceFSQ
+
+from .reference import ReferenceFSQ
 
 MODES = ("inference", "training", "decode")
 IMPLS = ("fsq_triton", "fsq_triton compiled", "reference", "vqp", "torch.compile")  # table order; the reference is measured first
@@ -51,6 +53,12 @@ FLUSH_BYTES = 256 * 2**20  # larger than the L2 of any current GPU (50 MB on H10
 # training step was seen to hold on CPU; a case that cannot have them free is skipped rather than crashing.
 PEAK_FLOAT32_COPIES = 24
 CPU_NOTE = "CPU run: fsq_triton uses its PyTorch path; the Triton kernels run on CUDA"
+CPU_PROJECTION_NOTE = (
+    "CPU run: the projection cases run in float32 (bfloat16 on CUDA): the reference cannot run bfloat16 "
+    "projection weights, so a bfloat16 row would time bfloat16 matrix products against float32 ones, "
+    "which measures the CPU's bfloat16 units, not FSQ"
+)
+SIZES = ("full", "quick", "smoke")
 INTERPRETER_NOTE = "CPU run under TRITON_INTERPRET=1: fsq_triton runs its kernels in Triton's interpreter (not a speed figure)"
 
 
@@ -111,16 +119,42 @@ class Workload:
         return indices + values * codes_element
 
 
-def workloads(quick: bool) -> list[Workload]:
-    """The cases of a full run, or the few small ones of ``--quick``."""
+def workloads(size: str = "full", device_type: str = "cuda") -> list[Workload]:
+    """The cases of one run: ``size`` is ``"full"``, ``"quick"`` (``--quick``) or ``"smoke"`` (``--smoke``).
+
+    On CUDA the full run holds the issues' target workloads (up to 100M elements). On a CPU the full run is
+    sized to finish in about two minutes on two cores: the same kinds of case, smaller, and the projection
+    case in float32 (see :data:`CPU_PROJECTION_NOTE`). ``smoke`` is one tiny case of each kind, a check of
+    the plumbing (it runs in seconds even with the kernels under Triton's interpreter), not a measurement.
+    """
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {SIZES}, found {size!r}")
     f32, bf16 = torch.float32, torch.bfloat16
     image, video, seq = (8, 5, 5, 5, 5), (8, 8, 8, 5, 5, 5), (8, 5, 5, 5)
-    if quick:
+    cpu = device_type != "cuda"
+    proj = f32 if cpu else bf16
+    if size == "smoke":
+        return [
+            Workload("image", (2, 5, 8, 8), image, f32),
+            Workload("video", (1, 6, 2, 8, 8), video, bf16),
+            Workload("sequence+proj", (1, 16, 32), seq, proj, dim=32),
+            Workload("two-codebooks", (1, 64, 8), seq, f32, num_codebooks=2),
+        ]
+    if size == "quick":
         return [
             Workload("image", (64, 5, 32, 32), image, f32),
             Workload("video", (2, 6, 8, 64, 64), video, f32),
             Workload("video", (2, 6, 8, 64, 64), video, bf16),
-            Workload("sequence+proj", (2, 1024, 1024), seq, bf16, dim=1024),
+            Workload("sequence+proj", (2, 1024, 1024), seq, proj, dim=1024),
+            Workload("two-codebooks", (16, 4096, 8), seq, f32, num_codebooks=2),
+        ]
+    if cpu:
+        return [
+            Workload("image", (64, 5, 32, 32), image, f32),
+            Workload("video", (4, 6, 8, 64, 64), video, f32),
+            Workload("video", (4, 6, 8, 64, 64), video, bf16),
+            Workload("video", (8, 6, 16, 64, 64), video, f32),
+            Workload("sequence+proj", (4, 1024, 1024), seq, f32, dim=1024),
             Workload("two-codebooks", (16, 4096, 8), seq, f32, num_codebooks=2),
         ]
     return [
@@ -225,14 +259,15 @@ def build_impls(wl: Workload, device: torch.device) -> tuple[list[Impl], list[st
 class Timer:
     """Times a callable on one device: the first call alone, warm-up calls, then repeats within a time budget."""
 
-    def __init__(self, device: torch.device, quick: bool):
+    def __init__(self, device: torch.device, size: str = "full"):
         self.device = device
         self.cuda = device.type == "cuda"
-        self.warmup = 2 if quick else 3
-        self.budget_s = 0.2 if quick else 0.5
-        self.min_repeats, self.max_repeats = (5, 50) if quick else (10, 200)
-        if not self.cuda and not quick:  # full cases on a CPU take seconds a call: fewer calls keep the run in minutes
-            self.warmup, self.min_repeats = 1, 3
+        # (warm-up calls, seconds of repeats per cell, fewest and most repeats) per run size
+        self.warmup, self.budget_s, self.min_repeats, self.max_repeats = {
+            "full": (3, 0.5, 10, 200) if self.cuda else (2, 0.3, 5, 100),
+            "quick": (2, 0.2, 5, 50) if self.cuda else (1, 0.1, 3, 30),
+            "smoke": (1, 0.0, 2, 2),
+        }[size]
         self.flush_buffer = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device=device) if self.cuda else None
 
     def sync(self) -> None:
@@ -269,7 +304,7 @@ class Timer:
 
 def copy_bandwidth_gbs(device: torch.device, quick: bool) -> float:
     """Copy bandwidth in GB/s (bytes read + written, median of repeats): a 512 MiB copy on CUDA, a 256 MiB clone on CPU."""
-    repeats = 5 if quick else 20
+    repeats = 5 if quick else 20  # 20 CPU clones of 256 MiB take about 2 s on 2 cores
     if device.type == "cuda":
         src = torch.ones(2**29 // 4, dtype=torch.float32, device=device)
         dst = torch.empty_like(src)
@@ -628,8 +663,23 @@ def write_plot(path: Path, results: dict) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def run(quick: bool, device: str | None, out_dir: str) -> int:
-    """Benchmark every workload, print the table, write results.json, results.md and results.png to ``out_dir``."""
+def write_results(out: Path, env: dict, notes: list[str], cases: list[dict]) -> tuple[list[str], dict]:
+    """Write results.json, results.md and results.png for the cases measured so far; (implementations, results)."""
+    impls = [name for name in IMPLS if any(name in m["results"] for c in cases for m in c["modes"].values())]
+    results = {"environment": env, "notes": notes, "implementations": impls, "cases": cases}
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_markdown(out / "results.md", results)
+    write_plot(out / "results.png", results)
+    return impls, results
+
+
+def run(quick: bool, device: str | None, out_dir: str, smoke: bool = False) -> int:
+    """Benchmark every workload, print the table, write results.json, results.md and results.png to ``out_dir``.
+
+    ``quick``: a few small cases; ``smoke``: one tiny case of each kind and two repeats, which checks that
+    everything runs and writes its files (not a measurement). Returns the exit status (2: no such device).
+    """
+    size = "smoke" if smoke else "quick" if quick else "full"
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda asked for, but CUDA is not available", file=sys.stderr)
@@ -641,29 +691,28 @@ def run(quick: bool, device: str | None, out_dir: str) -> int:
     if device.type == "cpu":
         notes.append(INTERPRETER_NOTE if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else CPU_NOTE)
         notes.append("torch.compile is timed on CUDA only")
+        notes.append(CPU_PROJECTION_NOTE)
     else:
         notes.append("torch.compile: the reference under torch.compile (default mode, dynamic=False), fed as the reference")
-    if quick:
+    if size == "quick":
         notes.append("--quick: small cases, few repeats")
+    elif size == "smoke":
+        notes.append("--smoke: tiny cases, two repeats: a check that everything runs, not a measurement")
     for note in notes:
         print(note)
 
-    bandwidth = copy_bandwidth_gbs(device, quick)
+    bandwidth = copy_bandwidth_gbs(device, quick or smoke)
     env = environment(device, bandwidth)
     print(f"{env['device']}: copy bandwidth {bandwidth:.1f} GB/s")
-    timer = Timer(device, quick)
+    timer = Timer(device, size)
     cases = []
-    progress = tqdm(workloads(quick), desc="cases", unit="case")
+    progress = tqdm(workloads(size, device.type), desc="cases", unit="case")
     for wl in progress:
         progress.set_description(wl.label)
         cases.append(measure_case(wl, device, timer, bandwidth, progress))
+        # rewritten after every case, so that a run cut short (a time limit, a crash) leaves what it measured
+        impls, results = write_results(out, env, notes, cases)
     progress.close()
-
-    impls = [name for name in IMPLS if any(name in m["results"] for c in cases for m in c["modes"].values())]
-    results = {"environment": env, "notes": notes, "implementations": impls, "cases": cases}
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    write_markdown(out / "results.md", results)
-    write_plot(out / "results.png", results)
 
     print()
     print(_text_table(["case", "mode", "bound ms", *impls], table_rows(cases, impls)))

@@ -3,7 +3,7 @@
 It performs the operations of CogVideo's ``FSQ``
 (``sat/sgm/modules/autoencoding/regularizers/finite_scalar_quantization.py``, the early ``FSQ`` of
 vector-quantize-pytorch) in the same order, in eager PyTorch, so that its speed is the speed users
-see today. ``bench/test_reference.py`` checks it against the golden outputs of the real module.
+see today. ``bench/test_reference.py`` (in the repository) checks it against the golden outputs of the real module.
 
 One departure, for the benchmark's sake: the ``implicit_codebook`` buffer is built only when
 ``codebook_size <= 2**20`` (it is ``None`` above that), where the reference always builds it, which
