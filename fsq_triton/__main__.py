@@ -45,7 +45,10 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=_program_name(), description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog=_program_name(),
+        description="fsq_triton: the speed comparison (bench), launch-configuration tuning (autotune) and a demo.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     bench = sub.add_parser("bench", help="speed comparison: fsq_triton vs the reference, vector-quantize-pytorch, torch.compile")

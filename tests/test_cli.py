@@ -1,0 +1,94 @@
+"""The command line (``python -m fsq_triton``, installed as ``fsq-triton``): names, clear errors, files written.
+
+The commands run in subprocesses from a temporary folder, as a user would run them; the package comes from
+this checkout (``PYTHONPATH``). A GPU-less machine is what CI has, so the ``--device cuda`` errors are tested
+where CUDA is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fsq_triton.__main__ import main
+
+ROOT = Path(__file__).resolve().parent.parent
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    return subprocess.run([sys.executable, "-m", "fsq_triton", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_help_names_python_m_when_run_as_a_module(tmp_path):
+    result = run_cli("--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: python -m fsq_triton ")
+
+
+def test_help_names_the_installed_script(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["/opt/venv/bin/fsq-triton", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: fsq-triton ") and "python -m fsq_triton" not in out.splitlines()[0]
+
+
+@no_cuda
+@pytest.mark.parametrize("command", ["demo", "bench"])
+def test_device_cuda_without_cuda_is_a_clear_error(tmp_path, command):
+    result = run_cli(command, "--device", "cuda", cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"error: {command} --device cuda asked for, but CUDA is not available" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_bench_without_its_extra_names_the_extra(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm now fails, as where the extra is not installed
+    assert main(["bench", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "tqdm" in err and 'pip install "fsq_triton[bench]"' in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_quick_and_smoke_exclude_each_other(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--quick", "--smoke"])
+    assert exit_info.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_demo_runs_on_cpu(tmp_path):
+    result = run_cli("demo", "--device", "cpu", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "device cpu, levels [8, 8, 8, 5, 5, 5], codebook size 64000" in result.stdout
+    assert "indices (2, 4, 32, 32) torch.int32" in result.stdout
+
+
+def test_bench_smoke_writes_its_three_files_from_another_folder(tmp_path):
+    result = run_cli("bench", "--smoke", "--device", "cpu", "--out", "results", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "results"
+    results = json.loads((out / "results.json").read_text())
+    assert results["environment"]["device_type"] == "cpu"
+    assert results["environment"]["command"].startswith("python -m fsq_triton bench --smoke")
+    assert [case["name"] for case in results["cases"]] == ["image", "video", "sequence+proj", "two-codebooks"]
+    for case in results["cases"]:
+        for mode in ("inference", "training", "decode"):
+            for name in ("fsq_triton", "reference"):
+                entry = case["modes"][mode]["results"][name]
+                assert entry["error"] is None and entry["median_ms"] > 0, (case["label"], mode, name, entry)
+        assert case["modes"]["inference"]["results"]["fsq_triton"].get("index_mismatches", 0) == 0
+    markdown = (out / "results.md").read_text()
+    assert markdown.startswith("# FSQ benchmark") and "| image 2x5x8x8 float32 | inference |" in markdown
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
