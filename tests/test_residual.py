@@ -1,0 +1,412 @@
+"""ResidualFSQ and GroupedResidualFSQ: parity with vector-quantize-pytorch on both backends and both semantics.
+
+Oracles: the golden files of vqp 1.32 (default semantics) and vqp 1.25.2 (``semantics="pre-1.26"``), written by
+``scripts/make_residual_golden.py``, and vqp 1.32 itself where it is installed (CI). The "triton" backend runs the
+fused kernels under Triton's CPU interpreter. Shapes stay tiny (interpreter).
+"""
+
+import json
+import os
+import socket
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import interpreting
+
+import fsq_triton
+from fsq_triton import GroupedResidualFSQ, ResidualFSQ
+from fsq_triton.module import BackendUnavailableError
+from fsq_triton.residual_levels import residual_tables, stage_level
+
+DATA = Path(__file__).parent / "data"
+GOLDEN = {
+    "current": DATA / "residual_golden_v1_32.pt",
+    "pre-1.26": DATA / "residual_golden_v1_25_2.pt",
+}
+
+
+def load_golden(semantics):
+    return torch.load(GOLDEN[semantics], weights_only=True)
+
+
+GOLDEN_CASES = [(sem, case["name"]) for sem in GOLDEN for case in load_golden(sem)["cases"]]
+
+
+def build(module_kind, kwargs, semantics, backend):
+    extra = {} if semantics == "current" else {"semantics": "pre-1.26"}
+    if module_kind == "r":
+        return ResidualFSQ(**kwargs, **extra, backend=backend)
+    return GroupedResidualFSQ(**kwargs, **extra, backend=backend)
+
+
+def float_close(actual, expected, what, rtol=1e-6, atol=1e-6):
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Golden files (vqp 1.32 and vqp 1.25.2)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_golden_files_come_from_the_two_versions():
+    assert load_golden("current")["vqp_version"] == "1.32.0"
+    assert load_golden("pre-1.26")["vqp_version"] == "1.25.2"
+    for semantics in GOLDEN:
+        names = {case["name"] for case in load_golden(semantics)["cases"]}
+        assert {"plain", "eight_stages", "projections", "channel_first", "dropout", "grouped", "grouped_projections"} <= names
+
+
+@pytest.mark.parametrize("semantics,name", GOLDEN_CASES)
+def test_golden(semantics, name, backend):
+    case = next(c for c in load_golden(semantics)["cases"] if c["name"] == name)
+    kwargs = json.loads(case["kwargs"])
+    module = build(case["module"], kwargs, semantics, backend)
+    module.load_state_dict(case["state_dict"], strict=True)
+    module.train(case["train"])
+    x = case["x"].clone().requires_grad_(True)
+    call = {"return_all_codes": True}
+    if case["module"] == "r" and case["seed"] is not None:
+        call["rand_quantize_dropout_fixed_seed"] = case["seed"]
+    if case["module"] == "g" and case["seed"] is not None:
+        torch.manual_seed(case["seed"])
+    quantized, indices, all_codes = module(x, **call)
+
+    assert indices.dtype == case["indices"].dtype and torch.equal(indices, case["indices"]), f"{name}: indices differ"
+    float_close(quantized, case["quantized"], f"{name} quantized")
+    quantized.backward(case["grad_out"])
+    float_close(x.grad, case["grad_x"], f"{name} grad of x", rtol=1e-5, atol=1e-5)
+    grads = {n: p.grad for n, p in module.named_parameters()}
+    assert grads.keys() == case["param_grads"].keys()
+    for n, expected in case["param_grads"].items():
+        float_close(grads[n], expected, f"{name} grad of {n}", rtol=1e-5, atol=1e-5)
+
+    with torch.no_grad():
+        decoded = module.get_output_from_indices(indices)
+        codes = module.get_codes_from_indices(indices)
+    if case["decode_error"]:
+        # vqp's own decode fails on channel-first indices (it reads their last axis as the stages): ours works, and
+        # agrees with the forward pass it inverts
+        assert case["all_codes_error"] and case["all_codes"] is None
+        float_close(decoded, quantized.detach(), f"{name} decode of channel-first indices (vqp fails here)")
+        summed = codes.sum(0) if case["module"] == "r" else torch.stack([c.sum(0) for c in codes])
+        assert summed.shape[-1] == len(kwargs["levels"])
+    else:
+        float_close(decoded, case["decoded"], f"{name} get_output_from_indices")
+        float_close(codes, case["codes_from_indices"], f"{name} get_codes_from_indices")
+        if case["module"] == "r":
+            float_close(all_codes, case["all_codes"], f"{name} all_codes")
+        else:
+            for got, expected in zip(all_codes, case["all_codes"]):
+                float_close(got, expected, f"{name} all_codes")
+
+
+# --------------------------------------------------------------------------------------------------
+# vqp 1.32 itself, on random inputs
+# --------------------------------------------------------------------------------------------------
+
+try:
+    import vector_quantize_pytorch as vqp
+except ImportError:  # the golden-file tests above still run
+    vqp = None
+needs_vqp = pytest.mark.skipif(vqp is None, reason="needs vector-quantize-pytorch (the live oracle; CI installs 1.32)")
+
+RANDOM_CONFIGS = [
+    dict(levels=[8, 5, 5, 5], num_quantizers=8),
+    dict(levels=[7, 5, 3], num_quantizers=4, bound_hard_clamp=False),
+    dict(levels=[4, 4, 6], num_quantizers=3, bound_hard_clamp=False, soft_clamp_input_value=[1.3, 0.9, 2.0]),
+    dict(levels=[2, 3, 16], num_quantizers=5),
+    dict(levels=[8, 5, 5, 5], num_quantizers=3, dim=10),
+]
+
+
+@needs_vqp
+@pytest.mark.parametrize("config", RANDOM_CONFIGS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()).replace(" ", ""))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_random_inputs_match_vqp(config, dtype, backend):
+    torch.manual_seed(hash(str(config)) % 1000)
+    reference = vqp.ResidualFSQ(**config)
+    ours = ResidualFSQ(**config, backend=backend)
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    x = torch.randn(3, 40, config.get("dim", len(config["levels"]))) * 2
+    # half precision: the input itself, or (with projections, whose float32 weights vqp cannot mix with a bf16
+    # input) bf16 projections under autocast
+    autocast = "dim" in config and dtype == torch.bfloat16
+    if not autocast:
+        x = x.to(dtype)
+    xr, xo = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        qr, ir, cr = reference(xr, return_all_codes=True)
+        qo, io, co = ours(xo, return_all_codes=True)
+    assert io.dtype == ir.dtype and torch.equal(io, ir)
+    float_close(qo, qr, "quantized")
+    float_close(co, cr, "all codes")
+    grad = torch.randn_like(qr)
+    qr.backward(grad)
+    qo.backward(grad)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    float_close(xo.grad, xr.grad, "grad of x", **tol)
+    for (n, p), (_, pr) in zip(ours.named_parameters(), reference.named_parameters()):
+        float_close(p.grad, pr.grad, f"grad of {n}", **tol)
+    float_close(ours.get_output_from_indices(io), reference.get_output_from_indices(ir), "decode")
+
+
+@needs_vqp
+def test_many_stage_thresholds_match_vqp_on_dense_inputs(backend):
+    """A dense sweep through the deepest stage's bins: every index equal to vqp's."""
+    config = dict(levels=[8, 5, 5, 5], num_quantizers=8)
+    reference, ours = vqp.ResidualFSQ(**config), ResidualFSQ(**config, backend=backend)
+    x = torch.linspace(-1.3, 1.3, 4 * 1024).reshape(4, 256, 4)
+    with torch.no_grad():
+        qr, ir = reference(x)
+        qo, io = ours(x)
+    assert torch.equal(io, ir)
+    assert torch.equal(qo, qr)
+
+
+@needs_vqp
+@pytest.mark.parametrize("accept_image_fmap", [False, True])
+def test_grouped_random_inputs_match_vqp(accept_image_fmap, backend):
+    kwargs = dict(dim=12, groups=3, levels=[5, 5, 5], num_quantizers=3, accept_image_fmap=accept_image_fmap)
+    if accept_image_fmap:
+        kwargs["is_channel_first"] = True
+    torch.manual_seed(5)
+    reference = vqp.GroupedResidualFSQ(**kwargs)
+    ours = GroupedResidualFSQ(**kwargs, backend=backend)
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    reference.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(2, 12, 3, 5) if accept_image_fmap else torch.randn(2, 15, 12)
+    xr, xo = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    qr, ir = reference(xr)
+    qo, io = ours(xo)
+    assert torch.equal(io, ir)
+    float_close(qo, qr, "quantized")
+    grad = torch.randn_like(qr)
+    qr.backward(grad)
+    qo.backward(grad)
+    float_close(xo.grad, xr.grad, "grad of x", rtol=1e-5, atol=1e-5)
+    for (n, p), (_, pr) in zip(ours.named_parameters(), reference.named_parameters()):
+        float_close(p.grad, pr.grad, f"grad of {n}", rtol=1e-5, atol=1e-5)
+
+
+@needs_vqp
+def test_state_dict_loads_strictly_both_ways():
+    for kwargs in (dict(levels=[8, 5, 5, 5], num_quantizers=2, dim=16), dict(levels=[5, 5], num_quantizers=2)):
+        reference, ours = vqp.ResidualFSQ(**kwargs), ResidualFSQ(**kwargs)
+        ours.load_state_dict(reference.state_dict(), strict=True)
+        reference.load_state_dict(ours.state_dict(), strict=True)
+        assert ours.state_dict().keys() == reference.state_dict().keys()
+        assert torch.equal(ours.scales, reference.scales)
+        assert torch.equal(ours.codebooks, reference.codebooks)
+        assert torch.equal(ours.soft_clamp_input_value, reference.soft_clamp_input_value)
+        assert ours.codebook_size == reference.codebook_size
+
+
+def test_pre_1_26_constants_are_vqp_1_25_2s():
+    """The old scales (L - 1) ** -s and the tanh bound's codebook ((level - L // 2) / (L // 2), asymmetric for even L)."""
+    case = next(c for c in load_golden("pre-1.26")["cases"] if c["name"] == "plain")
+    ours = ResidualFSQ(**json.loads(case["kwargs"]), semantics="pre-1.26")
+    expected = torch.stack([(torch.Tensor([8, 5, 5, 5]) - 1) ** -s for s in range(4)])
+    assert torch.equal(ours.scales, expected)
+    assert ours.codebooks.shape == (4, 1000, 4)
+    assert ours.codebooks[0, 0].tolist() == [-1.0, -1.0, -1.0, -1.0]
+    assert ours.codebooks[3, 999].tolist() == [0.75, 1.0, 1.0, 1.0]
+    current = ResidualFSQ(**json.loads(case["kwargs"]))
+    assert current.codebooks[3, 999].tolist() == [1.0, 1.0, 1.0, 1.0]  # symmetric since 1.26
+
+
+# --------------------------------------------------------------------------------------------------
+# Quantize dropout, single process and under DDP (2 gloo processes)
+# --------------------------------------------------------------------------------------------------
+
+
+@needs_vqp
+@pytest.mark.parametrize("multiple_of", [1, 2])
+def test_quantize_dropout_draws_vqps_cut(multiple_of, backend):
+    kwargs = dict(levels=[5, 5, 5], num_quantizers=6, quantize_dropout=True, quantize_dropout_cutoff_index=1,
+                  quantize_dropout_multiple_of=multiple_of)
+    reference, ours = vqp.ResidualFSQ(**kwargs).train(), ResidualFSQ(**kwargs, backend=backend).train()
+    x = torch.randn(1, 8, 3)
+    cuts = set()
+    for seed in range(12):
+        qr, ir = reference(x.clone().requires_grad_(True), rand_quantize_dropout_fixed_seed=seed)
+        qo, io = ours(x.clone().requires_grad_(True), rand_quantize_dropout_fixed_seed=seed)
+        assert io.dtype == ir.dtype and torch.equal(io, ir), f"seed {seed}"
+        float_close(qo, qr, f"quantized, seed {seed}")
+        cuts.add(int((io[0, 0] >= 0).sum()))
+    assert len(cuts) > 1  # the cut varies with the seed
+    # without a fixed seed both draw one integer from the global RNG: same seed, same cut
+    torch.manual_seed(11)
+    _, ir = reference(x.clone().requires_grad_(True))
+    torch.manual_seed(11)
+    _, io = ours(x.clone().requires_grad_(True))
+    assert torch.equal(io, ir)
+    # dropped stages decode to zero codes
+    codes = ours.get_codes_from_indices(io)
+    assert torch.equal(codes[(io[0, 0] < 0).nonzero().flatten()], torch.zeros_like(codes[(io[0, 0] < 0).nonzero().flatten()]))
+
+
+def test_no_dropout_in_eval_or_without_grad():
+    ours = ResidualFSQ(levels=[5, 5], num_quantizers=4, quantize_dropout=True).train()
+    with torch.no_grad():
+        _, indices = ours(torch.randn(1, 4, 2), rand_quantize_dropout_fixed_seed=0)
+    assert (indices >= 0).all()
+    _, indices = ours.eval()(torch.randn(1, 4, 2, requires_grad=True), rand_quantize_dropout_fixed_seed=0)
+    assert (indices >= 0).all()
+
+
+def _ddp_worker(rank, world_size, port, out_dir):
+    import torch.distributed as dist
+
+    from datetime import timedelta
+
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}",
+                            timeout=timedelta(seconds=60))
+    torch.manual_seed(100 + rank)  # every rank draws a different local seed: only the all-reduce makes them agree
+    plain = ResidualFSQ(levels=[5, 5, 5], num_quantizers=8, quantize_dropout=True, backend="torch").train()
+    grouped = GroupedResidualFSQ(dim=6, groups=2, levels=[5, 5, 5], num_quantizers=8, quantize_dropout=True,
+                                 backend="torch").train()
+    kept = []
+    for _ in range(6):
+        _, indices = plain(torch.randn(2, 4, 3, requires_grad=True))
+        kept.append(int((indices[0, 0] >= 0).sum()))
+        _, indices = grouped(torch.randn(2, 4, 6, requires_grad=True))
+        kept.append(int((indices[0, 0, 0] >= 0).sum()))
+    dist.barrier()
+    dist.destroy_process_group()
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(kept))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_ranks_draw_the_same_cut_without_hanging():
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as out_dir:
+        context = mp.start_processes(_ddp_worker, args=(2, _free_port(), out_dir), nprocs=2, join=False,
+                                     start_method="spawn")
+        for _ in range(120):  # at most ~2 minutes: a hang fails the test instead of blocking the suite
+            if context.join(timeout=1):
+                break
+        else:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("DDP workers did not finish (hang)")
+        kept = [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(2)]
+    assert kept[0] == kept[1]
+    assert len(set(kept[0])) > 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors, NaN, calibration, the kernels' CPU twin
+# --------------------------------------------------------------------------------------------------
+
+
+def test_bad_input_raises_clear_errors():
+    with pytest.raises(ValueError, match="semantics must be one of"):
+        ResidualFSQ(levels=[5, 5], num_quantizers=2, semantics="1.25")
+    with pytest.raises(ValueError, match="a level of 2 needs the symmetric quantizer"):
+        ResidualFSQ(levels=[2, 5], num_quantizers=2, semantics="pre-1.26")
+    ResidualFSQ(levels=[2, 5], num_quantizers=2, semantics="pre-1.26", preserve_symmetry=True)  # allowed
+    with pytest.raises(ValueError, match="soft_clamp_input_value must be None with bound_hard_clamp=True"):
+        ResidualFSQ(levels=[5, 5], num_quantizers=2, soft_clamp_input_value=1.0)
+    with pytest.raises(ValueError, match="bound_hard_clamp does not exist before vqp 1.26"):
+        ResidualFSQ(levels=[5, 5], num_quantizers=2, semantics="pre-1.26", bound_hard_clamp=False)
+    with pytest.raises(ValueError, match="always builds its stages with preserve_symmetry=True"):
+        ResidualFSQ(levels=[5, 5], num_quantizers=2, preserve_symmetry=True)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'levles'"):
+        ResidualFSQ(levels=[5, 5], num_quantizers=2, levles=[3])
+    with pytest.raises(ValueError, match="supports noise_dropout=0.0 only"):
+        ResidualFSQ(levels=[5, 5], num_quantizers=2, noise_dropout=0.5)
+    with pytest.raises(ValueError, match="num_quantizers must be a positive int"):
+        ResidualFSQ(levels=[5, 5], num_quantizers=0)
+    with pytest.raises(ValueError, match="levels\\[0\\] must be at least 2"):
+        ResidualFSQ(levels=[1, 5], num_quantizers=2)
+    with pytest.raises(ValueError, match="divisible by groups"):
+        GroupedResidualFSQ(dim=7, groups=2, levels=[5, 5], num_quantizers=2)
+
+    m = ResidualFSQ(levels=[5, 5, 5], num_quantizers=3, dim=8)
+    with pytest.raises(ValueError, match=r"expected an input of shape \(b, n, 8\), found \(2, 4, 3\)"):
+        m(torch.randn(2, 4, 3))
+    with pytest.raises(TypeError, match="floating-point"):
+        m(torch.ones(2, 4, 8, dtype=torch.int64))
+    with pytest.raises(ValueError, match="indices must have shape"):
+        m.get_output_from_indices(torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(IndexError, match=r"indices must lie in \[0, 125\).*found 125"):
+        m.get_output_from_indices(torch.full((1, 2, 3), 125))
+    with pytest.raises(IndexError, match="found -2"):
+        m.get_codes_from_indices(torch.full((1, 2, 3), -2))
+    with pytest.raises(ValueError, match="more than num_quantizers=3"):
+        m.get_codes_from_indices(torch.zeros(1, 2, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="quantize_dropout must be on"):
+        m.get_codes_from_indices(torch.zeros(1, 2, 2, dtype=torch.int64))
+    with pytest.raises(TypeError, match="integer tensor"):
+        m.get_codes_from_indices(torch.zeros(1, 2, 3))
+    g = GroupedResidualFSQ(dim=6, groups=2, levels=[5, 5, 5], num_quantizers=2)
+    with pytest.raises(ValueError, match="expected dim 6 at axis -1"):
+        g(torch.randn(1, 3, 5))
+    with pytest.raises(ValueError, match="one entry per group"):
+        g.get_output_from_indices(torch.zeros(3, 1, 2, 2, dtype=torch.int64))
+
+
+def test_backend_triton_without_the_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    m = ResidualFSQ(levels=[5, 5], num_quantizers=2, backend="triton")
+    with pytest.raises(BackendUnavailableError, match="backend='triton' runs on CUDA tensors"):
+        m(torch.randn(1, 2, 2))
+
+
+def test_nan_tokens_get_index_minus_one_and_nan_output(backend):
+    m = ResidualFSQ(levels=[8, 5, 5, 5], num_quantizers=3, backend=backend)
+    x = torch.randn(1, 5, 4)
+    x[0, 2, 1] = float("nan")
+    quantized, indices = m(x)
+    assert (indices[0, 2] == -1).all() and (indices[0, [0, 1, 3, 4]] >= 0).all()
+    assert quantized[0, 2, 1].isnan() and not quantized[0, [0, 1, 3, 4]].isnan().any()
+
+
+@pytest.mark.parametrize("kind,semantics", [("sym_clamp", "current"), ("sym_tanh", "current"), ("tanh_shift", "pre-1.26")])
+def test_thresholds_reproduce_the_stage_predicate(kind, semantics):
+    """Each stage's level from the thresholds equals vqp's op sequence on r / scale, next to every threshold."""
+    levels = (8, 5, 3)
+    tables = residual_tables(levels, 4, semantics, kind, "cpu")
+    lv = torch.tensor(levels, dtype=torch.int32)
+    for s in range(4):
+        thr = tables.thresholds[s]                                     # (d, max_level - 1)
+        finite = thr[~thr.isnan()].reshape(-1)
+        r = torch.cat([finite, finite.nextafter(torch.tensor(-float("inf"))), torch.randn(200)])
+        r = r[:, None].expand(-1, 3)
+        expected = stage_level(r / tables.scales[s], kind, lv)
+        got = (r[..., None] >= thr[None]).sum(-1).float()
+        assert torch.equal(got, expected), f"stage {s}"
+
+
+def test_kernels_cpu_twin_matches_the_kernels():
+    """The custom ops' CPU implementation (used without the interpreter) against the kernels."""
+    from fsq_triton.ops import residual as ops
+
+    if not interpreting():
+        pytest.skip("compares with the kernels under the interpreter")
+    for kind, semantics, soft in (("sym_clamp", "current", torch.tensor([1.2, 1.5, 1.1])), ("tanh_shift", "pre-1.26", None)):
+        tables = residual_tables((8, 5, 3), 3, semantics, kind, "cpu", soft)
+        x = torch.randn(2, 6, 11) * 1.5
+        mode = 0 if soft is None else 1
+        out_k, idx_k = ops.forward_triton(x, tables.stages, tables.channels, tables.basis, 2, 2, mode, False)
+        out_t, idx_t = ops._torch_forward(x, tables.stages, tables.channels, tables.basis, 2, 2, mode)
+        assert torch.equal(idx_k, idx_t) and torch.equal(out_k, out_t)
+        g = torch.randn_like(x)
+        grad_k = ops.backward_triton(g, x, tables.stages, tables.channels, 2, 2, ops.KINDS[kind], mode, False)
+        grad_t = ops._torch_backward(g, x, tables.stages, tables.channels, 2, 2, ops.KINDS[kind], mode)
+        torch.testing.assert_close(grad_k, grad_t, rtol=1e-5, atol=1e-6)
+
+
+def test_exported_from_the_package():
+    assert fsq_triton.ResidualFSQ is ResidualFSQ and fsq_triton.GroupedResidualFSQ is GroupedResidualFSQ
+    assert "ResidualFSQ" in fsq_triton.__all__ and "GroupedResidualFSQ" in fsq_triton.__all__
