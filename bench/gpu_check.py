@@ -1,0 +1,484 @@
+"""Every GPU claim measured in one command of at most 8 minutes: ``OUT=gpu-results python bench/gpu_check.py``.
+
+Run it first in a GPU window (about 15 minutes, machine start included), from the repository root of a
+checkout, with torch and triton installed (the lent GPU machines: Python 3.12, torch 2.11, triton 3.6, no
+package index). The package runs from this checkout; nothing is installed except the peer below.
+
+Steps, in order of importance, each in its own process under its own time limit (seconds):
+
+| step | what | expected | limit |
+| --- | --- | --- | --- |
+| a | environment (GPU, driver, torch, triton) and the copy bandwidth (1 GiB copy) | 10 | 30 |
+| b | correctness: indices and ``out`` bit for bit against the reference module op for op on the same GPU (video 32x6x32x128x128 float32 and bfloat16, every calibrated threshold and its neighbours for 8 level sets in 2 layouts, projections float32/bfloat16/float16, decode, gradients): mismatch counts | 60 | 90 |
+| c | core speed: forward float32, forward bfloat16, forward+backward float32 as % of the copy bandwidth and against the reference, ``torch.compile`` of it, vqp, fsq_triton compiled | 45 | 70 |
+| d | projections x 64x4096x1024 bfloat16 (bound, vqp, reference, forward+backward); the tiny call 64x5x32x32 against one elementwise launch, compiled and eager | 45 | 70 |
+| e | ``pytest -m gpu`` (the GPU tests), each test under its own limit (60 s, ``bench/pytest_time_limit.py``) | 60 | 90 |
+| f | ``python -m fsq_triton autotune --quick --reset``, then a second process that must not re-tune | 25 | 40 |
+| g | ``python -m fsq_triton bench --quick`` | 60 | what is left (>= 90) |
+| | total | 305 | 480 (8 minutes) |
+
+The limits add up to 480 s and the driver never gives a step more than what is left of the 480 s
+(``--budget``), so the whole run ends within 8 minutes plus the seconds it takes to write the summary. The
+expected times are estimates (no step has run on a GPU yet): Triton compiles of the kernels (a few seconds
+each, cached on disk for the later steps), Inductor compiles in c, d and g (5-15 s each), the do_bench
+repeats (about 0.3 s a figure). Steps c and d time the default launch configurations (autotune runs in f).
+
+Output in ``$OUT`` (or ``--out``; default ``gpu-results``), rewritten as soon as each step ends, so a run cut
+short still brings back what it got; four files, one folder:
+
+- ``summary.md``: the steps (status, time, limit), each target beside its measured value, the mismatch counts;
+- ``results.json``: the same and every row the steps measured;
+- ``bench.png``: the plot of step g;
+- ``logs.tar.gz``: each step's log and JSON, the GPU tests' JUnit XML, the bench's results.json/.md.
+
+The peer: vector-quantize-pytorch is not on the GPU machines and they reach no package index. Copy its
+wheels into the git-ignored ``.gpu-wheels/`` before the window (``cp /work/shared/gpu-wheels/*.whl
+.gpu-wheels/``, see bench/NOTES.md) and carry that folder along; the driver installs them with ``pip
+install --no-index --no-deps --no-compile --target`` into its work folder and puts that on ``PYTHONPATH``
+for every step. Without them the vqp rows say why they are absent.
+
+``--cpu`` is the plumbing check that CI runs without a GPU (``tests/test_gpu_check.py``): the same steps
+with tiny shapes on CPU tensors, the kernels under Triton's interpreter; steps that need a GPU say so. Its
+figures are not measurements and no target is judged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+BUDGET_S = 480.0
+TEST_TIME_LIMIT_S = 60
+# the second process of step f: on-the-fly tuning on, it loads step f's cache and must tune nothing it holds
+SECOND_PROCESS = """
+import json, os
+os.environ["FSQ_TRITON_AUTOTUNE"] = "1"
+import torch, fsq_triton
+from fsq_triton import autotune
+device = torch.device("cuda", torch.cuda.current_device())
+fsq = fsq_triton.FSQ([8, 8, 8, 5, 5, 5]).to(device)
+fsq(torch.randn(8, 6, 16, 64, 64, device=device))
+torch.cuda.synchronize()
+print(json.dumps({"cache": str(autotune.cache_path(device)), "entries": len(autotune._cached(device)),
+                  "retuned": len(autotune._TUNED_LOG)}))
+"""
+
+
+@dataclass(frozen=True)
+class Step:
+    letter: str
+    name: str
+    what: str
+    expected_s: float
+    limit_s: float | None  # None: what is left of the budget
+
+
+STEPS = (
+    Step("a", "environment", "environment and copy bandwidth", 10, 30),
+    Step("b", "correctness", "bit-for-bit correctness against the reference", 60, 90),
+    Step("c", "core", "core speed targets", 45, 70),
+    Step("d", "projections", "projections, tiny call, compiled vs eager", 45, 70),
+    Step("e", "gpu-tests", "GPU tests (pytest -m gpu)", 60, 90),
+    Step("f", "autotune", "autotune --quick, and a second process that must not re-tune", 25, 40),
+    Step("g", "bench", "python -m fsq_triton bench --quick", 60, None),
+)
+
+
+class Run:
+    """One run of the check: the work folder (logs, step JSON), the output folder, and what each step found."""
+
+    def __init__(self, out: Path, cpu: bool, budget_s: float, wheels: Path):
+        self.out, self.cpu, self.budget_s, self.wheels = out, cpu, budget_s, wheels
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.work = Path(tempfile.mkdtemp(prefix="fsq-gpu-check-"))
+        (self.work / "logs").mkdir()
+        self.start = time.monotonic()
+        self.python = sys.executable
+        self.results: dict = {
+            "mode": "cpu plumbing check (tiny shapes, kernels under Triton's interpreter): not a measurement"
+                    if cpu else "gpu",
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "budget_s": budget_s, "peers": {}, "steps": {}, "targets": [],
+        }
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1", TRITON_INTERPRET="1" if cpu else "0",
+                        FSQ_TRITON_CACHE_DIR=str(self.work / "tuning-cache"))
+        self.env.pop("FSQ_TRITON_AUTOTUNE", None)
+        self._python_path([str(ROOT)])
+
+    def _python_path(self, first: list[str]) -> None:
+        rest = [p for p in self.env.get("PYTHONPATH", "").split(os.pathsep) if p and p not in first]
+        self.env["PYTHONPATH"] = os.pathsep.join([*first, *rest])
+
+    def left_s(self) -> float:
+        return self.budget_s - (time.monotonic() - self.start)
+
+    # ---------------------------------------------------------------------------------------------- peers
+
+    def install_peers(self) -> None:
+        """Install the wheels in ``self.wheels`` (vector-quantize-pytorch and its dependencies) beside torch."""
+        wheels = sorted(self.wheels.glob("*.whl")) if self.wheels.is_dir() else []
+        peers = self.results["peers"]
+        if not wheels:
+            peers["wheels"] = f"no wheels in {self.wheels}: vqp rows only where vector-quantize-pytorch is already importable"
+        else:
+            site = self.work / "site"
+            log = self.work / "logs" / "wheels.log"
+            with log.open("w") as f:
+                done = subprocess.run([self.python, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                                       "--target", str(site), *map(str, wheels)], stdout=f, stderr=subprocess.STDOUT,
+                                      timeout=120)
+            if done.returncode == 0:
+                self._python_path([str(site), str(ROOT)])
+                peers["wheels"] = f"installed {', '.join(w.name for w in wheels)} into the work folder"
+            else:
+                peers["wheels"] = f"pip could not install {self.wheels}/*.whl (exit {done.returncode}, see logs/wheels.log)"
+        probe = subprocess.run([self.python, "-c", "import vector_quantize_pytorch, importlib.metadata as m; "
+                                "print(m.version('vector-quantize-pytorch'))"], env=self.env, capture_output=True, text=True)
+        peers["vector_quantize_pytorch"] = probe.stdout.strip() if probe.returncode == 0 else None
+        print(f"peers: {peers}", flush=True)
+
+    # ---------------------------------------------------------------------------------------------- steps
+
+    def run_command(self, command: list[str], log_name: str, limit_s: float, env: dict | None = None) -> tuple[int | None, float]:
+        """Run ``command`` in its own process group, output to logs/<log_name>; (exit status or None if killed, seconds)."""
+        log = self.work / "logs" / log_name
+        begin = time.monotonic()
+        with log.open("a") as f:
+            f.write(f"$ {' '.join(command)}\n")
+            f.flush()
+            proc = subprocess.Popen(command, cwd=ROOT, env=env or self.env, stdout=f, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            try:
+                rc = proc.wait(timeout=max(limit_s, 0.1))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)  # the step and anything it started (compile workers)
+                proc.wait()
+                rc = None
+                f.write(f"\n[gpu_check] killed at its time limit of {limit_s:.0f} s\n")
+        return rc, time.monotonic() - begin
+
+    def step(self, step: Step) -> None:
+        left = self.left_s()
+        limit = left if step.limit_s is None else min(step.limit_s, left)
+        entry = {"what": step.what, "expected_s": step.expected_s, "limit_s": round(limit, 1), "seconds": 0.0,
+                 "status": None, "reason": None, "result": None}
+        self.results["steps"][step.letter] = entry
+        print(f"== {step.letter}. {step.what} (limit {limit:.0f} s)", flush=True)
+        if limit < 5:
+            entry.update(status="skipped", reason=f"no time left in the {self.budget_s:.0f} s budget")
+        else:
+            getattr(self, f"step_{step.name.replace('-', '_')}")(step, entry, limit)
+        print(f"   {entry['status']}{': ' + entry['reason'] if entry['reason'] else ''} ({entry['seconds']:.1f} s)", flush=True)
+        self.write()
+
+    def _status(self, entry: dict, rc: int | None, seconds: float, limit: float) -> None:
+        entry["seconds"] = round(entry["seconds"] + seconds, 1)
+        if rc is None:
+            entry.update(status="timed out", reason=f"killed at its limit of {limit:.0f} s; what it finished is kept")
+        elif rc != 0:
+            entry.update(status="failed", reason=f"exit status {rc}; see its log in logs.tar.gz")
+        else:
+            entry["status"] = "ok"
+
+    def _measuring_step(self, step: Step, entry: dict, limit: float) -> None:
+        """Steps a-d: bench/gpu_targets.py in its own process, rows read back from <name>.json."""
+        command = [self.python, str(BENCH / "gpu_targets.py"), step.name, "--work", str(self.work)]
+        rc, seconds = self.run_command(command + (["--cpu"] if self.cpu else []), f"{step.letter}-{step.name}.log", limit)
+        self._status(entry, rc, seconds, limit)
+        data = self.work / f"{step.name}.json"
+        entry["result"] = json.loads(data.read_text()) if data.is_file() else None
+
+    step_environment = step_correctness = step_core = step_projections = _measuring_step
+
+    def step_gpu_tests(self, step: Step, entry: dict, limit: float) -> None:
+        junit = self.work / "gpu-tests.xml"
+        env = dict(self.env, FSQ_TRITON_TEST_TIME_LIMIT=str(TEST_TIME_LIMIT_S))
+        env["PYTHONPATH"] = os.pathsep.join([str(BENCH), env["PYTHONPATH"]])
+        command = [self.python, "-m", "pytest", "-m", "gpu", "-q", "-rfEs", "-p", "no:cacheprovider",
+                   "-p", "pytest_time_limit", "-o", f"faulthandler_timeout={TEST_TIME_LIMIT_S + 15}",
+                   f"--junitxml={junit}", "tests"]
+        rc, seconds = self.run_command(command, "e-gpu-tests.log", limit, env)
+        self._status(entry, rc, seconds, limit)
+        if rc == 1:
+            entry["reason"] = "some GPU tests failed (listed in the result)"
+        if not junit.is_file():
+            return
+        counts = {"tests": 0, "passed": 0, "failed": 0, "errors": 0, "skipped": 0}
+        failed, skip_reasons = [], {}
+        for case in ET.parse(junit).getroot().iter("testcase"):
+            counts["tests"] += 1
+            name = f"{case.get('classname')}::{case.get('name')}"
+            if case.find("failure") is not None or case.find("error") is not None:
+                bad = case.find("failure") if case.find("failure") is not None else case.find("error")
+                counts["failed" if bad.tag == "failure" else "errors"] += 1
+                failed.append(f"{name}: {(bad.get('message') or '').splitlines()[0][:200] if bad.get('message') else bad.tag}")
+            elif case.find("skipped") is not None:
+                counts["skipped"] += 1
+                reason = case.find("skipped").get("message") or "skipped"
+                skip_reasons[reason] = skip_reasons.get(reason, 0) + 1
+            else:
+                counts["passed"] += 1
+        entry["result"] = {**counts, "failed_tests": failed, "skip_reasons": skip_reasons,
+                           "per_test_limit_s": TEST_TIME_LIMIT_S}
+        if entry["status"] == "ok" and counts["tests"] and counts["skipped"] == counts["tests"]:
+            entry.update(status="skipped", reason="every GPU test skipped: " + "; ".join(skip_reasons))
+
+    def step_autotune(self, step: Step, entry: dict, limit: float) -> None:
+        rc, seconds = self.run_command([self.python, "-m", "fsq_triton", "autotune", "--quick", "--reset"],
+                                       "f-autotune.log", limit)
+        self._status(entry, rc, seconds, limit)
+        log = (self.work / "logs" / "f-autotune.log").read_text()
+        if rc == 2:
+            message = next((line for line in log.splitlines() if "autotune" in line and "needs" in line), "exit status 2")
+            entry.update(status="skipped", reason=f"{message.strip()}; the second process is skipped too")
+            return
+        entry["result"] = {"report": log.strip().splitlines()[-30:]}  # the table of choices and the cache path
+        if rc != 0:
+            return
+        second = self.work / "logs" / "f-second-process.log"
+        rc, seconds = self.run_command([self.python, "-c", SECOND_PROCESS], second.name, limit - entry["seconds"])
+        self._status(entry, rc, seconds, limit)
+        lines = [line for line in second.read_text().splitlines() if line.startswith("{")]
+        if lines:
+            entry["result"]["second_process"] = json.loads(lines[-1])
+
+    def step_bench(self, step: Step, entry: dict, limit: float) -> None:
+        bench_out = self.work / "bench"
+        size = ["--smoke", "--device", "cpu"] if self.cpu else ["--quick"]
+        # the CPU check times fsq_triton's PyTorch path here (the interpreter's bench is tests/test_cli.py's)
+        env = dict(self.env, TRITON_INTERPRET="0")
+        rc, seconds = self.run_command([self.python, "-m", "fsq_triton", "bench", *size, "--out", str(bench_out)],
+                                       "g-bench.log", limit, env)
+        self._status(entry, rc, seconds, limit)
+        results = bench_out / "results.json"
+        if results.is_file():  # the bench rewrites its files after every case: a cut-short run keeps its cases
+            bench = json.loads(results.read_text())
+            entry["result"] = {"notes": bench["notes"], "rows": compact_bench_rows(bench)}
+        if (bench_out / "results.png").is_file():
+            shutil.copyfile(bench_out / "results.png", self.out / "bench.png")
+
+    # ---------------------------------------------------------------------------------------------- outputs
+
+    def write(self) -> None:
+        """results.json, summary.md and logs.tar.gz in the output folder, from what the steps found so far."""
+        self.results["elapsed_s"] = round(time.monotonic() - self.start, 1)
+        self.results["targets"] = targets(self.results, judged=not self.cpu)
+        _atomic_write(self.out / "results.json", json.dumps(self.results, indent=1) + "\n")
+        _atomic_write(self.out / "summary.md", summary_markdown(self.results))
+        tmp = self.out / "logs.tar.gz.tmp"
+        with tarfile.open(tmp, "w:gz") as tar:
+            for path in sorted(self.work.rglob("*")):
+                if path.is_file() and path.relative_to(self.work).parts[0] != "site":  # not the installed peers
+                    tar.add(path, arcname=str(Path("logs") / path.relative_to(self.work)))
+        tmp.replace(self.out / "logs.tar.gz")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def compact_bench_rows(bench: dict) -> list[dict]:
+    """One row per case, mode and implementation of the bench's results.json: median ms, speedup, % of bound."""
+    rows = []
+    for case in bench["cases"]:
+        for mode, mode_entry in case["modes"].items():
+            for name, entry in mode_entry["results"].items():
+                rows.append({"case": case["label"], "mode": mode, "implementation": name,
+                             "median_ms": entry["median_ms"], "speedup_vs_reference": entry.get("speedup_vs_reference"),
+                             "percent_of_bound": entry.get("percent_of_bound"), "error": entry["error"]})
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Targets: each one beside its measured value
+# --------------------------------------------------------------------------------------------------
+
+
+def _rows(results: dict, letter: str) -> list[dict]:
+    entry = results["steps"].get(letter) or {}
+    result = entry.get("result") or {}
+    return result.get("rows", []) if isinstance(result, dict) else []
+
+
+def _find(rows: list[dict], key: str, text: str) -> dict | None:
+    return next((row for row in rows if text in row.get(key, "")), None)
+
+
+def _missing(results: dict, letter: str) -> str:
+    entry = results["steps"].get(letter)
+    if entry is None:
+        return f"not measured: step {letter} has not run"
+    if entry["status"] == "ok":
+        return f"not measured by step {letter} (see its notes)"
+    return f"not measured: step {letter} {entry['status']}" + (f" ({entry['reason']})" if entry.get("reason") else "")
+
+
+def targets(results: dict, judged: bool) -> list[dict]:
+    """The issues' targets, each with its goal, the measured value and whether it is met (None: not judged)."""
+    out = []
+
+    def add(name, goal, letter, value, met, fmt):
+        measured = fmt(value) if value is not None else _missing(results, letter)
+        out.append({"target": name, "goal": goal, "step": letter, "measured": measured,
+                    "value": value, "met": (bool(met(value)) if value is not None else None) if judged else None})
+
+    b, c, d = _rows(results, "b"), _rows(results, "c"), _rows(results, "d")
+    exact = [row for row in b if row.get("target") == "0 and 0"]
+    for key, what in (("index_mismatches", "index"), ("output_mismatches", "output")):
+        total = sum(row[key] for row in exact) if exact else None
+        add(f"{what} mismatches against the reference on the GPU (video float32/bfloat16, planted thresholds)",
+            "0", "b", total, lambda v: v == 0, lambda v, n=len(exact): f"{v} over {n} checks")
+    for text, goal in (("float32 forward", 90), ("bfloat16 forward", 85), ("float32 forward+backward", 85)):
+        row = _find(c, "case", text)
+        add(f"video {text}: % of the copy bandwidth", f">= {goal}%", "c", row and row["pct_of_bound"],
+            lambda v, g=goal: v >= g, lambda v, r=row: f"{v:.1f}% ({r['fsq_triton_ms']:.3f} ms, bound {r['bound_ms']:.3f} ms)")
+    proj = _find(d, "case", "projections") or {}
+    add("projections forward: time over the bandwidth bound", "<= 1.3x", "d", proj.get("x_bound"),
+        lambda v: v <= 1.3, lambda v: f"{v:.2f}x ({proj['fsq_triton_ms']:.3f} ms, bound {proj['bound_ms']:.3f} ms)")
+    add("projections forward: speedup over vqp (bfloat16)", ">= 2x", "d", proj.get("speedup_vs_vqp"),
+        lambda v: v >= 2, lambda v: f"{v:.2f}x")
+    add("projections forward: speedup over the reference (float32, all it runs)", ">= 3x", "d",
+        proj.get("speedup_vs_reference_float32"), lambda v: v >= 3, lambda v: f"{v:.2f}x")
+    add("projections forward+backward: speedup over vqp", ">= 1.5x", "d", proj.get("fwd_bwd_speedup_vs_vqp"),
+        lambda v: v >= 1.5, lambda v: f"{v:.2f}x")
+    if proj and "speedup_vs_vqp" not in proj and proj.get("vqp"):
+        out[-3]["measured"] = out[-1]["measured"] = f"not measured: {proj['vqp']}"
+    tiny = _find(d, "case", "tiny call") or {}
+    add("tiny call 64x5x32x32: time over one elementwise PyTorch launch", "<= 2x", "d", tiny.get("x_elementwise_launch"),
+        lambda v: v <= 2, lambda v: f"{v:.2f}x ({tiny['fsq_triton_us']:.1f} us vs {tiny['elementwise_launch_us']:.1f} us)")
+    core = _find(c, "case", "float32 forward") or {}
+    for label, row, unit in (("tiny call", tiny, "us"), ("video float32 forward", core, "ms")):
+        eager, comp, ref = row.get(f"fsq_triton_{unit}"), row.get(f"fsq_triton_compiled_{unit}"), row.get(f"torch_compile_reference_{unit}")
+        add(f"{label}: fsq_triton compiled over eager", "<= 1x", "c" if unit == "ms" else "d",
+            comp / eager if comp and eager else None, lambda v: v <= 1.0,
+            lambda v, e=eager, k=comp: f"{v:.2f}x ({k:.3f} vs {e:.3f} {unit})")
+        add(f"{label}: fsq_triton compiled over torch.compile of the reference", "< 1x", "c" if unit == "ms" else "d",
+            comp / ref if comp and ref else None, lambda v: v < 1.0,
+            lambda v, r=ref, k=comp: f"{v:.2f}x ({k:.3f} vs {r:.3f} {unit})")
+    tests = (results["steps"].get("e") or {}).get("result")
+    tests_ok = tests and tests["tests"] - tests["skipped"] > 0
+    add("GPU tests (pytest -m gpu)", "0 failed, 0 errors", "e",
+        (tests["failed"] + tests["errors"]) if tests_ok else None, lambda v: v == 0,
+        lambda v, t=tests: f"{t['passed']} passed, {t['failed']} failed, {t['errors']} errors, {t['skipped']} skipped")
+    second = ((results["steps"].get("f") or {}).get("result") or {}).get("second_process")
+    add("autotune: a second process loads the cache and re-tunes nothing", "0 re-tuned", "f",
+        second and second["retuned"], lambda v: v == 0,
+        lambda v, s=second: f"{v} re-tuned, {s['entries']} cache entries")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# summary.md
+# --------------------------------------------------------------------------------------------------
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|",
+            *["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]]
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)
+
+
+def summary_markdown(results: dict) -> str:
+    env_rows = _rows(results, "a")
+    env = env_rows[0] if env_rows else {}
+    bandwidth = env_rows[1]["copy_bandwidth_gbs"] if len(env_rows) > 1 else None
+    lines = ["# GPU check", ""]
+    if results["mode"] != "gpu":
+        lines += [f"**{results['mode']}.** No target is judged.", ""]
+    lines += [
+        f"{env.get('device', 'device unknown (step a did not finish)')}; torch {env.get('torch', '?')}, "
+        f"triton {env.get('triton', '?')}, Python {env.get('python', '?')}; driver: {env.get('nvidia_smi', '?')}; "
+        f"copy bandwidth {_fmt(bandwidth)} GB/s; {results['date']}; `{results['command']}`; "
+        f"{results['elapsed_s']:.0f} s of a {results['budget_s']:.0f} s budget.",
+        "", f"Peers: {results['peers'].get('wheels', '-')}; vector-quantize-pytorch "
+            f"{results['peers'].get('vector_quantize_pytorch') or 'absent'}.", "", "## Steps", "",
+    ]
+    lines += _table(["step", "what", "status", "seconds", "limit s", "expected s"], [
+        [letter, entry["what"], entry["status"] + (f": {entry['reason']}" if entry.get("reason") else ""),
+         entry["seconds"], entry["limit_s"], entry["expected_s"]] for letter, entry in results["steps"].items()])
+    lines += ["", "## Targets", ""]
+    lines += _table(["target", "goal", "measured", "met"], [
+        [t["target"], t["goal"], t["measured"], {True: "yes", False: "**no**", None: "-"}[t["met"]]]
+        for t in results["targets"]])
+    checks = _rows(results, "b")
+    if checks:
+        lines += ["", "## Correctness (step b): mismatch counts", ""]
+        lines += _table(["check", "index mismatches", "output mismatches", "values", "max abs diff", "other"], [
+            [row["check"], _fmt(row.get("index_mismatches")), _fmt(row.get("output_mismatches")),
+             _fmt(row.get("values")), _fmt(row.get("max_abs_diff")),
+             "; ".join(f"{k} {_fmt(v)}" for k, v in row.items() if k in ("beyond_1e-5", "decode_max_abs_diff"))
+             + ("; grad relative error " + ", ".join(f"{k} {v:.2g}" for k, v in row["grad_relative_error"].items())
+                if "grad_relative_error" in row else "")]
+            for row in checks])
+    for letter, title in (("c", "Core speed (step c)"), ("d", "Projections and the tiny call (step d)")):
+        rows = _rows(results, letter)
+        if rows:
+            lines += ["", f"## {title}", ""]
+            for row in rows:
+                lines.append("- " + row.get("case", "?") + ": " + ", ".join(
+                    f"{k} {_fmt(v)}" for k, v in row.items() if k not in ("case",)))
+    notes = [(letter, note) for letter, entry in results["steps"].items()
+             for note in ((entry.get("result") or {}).get("notes", []) if isinstance(entry.get("result"), dict) else [])]
+    if notes:
+        lines += ["", "## Notes", "", *[f"- {letter}: {note}" for letter, note in dict.fromkeys(notes)]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT") or "gpu-results",
+                        help="output folder (default: $OUT, else gpu-results)")
+    parser.add_argument("--cpu", action="store_true",
+                        help="plumbing check without a GPU: tiny shapes, kernels under Triton's interpreter")
+    parser.add_argument("--budget", type=float, default=BUDGET_S, help="seconds for all steps together (default 480)")
+    parser.add_argument("--wheels", default=str(ROOT / ".gpu-wheels"), help="folder of peer wheels (default .gpu-wheels/)")
+    parser.add_argument("--steps", default="abcdefg", help="which steps to run, e.g. abc (default: all, in order)")
+    args = parser.parse_args(argv)
+    if not args.cpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            print("gpu_check.py needs a CUDA GPU; --cpu runs the plumbing check without one", file=sys.stderr)
+            return 2
+    run = Run(Path(args.out), args.cpu, args.budget, Path(args.wheels))
+    try:
+        run.install_peers()
+        run.write()
+        for step in STEPS:
+            if step.letter in args.steps:
+                run.step(step)
+    finally:
+        run.write()
+        shutil.rmtree(run.work, ignore_errors=True)
+    failed = [letter for letter, entry in run.results["steps"].items() if entry["status"] in ("failed", "timed out")]
+    missed = [t["target"] for t in run.results["targets"] if t["met"] is False]
+    print(f"\nwrote {run.out / 'summary.md'}, results.json, logs.tar.gz" +
+          (", bench.png" if (run.out / "bench.png").is_file() else ""))
+    print(f"steps failed or timed out: {failed or 'none'}; targets missed: {len(missed)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

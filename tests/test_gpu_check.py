@@ -1,0 +1,77 @@
+"""``bench/gpu_check.py --cpu``: the GPU check's plumbing without a GPU, so that a GPU window is not spent on a typo.
+
+The driver runs every step (a-g) with tiny shapes on CPU tensors, the kernels under Triton's interpreter;
+each step must run or say plainly why it is skipped, and every output file must be written and parse.
+It also checks the correctness rows (the kernels against the reference module op for op, on the CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "bench" / "gpu_check.py"
+
+
+def test_gpu_check_cpu_plumbing(tmp_path):
+    out = tmp_path / "out"
+    (tmp_path / "no-wheels").mkdir()
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--cpu", "--out", str(out), "--wheels", str(tmp_path / "no-wheels")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    # the four outputs, one folder, nothing else (no leftover temporary files)
+    assert sorted(p.name for p in out.iterdir()) == ["bench.png", "logs.tar.gz", "results.json", "summary.md"]
+    results = json.loads((out / "results.json").read_text())
+    assert results["mode"].startswith("cpu plumbing check")
+    assert "no wheels in" in results["peers"]["wheels"]
+
+    steps = results["steps"]
+    assert list(steps) == list("abcdefg")
+    for letter, entry in steps.items():
+        assert entry["status"] in ("ok", "skipped"), (letter, entry)
+        if entry["status"] == "skipped":
+            assert entry["reason"], letter
+        assert 0 < entry["seconds"] <= entry["limit_s"], (letter, entry)
+    assert sum(entry["limit_s"] for entry in steps.values()) <= 480 + 1e-6 or steps["g"]["limit_s"] < 480
+    assert "needs a CUDA GPU" in steps["e"]["reason"] and steps["e"]["result"]["skipped"] > 0
+    assert "autotune needs a CUDA GPU" in steps["f"]["reason"]
+
+    # a: environment and bandwidth; b: mismatch counts, all zero on the CPU; c, d: the timed rows
+    env, bandwidth = steps["a"]["result"]["rows"]
+    assert env["torch"] and env["triton"] and bandwidth["copy_bandwidth_gbs"] > 0
+    checks = steps["b"]["result"]["rows"]
+    exact = [row for row in checks if row.get("target") == "0 and 0"]
+    assert len(exact) == 2 + 8 * 2  # video float32/bfloat16, 8 level sets in 2 layouts
+    assert all(row["index_mismatches"] == 0 and row["output_mismatches"] == 0 for row in exact), exact
+    grads = next(row for row in checks if "grad_z" in row["check"])
+    assert grads["beyond_1e-5"] == 0
+    projections = [row for row in checks if row["check"].startswith("projections")]
+    assert [row["check"].split()[3] for row in projections] == ["float32", "bfloat16", "float16"]
+    assert all(row["index_mismatches"] == 0 for row in projections), projections
+    core = steps["c"]["result"]["rows"]
+    assert [row["case"].split(" ", 2)[2] for row in core] == ["float32 forward", "bfloat16 forward", "float32 forward+backward"]
+    assert all(row["fsq_triton_ms"] > 0 and row["pct_of_bound"] > 0 for row in core)
+    assert any("CUDA only" in note for note in steps["c"]["result"]["notes"])
+    assert {row["case"].split()[0] for row in steps["d"]["result"]["rows"]} == {"projections", "tiny"}
+    assert steps["g"]["result"]["rows"] and all(row["error"] is None for row in steps["g"]["result"]["rows"])
+
+    # targets: each beside its value, none judged on the CPU
+    targets = results["targets"]
+    assert len(targets) >= 12 and all(t["met"] is None and t["measured"] for t in targets)
+    summary = (out / "summary.md").read_text()
+    assert summary.startswith("# GPU check") and "No target is judged" in summary
+    assert "| target | goal | measured | met |" in summary and "## Correctness (step b): mismatch counts" in summary
+
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        names = set(tar.getnames())
+    for log in ("a-environment", "b-correctness", "c-core", "d-projections", "e-gpu-tests", "f-autotune", "g-bench"):
+        assert f"logs/logs/{log}.log" in names, sorted(names)
+    assert "logs/correctness.json" in names and "logs/bench/results.md" in names
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
