@@ -18,7 +18,8 @@ Steps, in order of importance, each in its own process under its own time limit 
 | | total | 305 | 480 (8 minutes) |
 
 The limits add up to 480 s and the driver never gives a step more than what is left of the 480 s
-(``--budget``), so the whole run ends within 8 minutes plus the seconds it takes to write the summary. The
+(``--budget``), so the steps end within 8 minutes; installing the peers before them and writing the outputs
+after each take a few seconds more. The
 expected times are estimates (no step has run on a GPU yet): Triton compiles of the kernels (a few seconds
 each, cached on disk for the later steps), Inductor compiles in c, d and g (5-15 s each), the do_bench
 repeats (about 0.3 s a figure). Steps c and d time the default launch configurations (autotune runs in f).
@@ -47,6 +48,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -209,32 +211,25 @@ class Run:
         junit = self.work / "gpu-tests.xml"
         env = dict(self.env, FSQ_TRITON_TEST_TIME_LIMIT=str(TEST_TIME_LIMIT_S))
         env["PYTHONPATH"] = os.pathsep.join([str(BENCH), env["PYTHONPATH"]])
-        command = [self.python, "-m", "pytest", "-m", "gpu", "-q", "-rfEs", "-p", "no:cacheprovider",
+        command = [self.python, "-m", "pytest", "-m", "gpu", "-v", "-rfEs", "-p", "no:cacheprovider",
                    "-p", "pytest_time_limit", "-o", f"faulthandler_timeout={TEST_TIME_LIMIT_S + 15}",
                    f"--junitxml={junit}", "tests"]
         rc, seconds = self.run_command(command, "e-gpu-tests.log", limit, env)
         self._status(entry, rc, seconds, limit)
         if rc == 1:
             entry["reason"] = "some GPU tests failed (listed in the result)"
-        if not junit.is_file():
-            return
-        counts = {"tests": 0, "passed": 0, "failed": 0, "errors": 0, "skipped": 0}
+        # JUnit XML when pytest finished; else the verbose log's lines, so that a run cut short still counts
+        outcomes = junit_outcomes(junit) if junit.is_file() else log_outcomes(self.work / "logs" / "e-gpu-tests.log")
+        counts = {"tests": len(outcomes), "passed": 0, "failed": 0, "errors": 0, "skipped": 0}
         failed, skip_reasons = [], {}
-        for case in ET.parse(junit).getroot().iter("testcase"):
-            counts["tests"] += 1
-            name = f"{case.get('classname')}::{case.get('name')}"
-            if case.find("failure") is not None or case.find("error") is not None:
-                bad = case.find("failure") if case.find("failure") is not None else case.find("error")
-                counts["failed" if bad.tag == "failure" else "errors"] += 1
-                failed.append(f"{name}: {(bad.get('message') or '').splitlines()[0][:200] if bad.get('message') else bad.tag}")
-            elif case.find("skipped") is not None:
-                counts["skipped"] += 1
-                reason = case.find("skipped").get("message") or "skipped"
-                skip_reasons[reason] = skip_reasons.get(reason, 0) + 1
-            else:
-                counts["passed"] += 1
+        for name, outcome, message in outcomes:
+            counts[outcome] += 1
+            if outcome in ("failed", "errors"):
+                failed.append(f"{name}: {message}" if message else name)
+            elif outcome == "skipped":
+                skip_reasons[message or "skipped"] = skip_reasons.get(message or "skipped", 0) + 1
         entry["result"] = {**counts, "failed_tests": failed, "skip_reasons": skip_reasons,
-                           "per_test_limit_s": TEST_TIME_LIMIT_S}
+                           "per_test_limit_s": TEST_TIME_LIMIT_S, "source": "junit" if junit.is_file() else "log"}
         if entry["status"] == "ok" and counts["tests"] and counts["skipped"] == counts["tests"]:
             entry.update(status="skipped", reason="every GPU test skipped: " + "; ".join(skip_reasons))
 
@@ -292,6 +287,34 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def junit_outcomes(path: Path) -> list[tuple[str, str, str]]:
+    """(test, outcome, message) of each test case in a JUnit XML file; outcome: passed, failed, errors, skipped."""
+    outcomes = []
+    for case in ET.parse(path).getroot().iter("testcase"):
+        name = f"{case.get('classname')}::{case.get('name')}"
+        for tag, outcome in (("failure", "failed"), ("error", "errors"), ("skipped", "skipped")):
+            found = case.find(tag)
+            if found is not None:
+                message = (found.get("message") or "").strip().splitlines()
+                outcomes.append((name, outcome, message[0][:200] if message else ""))
+                break
+        else:
+            outcomes.append((name, "passed", ""))
+    return outcomes
+
+
+def log_outcomes(path: Path) -> list[tuple[str, str, str]]:
+    """The same from pytest's ``-v`` lines (``tests/x.py::test PASSED``), for a run stopped before its JUnit XML."""
+    words = {"PASSED": "passed", "FAILED": "failed", "ERROR": "errors", "SKIPPED": "skipped"}
+    line_re = re.compile(r"^(\S.*::.*?) (PASSED|FAILED|ERROR|SKIPPED)\b(.*?)(?:\s+\[\s*\d+%\])?$")
+    outcomes = []
+    for line in path.read_text(errors="replace").splitlines() if path.is_file() else []:
+        match = line_re.match(line)
+        if match:
+            outcomes.append((match[1], words[match[2]], match[3].strip(" ()")))
+    return outcomes
 
 
 def compact_bench_rows(bench: dict) -> list[dict]:
@@ -465,6 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     run = Run(Path(args.out), args.cpu, args.budget, Path(args.wheels))
     try:
         run.install_peers()
+        run.start = time.monotonic()  # the budget is the steps' (installing the peers takes a few seconds before)
         run.write()
         for step in STEPS:
             if step.letter in args.steps:

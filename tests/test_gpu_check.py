@@ -75,3 +75,59 @@ def test_gpu_check_cpu_plumbing(tmp_path):
         assert f"logs/logs/{log}.log" in names, sorted(names)
     assert "logs/correctness.json" in names and "logs/bench/results.md" in names
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_step_past_its_limit_is_killed_and_the_outputs_are_still_written(tmp_path):
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--cpu", "--out", str(out), "--steps", "b", "--budget", "6",
+         "--wheels", str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr  # a step timed out
+    results = json.loads((out / "results.json").read_text())
+    (letter, entry), = results["steps"].items()
+    assert letter == "b" and entry["status"] == "timed out" and "killed at its limit" in entry["reason"]
+    assert entry["limit_s"] <= 6 and entry["seconds"] < 30
+    assert entry["result"] is None or isinstance(entry["result"]["rows"], list)  # what it finished, if anything
+    assert "timed out" in (out / "summary.md").read_text()
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        log = tar.extractfile("logs/logs/b-correctness.log").read().decode()
+    assert "killed at its time limit" in log
+
+
+def test_time_limit_plugin_fails_a_slow_test_and_goes_on(tmp_path):
+    (tmp_path / "test_slow.py").write_text(
+        "import time\n\ndef test_slow():\n    time.sleep(30)\n\ndef test_fast():\n    pass\n")
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT / "bench"), "FSQ_TRITON_TEST_TIME_LIMIT": "1"}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-p", "pytest_time_limit",
+                           "test_slow.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "test_slow.py::test_slow FAILED" in done.stdout and "test_slow.py::test_fast PASSED" in done.stdout
+    assert "ran past its time limit of 1 s" in done.stdout
+
+
+def test_outcomes_from_junit_and_from_a_cut_short_log(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from gpu_check import junit_outcomes, log_outcomes
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    log = tmp_path / "e.log"
+    log.write_text(
+        "tests/test_gpu.py::test_a PASSED                [  1%]\n"
+        "tests/test_gpu.py::test_b[f32-x] FAILED         [  2%]\n"
+        "tests/test_gpu.py::test_c SKIPPED (needs a GPU) [  3%]\n"
+        "some other line\n"
+    )
+    assert log_outcomes(log) == [("tests/test_gpu.py::test_a", "passed", ""),
+                                 ("tests/test_gpu.py::test_b[f32-x]", "failed", ""),
+                                 ("tests/test_gpu.py::test_c", "skipped", "needs a GPU")]
+    junit = tmp_path / "e.xml"
+    junit.write_text(
+        '<testsuites><testsuite><testcase classname="tests.test_gpu" name="test_a"/>'
+        '<testcase classname="tests.test_gpu" name="test_b"><failure message="AssertionError: 3 differ">x</failure></testcase>'
+        '<testcase classname="tests.test_gpu" name="test_c"><skipped message="needs a GPU"/></testcase>'
+        "</testsuite></testsuites>")
+    assert junit_outcomes(junit) == [("tests.test_gpu::test_a", "passed", ""),
+                                     ("tests.test_gpu::test_b", "failed", "AssertionError: 3 differ"),
+                                     ("tests.test_gpu::test_c", "skipped", "needs a GPU")]
