@@ -410,3 +410,49 @@ def test_kernels_cpu_twin_matches_the_kernels():
 def test_exported_from_the_package():
     assert fsq_triton.ResidualFSQ is ResidualFSQ and fsq_triton.GroupedResidualFSQ is GroupedResidualFSQ
     assert "ResidualFSQ" in fsq_triton.__all__ and "GroupedResidualFSQ" in fsq_triton.__all__
+
+
+COMPILE_SCRIPT = r"""
+import io, contextlib, json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import fsq_triton.ops.residual as R
+
+ints = lambda *names: {n: "i32" for n in names}
+forward_types = {"x_ptr": "*bf16", "out_ptr": "*fp32", "idx_ptr": "*i32", "stage_ptr": "*fp32", "chan_ptr": "*fp32",
+                 "basis_ptr": "*i32", **ints("N", "num_n_blocks", "num_active", "stride_xb", "stride_xc", "stride_xn",
+                                             "stride_ob", "stride_oc", "stride_on", "stride_ig", "stride_ib", "stride_in")}
+backward_types = {"g_ptr": "*fp32", "x_ptr": "*bf16", "dx_ptr": "*bf16", "stage_ptr": "*fp32", "chan_ptr": "*fp32",
+                  **ints("N", "num_n_blocks", "num_active", "stride_gb", "stride_gc", "stride_gn", "stride_xb",
+                         "stride_xc", "stride_xn", "stride_db", "stride_dc", "stride_dn")}
+common = dict(G=2, D=4, G_PAD=2, D_PAD=4, Q=8, MAX_LEVEL=8, SOFT_CLAMP=1, BLOCK_N=128, OFFSET_64=False)
+rows = []
+for kernel, types, constexprs in (
+    (R._residual_forward_kernel, forward_types, common),
+    (R._residual_backward_kernel, backward_types, {**common, "KIND": 2}),
+    (R._residual_backward_kernel, backward_types, {**common, "KIND": 0, "SOFT_CLAMP": 2}),
+):
+    names = kernel.arg_names
+    signature = {n: ("constexpr" if n in constexprs else types[n]) for n in names}
+    source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    with contextlib.redirect_stdout(io.StringIO()):
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    rows.append({"kernel": kernel.__name__, "ptx_has_tanh_path": "ex2.approx" in compiled.asm["ptx"],
+                 "div_rn": "div.rn.f32" in compiled.asm["ptx"]})
+print(json.dumps(rows))
+"""
+
+
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """The real compiler accepts both kernels (the interpreter-only tanh hook is a dead constexpr branch there),
+    with the soft clamp's libdevice tanh and IEEE division in the PTX."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    result = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(result.stdout.strip().splitlines()[-1])
+    assert [r["kernel"] for r in rows] == ["_residual_forward_kernel", "_residual_backward_kernel", "_residual_backward_kernel"]
+    assert rows[0]["ptx_has_tanh_path"] and rows[0]["div_rn"]
