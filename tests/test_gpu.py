@@ -195,7 +195,7 @@ def huge_samples(n, d, channel_first, block):
 @pytest.mark.gpu
 @requires_gpu
 def test_video_latent_bitwise():
-    """32x6x32x128x128 float32 (100M values, 16.8M tokens), levels [8,8,8,5,5,5]: the SPEC's measurement."""
+    """32x6x32x128x128 float32 (100M values, 16.8M tokens), levels [8,8,8,5,5,5]: bit for bit, as docs/semantics.md requires."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     z = torch.randn(32, 6, 32, 128, 128, device="cuda", generator=gen)
     check_forward_parity([8, 8, 8, 5, 5, 5], z)

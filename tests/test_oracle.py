@@ -1,4 +1,4 @@
-"""Parity with ``vector_quantize_pytorch.FSQ`` (default options), the oracle named by SPEC.md, on random inputs."""
+"""Parity with ``vector_quantize_pytorch.FSQ`` (default options), the oracle named by docs/semantics.md, on random inputs."""
 
 import itertools
 import zlib
