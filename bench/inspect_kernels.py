@@ -1,107 +1,162 @@
 """Compile every kernel for a GPU architecture without a GPU, and read the machine code: ``python bench/inspect_kernels.py``.
 
 Triton compiles ahead of time for a target (``GPUTarget("cuda", 90, 32)`` is Hopper: H100, H200) with the
-``ptxas`` and ``cuobjdump`` its wheel ships, so the real compiler's verdict (which the CPU interpreter
-never gives) and the resource report are available on any machine. For each kernel variant this prints
-the registers, stack and local memory (spills) per thread, and counts the memory and matrix instructions
-in the SASS: 128-bit global loads and stores (``LDG.E.128``/``STG.E.128``) for coalesced streaming,
-``HGMMA`` (Hopper tensor-core matrix products) for the fused projections.
+``ptxas`` and ``cuobjdump`` its wheel ships, so the real compiler's verdict (which the CPU interpreter never
+gives) is available on any machine, for whichever triton is installed (the GPU machines run triton 3.6, CI
+3.9: run it under both). For each kernel variant it reports:
 
-Run it without ``TRITON_INTERPRET`` (the interpreter's kernels cannot be compiled). The variants are what
-the launchers produce for the common cases: contiguous channel-first inputs
-(token stride 1 and strides divisible by 16, which Triton specializes on), float32 and bfloat16.
+- ``registers``, ``spill_bytes`` (spill stores + spill loads): from the ``ptxas -v`` report of Triton's own
+  ptxas run (its ptxas and options differ between versions; cuobjdump's LOCAL column misses spills);
+- ``shared_bytes``: the shared memory Triton allocates for the kernel (``metadata.shared``: layout
+  conversions through shared memory show up here, not in the cubin's static figure);
+- ``barriers``: ``BAR`` instructions in the SASS (each one a block-wide sync);
+- ``ldg128``, ``stg128``: 128-bit global loads and stores (``LDG.E.128``/``STG.E.128``), i.e. coalesced
+  vector accesses; ``mma``: tensor-core instructions (``HGMMA``/``HMMA``) in the fused projections;
+- ``blocks_per_sm``: resident blocks per SM that the registers and shared memory allow (Hopper: 64K
+  registers and 228 KB shared memory per SM, at most 64 warps).
+
+The variants are what the launchers produce for the common cases (strides specialised as Triton does at
+launch: a stride of 1 becomes a constant, values divisible by 16 are marked so): the streaming kernels
+(forward, backward, decode) in float32, bfloat16 and float16, channel-first (token stride 1) and channel-last
+(channel stride 1, 8 channels), plus the 64-bit-offset forward with large levels and the fused projections.
+
+``--json`` prints one JSON object per line, one per kernel. Run it with the interpreter off (its kernels
+cannot be compiled); ``tests/test_sm90_compile.py`` asserts the goals on this output.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+# Triton prints its ptxas -v report with TRITON_DUMP_PTXAS_LOG, and only when it really compiles (no cache hit).
+os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+os.environ["TRITON_ALWAYS_COMPILE"] = "1"
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fsq_triton.ops.fsq as F  # noqa: E402
 import fsq_triton.ops.fsq_projected as P  # noqa: E402
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-SASS_OPS = ("LDG.E.128", "STG.E.128", "HGMMA", "HMMA")
+REGISTERS_PER_SM = 65536
+SHARED_PER_SM = 228 * 1024
+MAX_WARPS_PER_SM = 64
 
 
 @dataclass
 class Variant:
     name: str
     kernel: object
-    types: dict          # non-constexpr argument -> Triton type string
-    constexprs: dict     # argument -> value (specialized strides included)
-    divisible_by_16: tuple
-    num_warps: int
+    types: dict                  # runtime argument -> Triton type string
+    constexprs: dict             # argument -> value (specialised strides included)
+    divisible_by_16: tuple = ()  # runtime arguments Triton would mark divisible by 16
+    num_warps: int = 8
+    num_stages: int = 3
+    tags: dict = field(default_factory=dict)
 
 
 def _ints(*names):
     return {n: "i32" for n in names}
 
 
-def variants() -> list[Variant]:
+def _streaming(dt: str, layout: str) -> list[Variant]:
+    """forward, backward and decode of levels [8, 8, 8, 5, 5, 5, 5, 5] (8 channels, one codebook) in ``layout``."""
+    cf = layout == "channel-first"
+    # channel-first: token stride 1; channel-last contiguous: channel stride 1, the batch folded into the tokens
+    tok = {"n": 1} if cf else {"c": 1}
+    tags = {"kind": "", "dtype": dt, "layout": layout}
+    warps = 8  # fsq_triton.autotune.default_config for 8 channels
+
+    def strides(prefix, names):
+        specialised = {f"stride_{prefix}{k}": v for k, v in tok.items()}
+        runtime = [f"stride_{prefix}{a}" for a in names if f"stride_{prefix}{a}" not in specialised]
+        return specialised, runtime
+
     out = []
-    for dt in ("fp32", "bf16"):
-        out.append(Variant(
-            f"forward {dt} channel-first, levels up to 8", F._fsq_forward_kernel,
-            {"z_ptr": "*" + dt, "out_ptr": "*" + dt, "idx_ptr": "*i32", "val_ptr": "*fp32", "int_ptr": "*i32",
-             **_ints("N", "num_n_blocks", "stride_zb", "stride_zc", "stride_ob", "stride_oc")},
-            dict(stride_zn=1, stride_on=1, C=1, D=6, C_PAD=1, D_PAD=8, MAX_LEVEL=8, BLOCK_N=1024, OFFSET_64=False),
-            ("z_ptr", "out_ptr", "idx_ptr", "val_ptr", "int_ptr", "N", "stride_zb", "stride_zc", "stride_ob", "stride_oc"), 8,
-        ))
-        out.append(Variant(
-            f"backward {dt} channel-first", F._fsq_backward_kernel,
-            {"g_ptr": "*" + dt, "z_ptr": "*" + dt, "dz_ptr": "*" + dt, "val_ptr": "*fp32",
-             **_ints("N", "num_n_blocks", "stride_gb", "stride_gc", "stride_zb", "stride_zc", "stride_db", "stride_dc")},
-            dict(stride_gn=1, stride_zn=1, stride_dn=1, CD=6, D=6, CD_PAD=8, MAX_LEVEL=8, BLOCK_N=1024, OFFSET_64=False),
-            ("g_ptr", "z_ptr", "dz_ptr", "val_ptr", "N", "stride_gb", "stride_gc", "stride_zb", "stride_zc", "stride_db", "stride_dc"), 8,
-        ))
-        out.append(Variant(
-            f"projected forward {dt} channel-last, dim 1024", P._fsq_projected_forward_kernel,
-            {"x_ptr": "*" + dt, "w_in_ptr": "*" + dt, "b_in_ptr": "*" + dt, "w_out_ptr": "*" + dt, "b_out_ptr": "*" + dt,
-             "out_ptr": "*" + dt, "idx_ptr": "*i32", "h_ptr": "*fp32", "val_ptr": "*fp32", "int_ptr": "*i32",
-             **_ints("N", "num_n_blocks", "DIM", "stride_xb", "stride_xn", "stride_ob", "stride_on")},
-            dict(stride_xc=1, stride_oc=1, C=1, D=4, E_PAD=16, MAX_LEVEL=8, BLOCK_N=128, BLOCK_K=64, SAVE_H=True,
-                 IEEE_DOT=dt == "fp32", DOT_IN_F32=False, OFFSET_64=False),
-            ("x_ptr", "w_in_ptr", "w_out_ptr", "out_ptr", "idx_ptr", "h_ptr", "val_ptr", "int_ptr", "N", "DIM",
-             "stride_xb", "stride_xn", "stride_ob", "stride_on"), 4,
-        ))
+    sz, rz = strides("z", "bcn")
+    so, ro = strides("o", "bcn")
     out.append(Variant(
-        "forward fp32, 64-bit offsets, levels 100", F._fsq_forward_kernel,
-        {"z_ptr": "*fp32", "out_ptr": "*fp32", "idx_ptr": "*i32", "val_ptr": "*fp32", "int_ptr": "*i32",
-         **_ints("N", "num_n_blocks", "stride_zb", "stride_zc", "stride_zn", "stride_ob", "stride_oc", "stride_on")},
-        dict(C=2, D=3, C_PAD=2, D_PAD=4, MAX_LEVEL=100, BLOCK_N=512, OFFSET_64=True), (), 8,
+        f"forward {dt} {layout}", F._fsq_forward_kernel,
+        {"z_ptr": "*" + dt, "out_ptr": "*" + dt, "idx_ptr": "*i32", "val_ptr": "*fp32", "int_ptr": "*i32",
+         **_ints("N", "num_n_blocks", *rz, *ro)},
+        dict(**sz, **so, C=1, D=8, C_PAD=1, D_PAD=8, MAX_LEVEL=8, BLOCK_N=1024, CHANNEL_ROWS=cf, OFFSET_64=False),
+        ("z_ptr", "out_ptr", "idx_ptr", "val_ptr", "int_ptr", "N", *rz, *ro), warps, tags={**tags, "kind": "forward"},
+    ))
+    sg, rg = strides("g", "bcn")
+    sd, rd = strides("d", "bcn")
+    out.append(Variant(
+        f"backward {dt} {layout}", F._fsq_backward_kernel,
+        {"g_ptr": "*" + dt, "z_ptr": "*" + dt, "dz_ptr": "*" + dt, "val_ptr": "*fp32",
+         **_ints("N", "num_n_blocks", *rg, *rz, *rd)},
+        dict(**sg, **sz, **sd, CD=8, D=8, CD_PAD=8, MAX_LEVEL=8, BLOCK_N=1024, OFFSET_64=False),
+        ("g_ptr", "z_ptr", "dz_ptr", "val_ptr", "N", *rg, *rz, *rd), warps, tags={**tags, "kind": "backward"},
     ))
     out.append(Variant(
-        "decode fp32 channel-first", F._fsq_decode_kernel,
-        {"idx_ptr": "*i32", "out_ptr": "*fp32", "val_ptr": "*fp32", "int_ptr": "*i32",
-         **_ints("N", "num_n_blocks", "codebook_size", "stride_ob", "stride_oc")},
-        dict(stride_on=1, C=1, D=6, C_PAD=1, D_PAD=8, MAX_LEVEL=8, BLOCK_N=1024, OFFSET_64=False),
-        ("idx_ptr", "out_ptr", "val_ptr", "int_ptr", "N", "stride_ob", "stride_oc"), 8,
-    ))
-    out.append(Variant(
-        "projected decode bf16, 2 codebooks", P._fsq_projected_decode_kernel,
-        {"idx_ptr": "*i32", "w_out_ptr": "*bf16", "b_out_ptr": "*bf16", "out_ptr": "*bf16", "val_ptr": "*fp32",
-         "int_ptr": "*i32", **_ints("N", "num_n_blocks", "DIM", "codebook_size", "stride_ob", "stride_on")},
-        dict(stride_oc=1, C=2, D=4, E_PAD=16, MAX_LEVEL=8, BLOCK_N=128, BLOCK_K=64, IEEE_DOT=False, DOT_IN_F32=False,
-             OFFSET_64=False),
-        ("idx_ptr", "w_out_ptr", "out_ptr", "val_ptr", "int_ptr", "N", "DIM", "stride_ob", "stride_on"), 4,
+        f"decode {dt} {layout}", F._fsq_decode_kernel,
+        {"idx_ptr": "*i32", "out_ptr": "*" + dt, "val_ptr": "*fp32", "int_ptr": "*i32",
+         **_ints("N", "num_n_blocks", "codebook_size", *ro)},
+        dict(**so, C=1, D=8, C_PAD=1, D_PAD=8, MAX_LEVEL=8, BLOCK_N=1024, CHANNEL_ROWS=cf, OFFSET_64=False),
+        ("idx_ptr", "out_ptr", "val_ptr", "int_ptr", "N", *ro), warps, tags={**tags, "kind": "decode"},
     ))
     return out
 
 
+def variants() -> list[Variant]:
+    out = []
+    for dt in ("fp32", "bf16", "fp16"):
+        for layout in ("channel-first", "channel-last"):
+            out += _streaming(dt, layout)
+    out.append(Variant(
+        "forward fp32, 64-bit offsets, levels 100", F._fsq_forward_kernel,
+        {"z_ptr": "*fp32", "out_ptr": "*fp32", "idx_ptr": "*i32", "val_ptr": "*fp32", "int_ptr": "*i32",
+         **_ints("N", "num_n_blocks", "stride_zb", "stride_zc", "stride_zn", "stride_ob", "stride_oc", "stride_on")},
+        dict(C=2, D=3, C_PAD=2, D_PAD=4, MAX_LEVEL=100, BLOCK_N=512, CHANNEL_ROWS=True, OFFSET_64=True), num_warps=8,
+        tags={"kind": "forward-large-levels"},
+    ))
+    for dt in ("fp32", "bf16"):
+        out.append(Variant(
+            f"projected forward {dt} channel-last, dim 1024", P._fsq_projected_forward_kernel,
+            {"x_ptr": "*" + dt, "w_in_ptr": "*" + dt, "b_in_ptr": "*" + dt, "w_out_ptr": "*" + dt, "b_out_ptr": "*" + dt,
+             "out_ptr": "*" + dt, "idx_ptr": "*i32", "h_ptr": "*fp32", "val_ptr": "*fp32", "int_ptr": "*i32",
+             **_ints("N", "num_n_blocks", "stride_xb", "stride_xn", "stride_ob", "stride_on")},
+            dict(stride_xc=1, stride_oc=1, DIM=1024, C=1, D=4, E_PAD=16, MAX_LEVEL=8, BLOCK_N=128, BLOCK_K=64,
+                 SAVE_H=True, IEEE_DOT=dt == "fp32", DOT_IN_F32=False, OFFSET_64=False),
+            ("x_ptr", "w_in_ptr", "w_out_ptr", "out_ptr", "idx_ptr", "h_ptr", "val_ptr", "int_ptr", "N",
+             "stride_xb", "stride_xn", "stride_ob", "stride_on"), num_warps=4, tags={"kind": "projected", "dtype": dt},
+        ))
+    out.append(Variant(
+        "projected decode bf16, 2 codebooks", P._fsq_projected_decode_kernel,
+        {"idx_ptr": "*i32", "w_out_ptr": "*bf16", "b_out_ptr": "*bf16", "out_ptr": "*bf16", "val_ptr": "*fp32",
+         "int_ptr": "*i32", **_ints("N", "num_n_blocks", "codebook_size", "stride_ob", "stride_on")},
+        dict(stride_oc=1, DIM=1024, C=2, D=4, E_PAD=16, MAX_LEVEL=8, BLOCK_N=128, BLOCK_K=64, IEEE_DOT=False,
+             DOT_IN_F32=False, OFFSET_64=False),
+        ("idx_ptr", "w_out_ptr", "out_ptr", "val_ptr", "int_ptr", "N", "stride_ob", "stride_on"), num_warps=4,
+        tags={"kind": "projected", "dtype": "bf16"},
+    ))
+    return out
+
+
+def _ptxas_report(log: str) -> tuple[int, int]:
+    """(registers, spill bytes) from a ``ptxas -v`` report."""
+    registers = int(re.search(r"Used (\d+) registers", log).group(1))
+    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
+    return registers, spills
+
+
 def inspect(variant: Variant, arch: int = 90) -> dict:
-    """Compile ``variant`` for ``sm_<arch>``; its resource usage and SASS instruction counts."""
+    """Compile ``variant`` for ``sm_<arch>``; its resources and instruction counts (see the module docstring)."""
     names = variant.kernel.arg_names
     signature = {n: ("constexpr" if n in variant.constexprs else variant.types[n]) for n in names}
     source = ASTSource(
@@ -109,29 +164,43 @@ def inspect(variant: Variant, arch: int = 90) -> dict:
         constexprs={(names.index(k),): v for k, v in variant.constexprs.items()},
         attrs={(names.index(n),): [["tt.divisibility", 16]] for n in variant.divisible_by_16},
     )
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": variant.num_warps})
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                                  options={"num_warps": variant.num_warps, "num_stages": variant.num_stages})
+    registers, spill_bytes = _ptxas_report(log.getvalue())
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "kernel.cubin")
         with open(cubin, "wb") as f:
             f.write(compiled.asm["cubin"])
-        usage = subprocess.run([str(BIN / "cuobjdump"), "--dump-resource-usage", cubin], capture_output=True, text=True, check=True).stdout
         sass = subprocess.run([str(BIN / "cuobjdump"), "--dump-sass", cubin], capture_output=True, text=True, check=True).stdout
-    fields = dict(re.findall(r"(REG|STACK|LOCAL|SHARED):(\d+)", usage))
-    row = {"kernel": variant.name, **{k.lower(): int(v) for k, v in fields.items()}}
-    for op in SASS_OPS:
-        row[op] = sum(1 for line in sass.splitlines() if op in line)
-    return row
+    lines = [line for line in sass.splitlines() if "/*" in line]
+    shared = int(compiled.metadata.shared)
+    threads = 32 * variant.num_warps
+    per_block_regs = ((registers + 7) // 8 * 8) * threads
+    blocks = min(REGISTERS_PER_SM // per_block_regs, MAX_WARPS_PER_SM // variant.num_warps,
+                 SHARED_PER_SM // shared if shared else MAX_WARPS_PER_SM)
+    return {
+        "name": variant.name, **variant.tags, "num_warps": variant.num_warps,
+        "registers": registers, "spill_bytes": spill_bytes, "shared_bytes": shared,
+        "barriers": sum(1 for line in lines if re.search(r"\bBAR\b|\bBAR\.", line)),
+        "ldg128": sum(1 for line in lines if "LDG.E.128" in line),
+        "stg128": sum(1 for line in lines if "STG.E.128" in line),
+        "mma": sum(1 for line in lines if "HGMMA" in line or "HMMA" in line),
+        "blocks_per_sm": blocks,
+    }
 
 
 def main() -> int:
-    """``python bench/inspect_kernels.py [ARCH] [--json]`` (ARCH 90 by default; run with TRITON_INTERPRET unset)."""
+    """``python bench/inspect_kernels.py [ARCH] [--json]`` (ARCH 90 by default; the interpreter must be off)."""
     args = [a for a in sys.argv[1:] if a != "--json"]
     arch = int(args[0]) if args else 90
     rows = [inspect(v, arch) for v in variants()]
     if "--json" in sys.argv:
-        print(json.dumps(rows))
+        for row in rows:
+            print(json.dumps(row))
         return 0
-    header = ["kernel", "reg", "stack", "local", "shared", *SASS_OPS]
+    header = ["name", "registers", "spill_bytes", "shared_bytes", "barriers", "ldg128", "stg128", "mma", "blocks_per_sm"]
     widths = [max(len(str(r.get(h, ""))) for r in rows + [dict(zip(header, header))]) for h in header]
     print(f"triton {triton.__version__}, sm_{arch}")
     print("  ".join(h.ljust(w) for h, w in zip(header, widths)))

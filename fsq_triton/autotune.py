@@ -36,6 +36,8 @@ from typing import Callable, Iterator
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
+from ._mode import env_flag, interpreting
+
 CACHE_FORMAT = 1
 _LOCK = threading.Lock()
 _CACHES: dict[str, dict[str, dict]] = {}  # cache file path -> {problem key: config}
@@ -72,9 +74,9 @@ def config_space(channel_tile: int, pipelined: bool = False) -> list[dict]:
 
 
 @functools.lru_cache(maxsize=4096)
-def default_config(channel_tile: int, tokens: int, interpreting: bool = False) -> dict:
+def default_config(channel_tile: int, tokens: int, interpreter: bool = False) -> dict:
     """The heuristic: about 8K elements a tile (4K under the interpreter), 8 warps from 4K elements up."""
-    budget = 4096 if interpreting else 8192
+    budget = 4096 if interpreter else 8192
     tokens = int(tokens)  # a SymInt while torch.compile traces: specialise, the choice is per size class anyway
     block = max(1, budget // channel_tile)
     block = 1 << (block.bit_length() - 1)  # power of two at or below
@@ -198,7 +200,7 @@ def retuning() -> Iterator[None]:
 
 
 def _tuning_enabled() -> bool:
-    return bool(_RETUNE) or os.environ.get("FSQ_TRITON_AUTOTUNE", "0") not in ("", "0")
+    return bool(_RETUNE) or env_flag("FSQ_TRITON_AUTOTUNE")
 
 
 def launch_config(kernel: str, key: str, default: dict, run: Callable[[dict], None], probe: torch.Tensor,
@@ -271,8 +273,6 @@ def standard_workloads(quick: bool) -> list[dict]:
 
 def main(quick: bool = False, reset: bool = False) -> int:
     """Tune the standard shapes on this GPU; print each choice and its gain over the default. Exit status 2 without a GPU."""
-    from .ops import interpreting
-
     if not torch.cuda.is_available() or interpreting():
         print("fsq_triton autotune needs a CUDA GPU (and TRITON_INTERPRET unset): nothing to tune here.", file=sys.stderr)
         return 2

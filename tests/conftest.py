@@ -1,31 +1,31 @@
 """Shared setup of the fsq_triton test suite.
 
-The Triton kernels run on CPU tensors under Triton's interpreter, which must be switched on before
-triton (or fsq_triton's kernels) is imported: hence the first lines below. On a GPU machine run
-``TRITON_INTERPRET=0 pytest -m gpu`` to compile the real kernels (see test_gpu.py).
+Without a GPU the Triton kernels run on CPU tensors under Triton's interpreter, which must be switched
+on before triton (or fsq_triton's kernels) is imported: hence the first lines below. On a CUDA machine a
+plain ``pytest`` leaves the interpreter off, so the real kernels compile and the ``gpu`` tests run there
+(``pytest -m gpu`` runs only those); ``TRITON_INTERPRET=1`` forces the interpreter anywhere.
 
 Helpers here are imported by the test modules (``from conftest import ...``); they use plain torch
-ops only, never fsq_triton, so that they can serve as an independent reference.
+ops only, never fsq_triton's quantizer, so that they can serve as an independent reference.
 """
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import math  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
+
+from fsq_triton._mode import interpreting  # noqa: E402  (TRITON_INTERPRET read as Triton reads it)
 
 BACKENDS = ("torch", "triton")
 GOLDEN_PATH = Path(__file__).parent / "data" / "fsq_reference_cases.pt"
 EPS = 1e-3
-
-
-def interpreting() -> bool:
-    """True when Triton kernels run on CPU tensors (TRITON_INTERPRET set to something other than 0)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def gpu_available() -> bool:
@@ -49,7 +49,7 @@ def golden():
 def pytest_collection_modifyitems(config, items):
     if gpu_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU and TRITON_INTERPRET=0 (run `TRITON_INTERPRET=0 pytest -m gpu`)")
+    skip = pytest.mark.skip(reason="needs a CUDA GPU with the interpreter off (TRITON_INTERPRET unset or 0)")
     for item in items:
         if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)

@@ -19,7 +19,6 @@ Offsets are computed in int64 (``OFFSET_64``) whenever any address of a launch c
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -28,13 +27,9 @@ from torch._subclasses.fake_tensor import is_fake
 
 from .. import autotune
 from .. import levels as _lv
+from .._mode import interpreting
 from .. import torch_impl
 from ..levels import LevelTables
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels with its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # Column layout of the level tables (see fsq_triton.levels.LevelTables), as kernel constants.
@@ -66,19 +61,52 @@ def tile_origin(num_n_blocks, BLOCK_N: tl.constexpr, OFFSET_64: tl.constexpr):
 
 
 @triton.jit
-def count_levels(z, values, row_ok, MAX_LEVEL: tl.constexpr):
-    """``level = #{k : z >= thresholds[k]}`` per element; ``values`` points at each element's table row (broadcastable).
+def table_entry(values, col, row_ok, other: tl.constexpr):
+    """``values[col]`` of each element's table row; ``row_ok=None`` for one row shared by the whole tile (a scalar)."""
+    if row_ok is None:
+        return tl.load(values + col)
+    else:
+        return tl.load(values + col, mask=row_ok, other=other)
 
-    Padding thresholds are NaN, which no comparison passes. Unrolled for the usual small levels, a loop past 64.
+
+@triton.jit
+def quantize_levels(z, values, row_ok, MAX_LEVEL: tl.constexpr):
+    """``(level, code)`` per element: ``level = #{k : z >= thresholds[k]}``, ``code = codes[level]``.
+
+    ``values`` points at each element's table row (broadcastable to ``z``, or one scalar row with ``row_ok=None``).
+    Thresholds ascend, so the last one passed names the code: each step is one compare, one add and one
+    select. A select, not a per-element gather from the table: triton 3.6 routes a gathered tile through
+    shared memory (64 KB and barriers). Padding thresholds are NaN, which no comparison passes. Unrolled for
+    the usual small levels, a loop past 64.
     """
+    COL_CODES: tl.constexpr = COL_THRESHOLDS + MAX_LEVEL - 1
     level = tl.zeros(z.shape, dtype=tl.int32)
+    code = tl.zeros(z.shape, dtype=tl.float32) + table_entry(values, COL_CODES, row_ok, 0.0)
     if MAX_LEVEL <= 64:
         for k in tl.static_range(MAX_LEVEL - 1):
-            level += (z >= tl.load(values + (COL_THRESHOLDS + k), mask=row_ok, other=float("nan"))).to(tl.int32)
+            passed = z >= table_entry(values, COL_THRESHOLDS + k, row_ok, float("nan"))
+            level += passed.to(tl.int32)
+            code = tl.where(passed, table_entry(values, COL_CODES + 1 + k, row_ok, 0.0), code)
     else:
         for k in range(MAX_LEVEL - 1):
-            level += (z >= tl.load(values + (COL_THRESHOLDS + k), mask=row_ok, other=float("nan"))).to(tl.int32)
-    return level
+            passed = z >= table_entry(values, COL_THRESHOLDS + k, row_ok, float("nan"))
+            level += passed.to(tl.int32)
+            code = tl.where(passed, table_entry(values, COL_CODES + 1 + k, row_ok, 0.0), code)
+    return level, code
+
+
+@triton.jit
+def code_of_level(level, values, row_ok, MAX_LEVEL: tl.constexpr):
+    """``codes[level]`` per element by a select over the levels (no gather, as in :func:`quantize_levels`)."""
+    COL_CODES: tl.constexpr = COL_THRESHOLDS + MAX_LEVEL - 1
+    code = tl.zeros(level.shape, dtype=tl.float32)
+    if MAX_LEVEL <= 64:
+        for k in tl.static_range(MAX_LEVEL):
+            code = tl.where(level == k, table_entry(values, COL_CODES + k, row_ok, 0.0), code)
+    else:
+        for k in range(MAX_LEVEL):
+            code = tl.where(level == k, table_entry(values, COL_CODES + k, row_ok, 0.0), code)
+    return code
 
 
 @triton.jit
@@ -99,7 +127,7 @@ def _fsq_forward_kernel(
     stride_zb, stride_zc, stride_zn,
     stride_ob, stride_oc, stride_on,
     C: tl.constexpr, D: tl.constexpr, C_PAD: tl.constexpr, D_PAD: tl.constexpr,
-    MAX_LEVEL: tl.constexpr, BLOCK_N: tl.constexpr, OFFSET_64: tl.constexpr,
+    MAX_LEVEL: tl.constexpr, BLOCK_N: tl.constexpr, CHANNEL_ROWS: tl.constexpr, OFFSET_64: tl.constexpr,
 ):
     """FSQ forward, one pass over a tile of ``BLOCK_N`` tokens x all ``c*d`` channels.
 
@@ -116,39 +144,59 @@ def _fsq_forward_kernel(
     stay in cache.
     """
     b, n_start = tile_origin(num_n_blocks, BLOCK_N, OFFSET_64)
-
-    cc = tl.arange(0, C_PAD)[:, None, None]            # codebook
-    dd = tl.arange(0, D_PAD)[None, :, None]            # channel within the codebook
-    nn = n_start + tl.arange(0, BLOCK_N)[None, None, :]  # token
-    chan = cc * D + dd
-    if OFFSET_64:
-        chan = chan.to(tl.int64)
-    d_ok = dd < D
-    mask = (cc < C) & d_ok & (nn < N)
-
-    z = tl.load(z_ptr + (b * stride_zb + chan * stride_zc + nn * stride_zn), mask=mask, other=0.0)
-    z = z.to(tl.float32)
-
     ROW: tl.constexpr = COL_THRESHOLDS + 2 * MAX_LEVEL - 1      # floats per row of the value table
-    COL_CODES: tl.constexpr = COL_THRESHOLDS + MAX_LEVEL - 1
-    values = val_ptr + dd * ROW
-    integers = int_ptr + dd * INT_COLS
-    basis = tl.load(integers + COL_BASIS, mask=d_ok, other=0)
 
-    # Count the thresholds at or below z, then look the code up in the row's table (cache resident).
-    level = count_levels(z, values, d_ok, MAX_LEVEL)
-    code = tl.load(values + COL_CODES + level, mask=mask, other=0.0)
-    is_nan = z != z
-    code = tl.where(is_nan, z, code)
-    tl.store(out_ptr + (b * stride_ob + chan * stride_oc + nn * stride_on),
-             cast_rne(code, out_ptr.dtype.element_ty), mask=mask)
+    if CHANNEL_ROWS:
+        # Channel-first: one contiguous row of BLOCK_N tokens per channel, its table row a scalar (uniform).
+        nn = n_start + tl.arange(0, BLOCK_N)
+        n_ok = nn < N
+        if OFFSET_64:
+            stride_zc = stride_zc.to(tl.int64)
+            stride_oc = stride_oc.to(tl.int64)
+        for c in tl.static_range(C):
+            index = tl.zeros((BLOCK_N,), dtype=tl.int32)
+            token_nan = tl.zeros((BLOCK_N,), dtype=tl.int1)
+            for j in tl.static_range(D):
+                z = tl.load(z_ptr + (b * stride_zb + (c * D + j) * stride_zc + nn * stride_zn), mask=n_ok, other=0.0)
+                z = z.to(tl.float32)
+                level, code = quantize_levels(z, val_ptr + j * ROW, None, MAX_LEVEL)
+                is_nan = z != z
+                code = tl.where(is_nan, z, code)
+                tl.store(out_ptr + (b * stride_ob + (c * D + j) * stride_oc + nn * stride_on),
+                         cast_rne(code, out_ptr.dtype.element_ty), mask=n_ok)
+                index += level * tl.load(int_ptr + j * INT_COLS + COL_BASIS)
+                token_nan = token_nan | is_nan
+            tl.store(idx_ptr + ((b * N + nn) * C + c), tl.where(token_nan, -1, index), mask=n_ok)
+    else:
+        # Channel-last: a (tokens, codebooks, channels) tile, channels fastest, reduced per codebook.
+        nn = n_start + tl.arange(0, BLOCK_N)[:, None, None]  # token
+        cc = tl.arange(0, C_PAD)[None, :, None]             # codebook
+        dd = tl.arange(0, D_PAD)[None, None, :]             # channel within the codebook
+        chan = cc * D + dd
+        if OFFSET_64:
+            chan = chan.to(tl.int64)
+        d_ok = dd < D
+        mask = (nn < N) & (cc < C) & d_ok
 
-    index = tl.sum(level * basis, axis=1)                        # (C_PAD, BLOCK_N)
-    token_nan = tl.max(is_nan.to(tl.int32), axis=1) > 0
-    index = tl.where(token_nan, -1, index)
-    c2 = tl.arange(0, C_PAD)[:, None]
-    n2 = n_start + tl.arange(0, BLOCK_N)[None, :]
-    tl.store(idx_ptr + ((b * N + n2) * C + c2), index, mask=(c2 < C) & (n2 < N))
+        z = tl.load(z_ptr + (b * stride_zb + chan * stride_zc + nn * stride_zn), mask=mask, other=0.0)
+        z = z.to(tl.float32)
+        level, code = quantize_levels(z, val_ptr + dd * ROW, d_ok, MAX_LEVEL)
+        is_nan = z != z
+        code = tl.where(is_nan, z, code)
+        tl.store(out_ptr + (b * stride_ob + chan * stride_oc + nn * stride_on),
+                 cast_rne(code, out_ptr.dtype.element_ty), mask=mask)
+
+        basis = tl.load(int_ptr + dd * INT_COLS + COL_BASIS, mask=d_ok, other=0)
+        index = tl.sum(level * basis, axis=2)                    # (BLOCK_N, C_PAD)
+        token_nan = tl.max(is_nan.to(tl.int32), axis=2) > 0
+        index = tl.where(token_nan, -1, index)
+        # stored from the tile's own layout (the lane of channel 0): a store of the reduced (tokens, codebooks)
+        # layout would make the compiler convert layouts through shared memory
+        n2 = n_start + tl.arange(0, BLOCK_N)[:, None]
+        c2 = tl.arange(0, C_PAD)[None, :]
+        # one 4-byte index per token and lane: vectorising the store would convert layouts through shared memory
+        idx_offsets = tl.max_contiguous((b * N + n2) * C + c2, [1, 1])
+        tl.store(idx_ptr + idx_offsets, index, mask=(n2 < N) & (c2 < C))
 
 
 @triton.jit
@@ -199,7 +247,7 @@ def _fsq_decode_kernel(
     N, num_n_blocks, codebook_size,
     stride_ob, stride_oc, stride_on,
     C: tl.constexpr, D: tl.constexpr, C_PAD: tl.constexpr, D_PAD: tl.constexpr,
-    MAX_LEVEL: tl.constexpr, BLOCK_N: tl.constexpr, OFFSET_64: tl.constexpr,
+    MAX_LEVEL: tl.constexpr, BLOCK_N: tl.constexpr, CHANNEL_ROWS: tl.constexpr, OFFSET_64: tl.constexpr,
 ):
     """``indices_to_codes``: token indices ``(b, n, c)`` to codes on the feature view ``(b, c*d, n)``.
 
@@ -211,28 +259,44 @@ def _fsq_decode_kernel(
     of index per ``d`` elements.
     """
     b, n_start = tile_origin(num_n_blocks, BLOCK_N, OFFSET_64)
-
-    cc = tl.arange(0, C_PAD)[:, None, None]
-    dd = tl.arange(0, D_PAD)[None, :, None]
-    nn = n_start + tl.arange(0, BLOCK_N)[None, None, :]
-    d_ok = dd < D
-    tok_ok = (cc < C) & (nn < N)
-    mask = tok_ok & d_ok
-
-    index = tl.load(idx_ptr + ((b * N + nn) * C + cc), mask=tok_ok, other=0)
-    valid = (index >= 0) & (index < codebook_size)
-    index = tl.where(valid, index, 0)
     ROW: tl.constexpr = COL_THRESHOLDS + 2 * MAX_LEVEL - 1
-    COL_CODES: tl.constexpr = COL_THRESHOLDS + MAX_LEVEL - 1
-    basis = tl.load(int_ptr + dd * INT_COLS + COL_BASIS, mask=d_ok, other=1)
-    nlev = tl.load(int_ptr + dd * INT_COLS + COL_NUM_LEVELS, mask=d_ok, other=1)
-    level = (index // basis) % nlev
-    code = tl.load(val_ptr + dd * ROW + COL_CODES + level, mask=mask, other=0.0)
-    code = tl.where(valid, code, float("nan"))
-    chan = cc * D + dd
-    if OFFSET_64:
-        chan = chan.to(tl.int64)
-    tl.store(out_ptr + (b * stride_ob + chan * stride_oc + nn * stride_on), cast_rne(code, out_ptr.dtype.element_ty), mask=mask)
+
+    if CHANNEL_ROWS:
+        # Channel-first: one contiguous row of BLOCK_N tokens per channel, its constants scalars (uniform).
+        nn = n_start + tl.arange(0, BLOCK_N)
+        n_ok = nn < N
+        if OFFSET_64:
+            stride_oc = stride_oc.to(tl.int64)
+        for c in tl.static_range(C):
+            index = tl.load(idx_ptr + ((b * N + nn) * C + c), mask=n_ok, other=0)
+            valid = (index >= 0) & (index < codebook_size)
+            index = tl.where(valid, index, 0)
+            for j in tl.static_range(D):
+                basis = tl.load(int_ptr + j * INT_COLS + COL_BASIS)
+                nlev = tl.load(int_ptr + j * INT_COLS + COL_NUM_LEVELS)
+                code = code_of_level((index // basis) % nlev, val_ptr + j * ROW, None, MAX_LEVEL)
+                code = tl.where(valid, code, float("nan"))
+                tl.store(out_ptr + (b * stride_ob + (c * D + j) * stride_oc + nn * stride_on),
+                         cast_rne(code, out_ptr.dtype.element_ty), mask=n_ok)
+    else:
+        # Channel-last: a (tokens, codebooks, channels) tile, channels fastest.
+        nn = n_start + tl.arange(0, BLOCK_N)[:, None, None]
+        cc = tl.arange(0, C_PAD)[None, :, None]
+        dd = tl.arange(0, D_PAD)[None, None, :]
+        d_ok = dd < D
+        tok_ok = (nn < N) & (cc < C)
+        index = tl.load(idx_ptr + ((b * N + nn) * C + cc), mask=tok_ok, other=0)
+        valid = (index >= 0) & (index < codebook_size)
+        index = tl.where(valid, index, 0)
+        basis = tl.load(int_ptr + dd * INT_COLS + COL_BASIS, mask=d_ok, other=1)
+        nlev = tl.load(int_ptr + dd * INT_COLS + COL_NUM_LEVELS, mask=d_ok, other=1)
+        code = code_of_level((index // basis) % nlev, val_ptr + dd * ROW, d_ok, MAX_LEVEL)
+        code = tl.where(valid, code, float("nan"))
+        chan = cc * D + dd
+        if OFFSET_64:
+            chan = chan.to(tl.int64)
+        tl.store(out_ptr + (b * stride_ob + chan * stride_oc + nn * stride_on),
+                 cast_rne(code, out_ptr.dtype.element_ty), mask=tok_ok & d_ok)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -282,11 +346,12 @@ class _NoLaunch:
 def _launch(kernel, probe: torch.Tensor):
     """``torch.library.wrap_triton(kernel)``, so that torch.compile and export see the kernel.
 
-    Under the interpreter the kernel runs on real CPU tensors only: shape propagation with fake
-    tensors (the custom op's fake implementation) must not run it.
+    Under the interpreter the kernel itself is called, on real CPU tensors only: torch before 2.13
+    refuses to wrap the interpreter's kernels (they are not ``JITFunction``s), and shape propagation
+    with fake tensors (the custom op's fake implementation) must not run them.
     """
-    if interpreting() and _is_fake(probe):
-        return _NoLaunch()
+    if interpreting():
+        return _NoLaunch() if _is_fake(probe) else kernel
     return torch.library.wrap_triton(kernel)
 
 
@@ -344,7 +409,7 @@ def forward_triton(z, values, integers, num_codebooks: int, channels_last: bool)
             z, out, indices, values, integers,
             tokens, nblocks, *sz, *so,
             C=num_codebooks, D=d, C_PAD=c_pad, D_PAD=d_pad, MAX_LEVEL=max_level,
-            BLOCK_N=cfg["BLOCK_N"], OFFSET_64=offset_64, num_warps=cfg["num_warps"],
+            BLOCK_N=cfg["BLOCK_N"], CHANNEL_ROWS=not channels_last, OFFSET_64=offset_64, num_warps=cfg["num_warps"],
         )
 
     _configured_launch("forward", z, rows * tokens, c_pad * d_pad, z.dtype, channels_last, launch)
@@ -393,7 +458,7 @@ def decode_triton(indices, values, integers, codebook_size: int, channels_last: 
             indices, out, values, integers,
             tokens, nblocks, codebook_size, *so,
             C=c, D=d, C_PAD=c_pad, D_PAD=d_pad, MAX_LEVEL=max_level,
-            BLOCK_N=cfg["BLOCK_N"], OFFSET_64=offset_64, num_warps=cfg["num_warps"],
+            BLOCK_N=cfg["BLOCK_N"], CHANNEL_ROWS=not channels_last, OFFSET_64=offset_64, num_warps=cfg["num_warps"],
         )
 
     _configured_launch("decode", out, rows * tokens, c_pad * d_pad, dtype, channels_last, launch)

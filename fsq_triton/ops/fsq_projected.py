@@ -47,7 +47,8 @@ from .fsq import (
     backward_triton,
     cast_rne,
     cdiv,
-    count_levels,
+    code_of_level,
+    quantize_levels,
     tile_origin,
     forward_triton,
     interpreting,
@@ -87,7 +88,7 @@ def _project_out_store(
 def _fsq_projected_forward_kernel(
     x_ptr, w_in_ptr, b_in_ptr, w_out_ptr, b_out_ptr,
     out_ptr, idx_ptr, h_ptr, val_ptr, int_ptr,
-    N, num_n_blocks, DIM,
+    N, num_n_blocks, DIM: tl.constexpr,
     stride_xb, stride_xc, stride_xn,
     stride_ob, stride_oc, stride_on,
     C: tl.constexpr, D: tl.constexpr, E_PAD: tl.constexpr, MAX_LEVEL: tl.constexpr,
@@ -108,7 +109,6 @@ def _fsq_projected_forward_kernel(
     b, n_start = tile_origin(num_n_blocks, BLOCK_N, OFFSET_64)
     E: tl.constexpr = C * D
     ROW: tl.constexpr = COL_THRESHOLDS + 2 * MAX_LEVEL - 1
-    COL_CODES: tl.constexpr = COL_THRESHOLDS + MAX_LEVEL - 1
 
     nn = n_start + tl.arange(0, BLOCK_N)
     ee = tl.arange(0, E_PAD)
@@ -139,8 +139,7 @@ def _fsq_projected_forward_kernel(
     # FSQ on h: count the calibrated thresholds (NaN padding never counts), look the code up
     jj = ee % D
     values = val_ptr + jj * ROW
-    level = count_levels(h, values[None, :], e_ok[None, :], MAX_LEVEL)
-    code = tl.load(values[None, :] + COL_CODES + level, mask=tile_ok, other=0.0)
+    level, code = quantize_levels(h, values[None, :], e_ok[None, :], MAX_LEVEL)
     is_nan = h != h
     code = tl.where(is_nan, h, code)
     if SAVE_H:
@@ -163,7 +162,7 @@ def _fsq_projected_forward_kernel(
 @triton.jit
 def _fsq_projected_decode_kernel(
     idx_ptr, w_out_ptr, b_out_ptr, out_ptr, val_ptr, int_ptr,
-    N, num_n_blocks, DIM, codebook_size,
+    N, num_n_blocks, DIM: tl.constexpr, codebook_size,
     stride_ob, stride_oc, stride_on,
     C: tl.constexpr, D: tl.constexpr, E_PAD: tl.constexpr, MAX_LEVEL: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE_DOT: tl.constexpr, DOT_IN_F32: tl.constexpr,
@@ -178,7 +177,6 @@ def _fsq_projected_decode_kernel(
     b, n_start = tile_origin(num_n_blocks, BLOCK_N, OFFSET_64)
     E: tl.constexpr = C * D
     ROW: tl.constexpr = COL_THRESHOLDS + 2 * MAX_LEVEL - 1
-    COL_CODES: tl.constexpr = COL_THRESHOLDS + MAX_LEVEL - 1
 
     nn = n_start + tl.arange(0, BLOCK_N)
     ee = tl.arange(0, E_PAD)
@@ -193,7 +191,7 @@ def _fsq_projected_decode_kernel(
     basis = tl.load(int_ptr + jj * INT_COLS + COL_BASIS, mask=e_ok, other=1)
     nlev = tl.load(int_ptr + jj * INT_COLS + COL_NUM_LEVELS, mask=e_ok, other=1)
     level = (index // basis[None, :]) % nlev[None, :]
-    code = tl.load((val_ptr + jj * ROW)[None, :] + COL_CODES + level, mask=tile_ok, other=0.0)
+    code = code_of_level(level, (val_ptr + jj * ROW)[None, :], e_ok[None, :], MAX_LEVEL)
     code = tl.where(valid | ~tile_ok, code, float("nan"))
 
     _project_out_store(code, w_out_ptr, b_out_ptr, out_ptr + b * stride_ob, nn, n_ok, ee, e_ok, DIM,
