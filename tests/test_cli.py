@@ -43,6 +43,16 @@ def test_help_names_the_installed_script(monkeypatch, capsys):
     assert out.startswith("usage: fsq-triton ") and "python -m fsq_triton" not in out.splitlines()[0]
 
 
+SCRIPT = Path(sys.executable).parent / "fsq-triton"
+
+
+@pytest.mark.skipif(not SCRIPT.is_file(), reason="fsq-triton is not installed beside this Python (pip install -e .)")
+def test_installed_script_help_names_itself(tmp_path):
+    result = subprocess.run([str(SCRIPT), "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: fsq-triton ")
+
+
 @no_cuda
 @pytest.mark.parametrize("command", ["demo", "bench"])
 def test_device_cuda_without_cuda_is_a_clear_error(tmp_path, command):
