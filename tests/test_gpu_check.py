@@ -131,3 +131,56 @@ def test_outcomes_from_junit_and_from_a_cut_short_log(tmp_path):
     assert junit_outcomes(junit) == [("tests.test_gpu::test_a", "passed", ""),
                                      ("tests.test_gpu::test_b", "failed", "AssertionError: 3 differ"),
                                      ("tests.test_gpu::test_c", "skipped", "needs a GPU")]
+
+
+def _gpu_check_module():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    return gpu_check
+
+
+def test_targets_are_judged_from_gpu_shaped_rows():
+    """What a GPU run's steps record (rows shaped as gpu_targets.py writes them) -> each target met or missed."""
+    gpu_check = _gpu_check_module()
+    ok = lambda rows: {"status": "ok", "reason": None, "result": {"rows": rows, "notes": []}}  # noqa: E731
+    core = lambda case, ms, pct, **extra: {"case": f"video 32x6x32x128x128 {case}", "fsq_triton_ms": ms,  # noqa: E731
+                                           "bound_ms": ms * pct / 100, "pct_of_bound": pct, **extra}
+    results = {"steps": {
+        "a": ok([{"device": "NVIDIA H200"}, {"copy_bandwidth_gbs": 4300.0}]),
+        "b": ok([{"check": "video float32", "target": "0 and 0", "index_mismatches": 0, "output_mismatches": 2},
+                 {"check": "planted", "target": "0 and 0", "index_mismatches": 0, "output_mismatches": 1},
+                 {"check": "projections", "index_mismatches": 7}]),  # not a bitwise target: not counted
+        "c": ok([core("float32 forward", 0.22, 92.0, fsq_triton_compiled_ms=0.21, torch_compile_reference_ms=0.5),
+                 core("bfloat16 forward", 0.15, 80.0), core("float32 forward+backward", 0.5, 86.0)]),
+        "d": ok([{"case": "projections x 64x4096x1024 bfloat16", "fsq_triton_ms": 0.3, "bound_ms": 0.25, "x_bound": 1.2,
+                  "speedup_vs_vqp": 2.5, "speedup_vs_reference_float32": 2.0, "fwd_bwd_speedup_vs_vqp": 1.6},
+                 {"case": "tiny call 64x5x32x32", "fsq_triton_us": 12.0, "elementwise_launch_us": 5.0,
+                  "x_elementwise_launch": 2.4, "fsq_triton_compiled_us": 8.0, "torch_compile_reference_us": 20.0}]),
+        "e": {"status": "failed", "reason": "some GPU tests failed", "result": {
+            "tests": 10, "passed": 8, "failed": 1, "errors": 0, "skipped": 1}},
+        "f": {"status": "ok", "reason": None, "result": {"second_process": {"retuned": 0, "entries": 5}}},
+    }}
+    judged = {t["target"]: t for t in gpu_check.targets(results, judged=True)}
+    met = {name: t["met"] for name, t in judged.items()}
+    assert [t["measured"] for t in judged.values()][:2] == ["0 over 2 checks", "3 over 2 checks"]
+    expected = [True, False, True, False, True, True, True, False, True, False, True, True, True, True, False, True]
+    assert list(met.values()) == expected, met
+    assert judged["video bfloat16 forward: % of the copy bandwidth"]["measured"].startswith("80.0% (0.150 ms")
+    assert judged["GPU tests (pytest -m gpu)"]["measured"] == "8 passed, 1 failed, 0 errors, 1 skipped"
+    results.update(mode="gpu", date="2026-11-28", command="python bench/gpu_check.py", budget_s=480, elapsed_s=300,
+                   peers={"wheels": "installed", "vector_quantize_pytorch": "1.32.0"},
+                   targets=list(judged.values()))
+    for entry in results["steps"].values():
+        entry.update(what="w", expected_s=1, limit_s=2, seconds=1.0)
+    summary = gpu_check.summary_markdown(results)
+    assert "NVIDIA H200" in summary and "| **no** |" in summary and "No target is judged" not in summary
+
+    # the same run without vqp: the vqp targets say why they are not measured, and are not judged
+    del results["steps"]["d"]["result"]["rows"][0]["speedup_vs_vqp"]
+    del results["steps"]["d"]["result"]["rows"][0]["fwd_bwd_speedup_vs_vqp"]
+    results["steps"]["d"]["result"]["rows"][0]["vqp"] = "vector-quantize-pytorch is not importable here"
+    vqp_rows = [t for t in gpu_check.targets(results, judged=True) if "vqp" in t["target"]]
+    assert len(vqp_rows) == 2 and all(t["met"] is None and "not importable" in t["measured"] for t in vqp_rows)
