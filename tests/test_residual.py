@@ -456,3 +456,22 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     rows = json.loads(result.stdout.strip().splitlines()[-1])
     assert [r["kernel"] for r in rows] == ["_residual_forward_kernel", "_residual_backward_kernel", "_residual_backward_kernel"]
     assert rows[0]["ptx_has_tanh_path"] and rows[0]["div_rn"]
+
+
+@needs_vqp
+def test_bench_residual_cases_run_and_agree_with_vqp():
+    """The bench's residual cases (smoke size): every row runs, and fsq_triton's indices equal vqp's."""
+    pytest.importorskip("tqdm")
+    from fsq_triton.bench import residual_cases
+    from fsq_triton.bench.harness import Timer
+
+    cpu = torch.device("cpu")
+    cases = list(residual_cases.measure_cases("smoke", cpu, Timer(cpu, "smoke"), 10.0))
+    assert [c["name"] for c in cases] == ["residual 8x[8,5,5,5]", "residual 8x[8,5,5,5] proj", "grouped ChatTTS-like"]
+    for case in cases:
+        for mode in ("inference", "training", "decode"):
+            for name in ("fsq_triton", "reference"):
+                entry = case["modes"][mode]["results"][name]
+                assert entry["error"] is None and entry["median_ms"] > 0, (case["label"], mode, name, entry)
+        assert case["modes"]["inference"]["results"]["fsq_triton"]["index_mismatches"] == 0
+        assert case["modes"]["inference"]["bytes"] > 0
