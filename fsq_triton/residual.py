@@ -199,6 +199,10 @@ class ResidualFSQ(nn.Module):
         else:
             self.soft_clamp_input_value = soft_clamp_input_value
 
+        # the soft clamp's float32 values as Python floats: the tables' cache key, read without touching a tensor
+        c = self.soft_clamp_input_value
+        self._soft_clamp_key = None if c is None else tuple(
+            (c.detach().float() if isinstance(c, torch.Tensor) else torch.tensor(float(c))).reshape(-1).tolist())
         self.register_buffer("_codebook", self._stage_codes(torch.arange(self.codebook_size)), persistent=False)
         self._calibrate()
 
@@ -206,15 +210,9 @@ class ResidualFSQ(nn.Module):
     # Constants
     # ----------------------------------------------------------------------------------------------
 
-    def _soft_clamp_tensor(self):
-        c = self.soft_clamp_input_value
-        if c is None:
-            return None
-        return c.detach().cpu().float() if isinstance(c, torch.Tensor) else torch.tensor(float(c))
-
     def _tables(self, device):
         return residual_tables(tuple(self.levels), self.num_quantizers, self.semantics, self._kind, device,
-                               self._soft_clamp_tensor())
+                               self._soft_clamp_key)
 
     def _calibrate(self):
         if self._levels.device.type in ("cpu", "cuda") and not self._levels.is_meta:

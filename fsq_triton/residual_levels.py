@@ -170,13 +170,16 @@ _TABLES: dict[tuple, ResidualTables] = {}
 
 def residual_tables(
     levels: tuple[int, ...], num_quantizers: int, semantics: str, kind: str, device: torch.device | str,
-    soft_clamp: torch.Tensor | None = None,
+    soft_clamp: tuple[float, ...] | None = None,
 ) -> ResidualTables:
-    """The calibrated :class:`ResidualTables`, cached per (levels, num_quantizers, semantics, kind, soft clamp, device)."""
+    """The calibrated :class:`ResidualTables`, cached per (levels, num_quantizers, semantics, kind, soft clamp, device).
+
+    ``soft_clamp``: the soft clamp value as float32-representable Python floats (one, or one per channel), or None.
+    """
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    soft_key = None if soft_clamp is None else tuple(soft_clamp.detach().cpu().float().reshape(-1).tolist())
+    soft_key = None if soft_clamp is None else tuple(float(v) for v in soft_clamp)
     key = (tuple(levels), int(num_quantizers), semantics, kind, soft_key, str(device))
     tables = _TABLES.get(key)
     if tables is None:
@@ -185,5 +188,6 @@ def residual_tables(
                 f"fsq_triton: the residual tables of levels {list(levels)} are not calibrated on {device} yet; "
                 "move the module there (.to(device)) or run it once eagerly before torch.compile traces it"
             )
-        tables = _TABLES[key] = _build(tuple(levels), int(num_quantizers), semantics, kind, soft_clamp, device)
+        soft = None if soft_key is None else torch.tensor(soft_key, dtype=torch.float32)
+        tables = _TABLES[key] = _build(tuple(levels), int(num_quantizers), semantics, kind, soft, device)
     return tables

@@ -394,7 +394,7 @@ def test_kernels_cpu_twin_matches_the_kernels():
 
     if not interpreting():
         pytest.skip("compares with the kernels under the interpreter")
-    for kind, semantics, soft in (("sym_clamp", "current", torch.tensor([1.2, 1.5, 1.1])), ("tanh_shift", "pre-1.26", None)):
+    for kind, semantics, soft in (("sym_clamp", "current", (1.2, 1.5, 1.1)), ("tanh_shift", "pre-1.26", None)):
         tables = residual_tables((8, 5, 3), 3, semantics, kind, "cpu", soft)
         x = torch.randn(2, 6, 11) * 1.5
         mode = 0 if soft is None else 1
@@ -475,3 +475,29 @@ def test_bench_residual_cases_run_and_agree_with_vqp():
                 assert entry["error"] is None and entry["median_ms"] > 0, (case["label"], mode, name, entry)
         assert case["modes"]["inference"]["results"]["fsq_triton"]["index_mismatches"] == 0
         assert case["modes"]["inference"]["bytes"] > 0
+
+
+def test_custom_ops_pass_opcheck():
+    """Schema, fake (shape) implementation, autograd registration and dispatch of both custom ops."""
+    from fsq_triton.ops import residual as ops
+
+    tables = residual_tables((8, 5, 5, 5), 3, "current", "sym_clamp", "cpu", (1.1, 1.2, 1.2, 1.2))
+    x = torch.randn(2, 8, 7, requires_grad=True)
+    torch.library.opcheck(torch.ops.fsq_triton.residual_quantize.default,
+                          (x, tables.stages, tables.channels, tables.basis, 2, 3, ops.KINDS["sym_clamp"], 1, False))
+    torch.library.opcheck(torch.ops.fsq_triton.residual_quantize_backward.default,
+                          (torch.randn(2, 8, 7), x.detach(), tables.stages, tables.channels, 2, 3, ops.KINDS["sym_clamp"], 1, False))
+
+
+def test_torch_compile_fullgraph_matches_eager(backend):
+    m = ResidualFSQ(levels=[8, 5, 5, 5], num_quantizers=4, dim=6, backend=backend).eval()
+    compiled = torch.compile(m, fullgraph=True)
+    x = torch.randn(2, 16, 6)
+    q_eager, i_eager = m(x)
+    q_compiled, i_compiled = compiled(x)
+    assert torch.equal(i_compiled, i_eager)
+    torch.testing.assert_close(q_compiled, q_eager, rtol=1e-6, atol=1e-6)
+    xc, xe = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    compiled(xc)[0].sum().backward()
+    m(xe)[0].sum().backward()
+    torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-5, atol=1e-5)

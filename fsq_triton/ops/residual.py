@@ -278,7 +278,7 @@ def forward_triton(x, stages, channels, basis, groups: int, num_active: int, sof
     b, n, g_pad, d_pad, block = _geometry(x, groups, d)
     out = _empty_feature(x.shape, x.device, channels_last, torch.float32)
     indices = torch.empty((groups, b, n, q), dtype=torch.int32, device=x.device)
-    if out.numel() == 0 or _is_fake(x):
+    if out.numel() == 0 or (interpreting() and _is_fake(x)):
         return out, indices
     nblocks = _cdiv(n, block)
     _kernel(_residual_forward_kernel)[(b * nblocks,)](
@@ -298,7 +298,7 @@ def backward_triton(grad_out, x, stages, channels, groups: int, num_active: int,
     max_level = (stages.shape[2] - _rl.COL_THRESHOLDS + 1) // 2
     b, n, g_pad, d_pad, block = _geometry(x, groups, d)
     grad_x = _empty_feature(x.shape, x.device, channels_last, x.dtype)
-    if grad_x.numel() == 0 or _is_fake(x):
+    if grad_x.numel() == 0 or (interpreting() and _is_fake(x)):
         return grad_x
     nblocks = _cdiv(n, block)
     _kernel(_residual_backward_kernel)[(b * nblocks,)](
@@ -324,6 +324,7 @@ def _empty_feature(shape, device, channels_last: bool, dtype: torch.dtype) -> to
 
 
 def _runs_triton(t: torch.Tensor) -> bool:
+    """CUDA tensors (fake ones too, traced through ``wrap_triton``), and real CPU tensors under the interpreter."""
     return t.device.type == "cuda" or (interpreting() and t.device.type == "cpu" and not _is_fake(t))
 
 
@@ -350,17 +351,21 @@ def _torch_forward(x, stages, channels, basis, groups, num_active, soft_clamp_mo
         qv = qv if active else torch.zeros_like(qv)
         r = r - qv
         acc = acc + qv
-    out = torch.where(xf.isnan() | x.float().reshape(b, groups, d, n).isnan(), float("nan"), acc).reshape(b, gd, n)
+    out = torch.where(xf.isnan(), float("nan"), acc).reshape(b, gd, n)
     return out, torch.stack(all_idx, -1).permute(1, 0, 2, 3).contiguous()
 
 
 @torch.library.triton_op("fsq_triton::residual_quantize", mutates_args=())
 def residual_quantize(
     x: torch.Tensor, stages: torch.Tensor, channels: torch.Tensor, basis: torch.Tensor, groups: int,
-    num_active: int, soft_clamp_mode: int, channels_last: bool,
+    num_active: int, kind: int, soft_clamp_mode: int, channels_last: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Residual FSQ forward on the feature view ``x (b, g*d, n)`` -> ``(out (b, g*d, n) float32, indices (g, b, n, q))``."""
-    if _runs_triton(x) or _is_fake(x):
+    """Residual FSQ forward on the feature view ``x (b, g*d, n)`` -> ``(out (b, g*d, n) float32, indices (g, b, n, q))``.
+
+    CUDA tensors (real, or fake while torch.compile traces: the launch goes through ``wrap_triton``) and real CPU
+    tensors under the interpreter run the kernel; other CPU tensors, fake ones included, the same math in torch ops.
+    """
+    if _runs_triton(x):
         return forward_triton(x, stages, channels, basis, groups, num_active, soft_clamp_mode, channels_last)
     out, indices = _torch_forward(x, stages, channels, basis, groups, num_active, soft_clamp_mode)
     return _empty_feature(out.shape, out.device, channels_last, out.dtype).copy_(out), indices
@@ -372,11 +377,9 @@ def residual_quantize_backward(
     num_active: int, kind: int, soft_clamp_mode: int, channels_last: bool,
 ) -> torch.Tensor:
     """Straight-through gradient of :func:`residual_quantize` with respect to ``x``, recomputed from ``x``."""
-    if _runs_triton(x) or _is_fake(x):
+    if _runs_triton(x):
         return backward_triton(grad_out, x, stages, channels, groups, num_active, kind, soft_clamp_mode, channels_last)
-    with torch.enable_grad():  # the CPU path: autograd through the table math with the same straight-through rule
-        xr = x.detach().float().requires_grad_(True)
-        grad = _torch_backward(grad_out, xr, stages, channels, groups, num_active, kind, soft_clamp_mode)
+    grad = _torch_backward(grad_out, x.float(), stages, channels, groups, num_active, kind, soft_clamp_mode)
     return _empty_feature(x.shape, x.device, channels_last, x.dtype).copy_(grad)
 
 
@@ -410,6 +413,23 @@ def _torch_backward(grad_out, x, stages, channels, groups, num_active, kind, sof
     return dx.reshape(b, gd, n)
 
 
+def _residual_setup_context(ctx, inputs, output):
+    x, stages, channels, _basis, groups, num_active, kind, soft_clamp_mode, channels_last = inputs
+    ctx.save_for_backward(x, stages, channels)
+    ctx.config = (groups, num_active, kind, soft_clamp_mode, channels_last)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _residual_grad(ctx, grad_out, _grad_indices):
+    x, stages, channels = ctx.saved_tensors
+    grad_x = torch.ops.fsq_triton.residual_quantize_backward(grad_out, x, stages, channels, *ctx.config)
+    return grad_x, None, None, None, None, None, None, None, None
+
+
+# The op's own gradient, for callers of torch.ops.fsq_triton.residual_quantize; ResidualFSQFunction does the same.
+residual_quantize.register_autograd(_residual_grad, setup_context=_residual_setup_context)
+
+
 class ResidualFSQFunction(torch.autograd.Function):
     """``(out, indices) = ResidualFSQFunction.apply(x, tables, groups, num_active, soft_clamp_mode, channels_last)``
     on the feature view; backward recomputes the stages from the saved ``x``."""
@@ -418,7 +438,7 @@ class ResidualFSQFunction(torch.autograd.Function):
     def forward(ctx, x, stages, channels, basis, groups, num_active, kind, soft_clamp_mode, channels_last):
         if torch.compiler.is_compiling() or not _runs_triton(x):
             out, indices = torch.ops.fsq_triton.residual_quantize(
-                x, stages, channels, basis, groups, num_active, soft_clamp_mode, channels_last)
+                x, stages, channels, basis, groups, num_active, kind, soft_clamp_mode, channels_last)
         else:
             out, indices = forward_triton(x, stages, channels, basis, groups, num_active, soft_clamp_mode, channels_last)
         ctx.save_for_backward(x, stages, channels)
