@@ -6,12 +6,17 @@ Shape letters: ``b`` batch, ``n`` tokens, ``c`` codebooks, ``d`` channels per co
 Data flows one way: the module checks its input and turns it into the *feature view*
 ``(b, e, n)`` (a strided view, no copy), the op (``fsq_triton.ops``) quantizes that view, and the
 module puts the result back into the caller's shape. With projections, ``project_in``, the
-quantizer and ``project_out`` run as one fused op on the Triton path (``nn.Linear`` around the
-quantizer on the PyTorch path).
+quantizer and ``project_out`` run as one fused op on the Triton path when they are plain ``nn.Linear``
+layers (no subclass, hook or parametrization, which the fused kernel would skip); otherwise, and on the
+PyTorch path, the projections are called as modules around the quantizer.
+
+The Triton ops (``fsq_triton.ops``: triton and torch's compile machinery) are imported on first use,
+when a module is built or moved where they can run, not by ``import fsq_triton``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Sequence
 
@@ -20,22 +25,66 @@ from einops import rearrange
 from torch import nn
 
 from . import torch_impl
+from ._mode import interpreting
 from .levels import basis_of, level_tables, reference_bound, validate_levels
 
 BACKENDS = ("auto", "triton", "torch")
 
 # The implicit codebook is built at construction up to this many floats (16 MiB); past it, on first access.
 EAGER_CODEBOOK_LIMIT = 2**22
+# ... and never past this many (1 GiB in float32): a larger one raises MemoryError instead of exhausting memory.
+IMPLICIT_CODEBOOK_LIMIT = 2**28
 
 
 class BackendUnavailableError(RuntimeError, ValueError):
     """``backend="triton"`` was asked for where the Triton kernels cannot run."""
 
 
-try:  # registers the torch.ops.fsq_triton ops
-    from . import ops as _fsq_ops
-except ImportError:  # no triton on this platform: the PyTorch path serves everything
-    _fsq_ops = None
+_OPS = None  # fsq_triton.ops once imported; False where triton cannot be imported
+
+
+def _load_ops():
+    """``fsq_triton.ops`` (imported on first use: it costs a second or more), or None without triton."""
+    global _OPS
+    if _OPS is None:
+        try:
+            from . import ops
+        except ImportError:  # no triton on this platform: the PyTorch path serves everything
+            _OPS = False
+        else:
+            _OPS = ops
+    return _OPS or None
+
+
+def _may_run_triton(device: torch.device) -> bool:
+    return device.type == "cuda" or (device.type == "cpu" and interpreting())
+
+
+def _is_plain(module: nn.Module, cls: type) -> bool:
+    """Whether calling ``module`` is exactly ``cls.forward`` on its own parameters: its class is ``cls`` itself
+    (not a subclass such as a LoRA adapter, nor the class a parametrization generates), and no hook (its own
+    or a global one) would fire. Only then may a fused kernel, which reads the weights directly, stand in for it."""
+    if type(module) is not cls:
+        return False
+    if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks:
+        return False
+    hooks = nn.modules.module
+    return not (
+        hooks._global_forward_hooks or hooks._global_forward_pre_hooks
+        or hooks._global_backward_hooks or hooks._global_backward_pre_hooks
+    )
+
+
+def _param_dtype(module: nn.Module, default: torch.dtype) -> torch.dtype:
+    """The dtype of a module's (first floating-point) parameters, which its input is cast to; ``default`` without."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), default)
+
+
+def _autocast_off(device_type: str):
+    """``torch.autocast(device_type, enabled=False)`` where autocast exists (not on ``meta``)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _check_float_tensor(name: str, t: object) -> torch.Tensor:
@@ -110,7 +159,7 @@ class FSQ(nn.Module):
         self.project_out = nn.Linear(self.effective_codebook_dim, self.dim) if self.has_projections else nn.Identity()
 
         self.codebook_size = math.prod(levels)
-        level_tables(levels, self._levels.device)  # calibrate once, outside any traced forward
+        self._prepare(self._levels.device)
         eager = self.codebook_size * self.codebook_dim <= EAGER_CODEBOOK_LIMIT
         self.register_buffer("implicit_codebook", self._implicit_codebook() if eager else None, persistent=False)
         if not eager:  # an empty stand-in that follows .to()/.double()/.cuda(), so the lazy codebook does too
@@ -120,9 +169,16 @@ class FSQ(nn.Module):
         """Moves and casts as nn.Module does, then calibrates the level tables for the new device, so that the
         first forward there (also one traced by torch.compile) finds them cached."""
         module = super()._apply(fn, *args, **kwargs)
-        if self._levels.device.type in ("cpu", "cuda"):
-            level_tables(self.levels, self._levels.device)
+        self._prepare(self._levels.device)
         return module
+
+    def _prepare(self, device: torch.device) -> None:
+        """Calibrate the level tables on ``device`` and import the Triton ops where they can run there, so that
+        the first forward (also one traced by torch.compile) finds both ready."""
+        if device.type in ("cpu", "cuda"):
+            level_tables(self.levels, device)
+        if self.backend != "torch" and _may_run_triton(device):
+            _load_ops()
 
     def extra_repr(self) -> str:
         return (
@@ -139,12 +195,24 @@ class FSQ(nn.Module):
 
         With ``keep_num_codebooks_dim`` the reference folds the index axis into the codebook axis, giving a
         flat ``(codebook_size * d,)`` tensor; that quirk is kept so that the buffer matches the reference.
+        Built a channel at a time in int32 (the codebook fits int32), so the peak is the result plus a few
+        ``codebook_size`` columns. Past ``IMPLICIT_CODEBOOK_LIMIT`` values it raises ``MemoryError``.
         """
+        values = self.codebook_size * self.codebook_dim
+        if values > IMPLICIT_CODEBOOK_LIMIT:
+            raise MemoryError(
+                f"implicit_codebook of levels {list(self.levels)} would hold {self.codebook_size} x {self.codebook_dim} = "
+                f"{values} values ({values * 4 / 2**30:.1f} GiB in float32), more than fsq_triton builds "
+                f"(IMPLICIT_CODEBOOK_LIMIT = 2**{IMPLICIT_CODEBOOK_LIMIT.bit_length() - 1} values); decode the indices you "
+                "need with indices_to_codes(indices, project_out=False) instead"
+            )
         device = self._levels.device
-        indices = torch.arange(self.codebook_size, device=device)
-        level = (indices[:, None] // self._basis) % self._levels
-        half_width = self._levels // 2
-        codes = (level - half_width) / half_width
+        indices = torch.arange(self.codebook_size, device=device, dtype=torch.int32)
+        codes = torch.empty(self.codebook_size, self.codebook_dim, device=device)
+        for j in range(self.codebook_dim):
+            level = (indices // self._basis[j]) % self._levels[j]
+            half_width = self._levels[j] // 2
+            codes[:, j] = (level - half_width) / half_width
         return codes.flatten() if self.keep_num_codebooks_dim else codes
 
     def __getattr__(self, name: str):
@@ -163,9 +231,8 @@ class FSQ(nn.Module):
         """The ops module if this call runs the Triton kernels, else None (PyTorch path)."""
         if self.backend == "torch":
             return None
-        ops = _fsq_ops
-        runnable = ops is not None and (t.device.type == "cuda" or (ops.interpreting() and t.device.type == "cpu"))
-        if runnable:
+        ops = _load_ops() if _may_run_triton(t.device) else None
+        if ops is not None:
             return ops
         if self.backend == "triton":
             if ops is None:
@@ -183,8 +250,23 @@ class FSQ(nn.Module):
         tables = level_tables(self.levels, feature.device)
         ops = self._triton_ops(feature)
         if ops is not None:
-            return ops.FSQFunction.apply(feature, tables.values, tables.integers, c, channels_last)
+            return ops.apply_quantize(feature, tables.values, tables.integers, c, channels_last)
         return torch_impl.quantize(feature, tables, c)
+
+    def _fuses_projections(self) -> bool:
+        """Whether the fused kernels may stand in for ``project_in``/``project_out``: both plain ``nn.Linear``."""
+        e, dim = self.effective_codebook_dim, self.dim
+        return (
+            self.has_projections and _is_plain(self.project_in, nn.Linear) and _is_plain(self.project_out, nn.Linear)
+            and self.project_in.weight.shape == (e, dim) and self.project_out.weight.shape == (dim, e)
+        )
+
+    def _calls_projections(self) -> bool:
+        """Whether forward must call ``project_in``/``project_out`` (the reference always calls them): they are
+        projections, or the ``nn.Identity`` stand-ins were replaced or hooked."""
+        return self.has_projections or not (
+            _is_plain(self.project_in, nn.Identity) and _is_plain(self.project_out, nn.Identity)
+        )
 
     # ----------------------------------------------------------------------------------------------
     # The reference's methods
@@ -242,10 +324,7 @@ class FSQ(nn.Module):
                 f"indices must end in the codebook axis of size num_codebooks={c}, found shape {tuple(indices.shape)}"
             )
         if indices.device.type == "cpu" and indices.numel() > 0:
-            low, high = int(indices.min()), int(indices.max())
-            if low < 0 or high >= self.codebook_size:
-                bad = low if low < 0 else high
-                raise IndexError(f"indices must lie in [0, {self.codebook_size}), found {bad}")
+            self._check_index_range(indices)
 
         is_img_or_video = indices.ndim >= 3 + int(keep)
         tokens = indices if keep else indices.unsqueeze(-1)  # (..., c)
@@ -253,18 +332,17 @@ class FSQ(nn.Module):
         b = lead[0] if is_img_or_video else 1
         n = math.prod(lead[1:]) if is_img_or_video else math.prod(lead)
         tokens = tokens.reshape(b, n, c)                      # (b, n, c)
-        project = project_out and self.has_projections
-        channels = self.dim if project else self.effective_codebook_dim
+        project = project_out and (self.has_projections or not _is_plain(self.project_out, nn.Identity))
         tables = level_tables(self.levels, indices.device)
         ops = self._triton_ops(tokens)
 
-        if ops is not None and project and isinstance(self.project_out, nn.Linear):
-            _, _, w_out, b_out = self._projection_params()
-            feature = torch.ops.fsq_triton.indices_to_codes_projected(
+        if ops is not None and project and self._fuses_projections():
+            w_out, b_out = self._projection_params(self.project_out)
+            feature = ops.apply_indices_to_codes_projected(
                 tokens, w_out, b_out, tables.values, tables.integers, self.codebook_size, not is_img_or_video
             )                                                  # (b, dim, n)
         else:
-            dtype = self.project_out.weight.dtype if project else torch.float32
+            dtype = _param_dtype(self.project_out, torch.float32) if project else torch.float32
             if ops is not None:
                 feature = torch.ops.fsq_triton.indices_to_codes(
                     tokens, tables.values, tables.integers, self.codebook_size, project or not is_img_or_video, dtype
@@ -274,17 +352,29 @@ class FSQ(nn.Module):
                     tokens, tables, self.codebook_size, dtype, assume_valid=tokens.device.type == "cpu"  # checked above
                 )
             if project:  # the projection follows the weights' dtype, autocast or not (as in forward)
-                with torch.autocast(indices.device.type, enabled=False):
+                with _autocast_off(indices.device.type):
                     feature = self.project_out(feature.transpose(1, 2)).transpose(1, 2)
 
+        channels = feature.shape[1]
         if is_img_or_video:
             return feature.reshape(b, channels, *lead[1:])
         return feature.transpose(1, 2).reshape(*lead, channels)
 
-    def _projection_params(self):
-        """(w_in, b_in, w_out, b_out), contiguous, in the weights' dtype (a missing bias reads as zeros)."""
+    def _check_index_range(self, indices: torch.Tensor) -> None:
+        """IndexError for a (CPU) index outside ``[0, codebook_size)``; unsigned dtypes are read as their values."""
+        wide = indices.to(torch.int64) if indices.dtype in (torch.uint16, torch.uint32, torch.uint64) else indices
+        low, high = int(wide.min()), int(wide.max())
+        if low < 0 and indices.dtype == torch.uint64:  # past 2**63: wrapped negative by the cast
+            raise IndexError(f"indices must lie in [0, {self.codebook_size}), found {low + 2**64}")
+        if low < 0 or high >= self.codebook_size:
+            bad = low if low < 0 else high
+            raise IndexError(f"indices must lie in [0, {self.codebook_size}), found {bad}")
+
+    def _projection_params(self, *linears: nn.Linear):
+        """(weight, bias) of each linear (default: project_in, project_out), contiguous, in the weights' dtype
+        (a missing bias reads as zeros)."""
         params = []
-        for linear in (self.project_in, self.project_out):
+        for linear in linears or (self.project_in, self.project_out):
             weight = linear.weight.contiguous()
             bias = linear.bias if linear.bias is not None else weight.new_zeros(weight.shape[0])
             params += [weight, bias]
@@ -292,27 +382,37 @@ class FSQ(nn.Module):
 
     def _forward_projected(self, z: torch.Tensor, is_img_or_video: bool):
         """project_in -> FSQ -> project_out. The projections follow the weights' dtype (the input is cast to it,
-        autocast or not), the quantizer works in float32, and ``out`` comes back in the input's dtype."""
+        autocast or not), the quantizer works in float32, and ``out`` comes back in the input's dtype.
+
+        Plain ``nn.Linear`` projections run fused with the quantizer on the Triton path; anything else (a subclass,
+        a hook, a parametrization, a replaced module) is called as a module, so it behaves as it would anywhere.
+        """
         b = z.shape[0]
         spatial = z.shape[2:] if is_img_or_video else z.shape[1:2]
-        dtype = self.project_in.weight.dtype
-        with torch.autocast(z.device.type, enabled=False):
-            feature = (z.flatten(2) if is_img_or_video else z.transpose(1, 2)).to(dtype)   # (b, dim, n)
-            ops = self._triton_ops(feature)
-            if ops is not None and isinstance(self.project_in, nn.Linear):
-                tables = level_tables(self.levels, z.device)
-                out, indices = ops.FSQProjectedFunction.apply(
-                    feature, *self._projection_params(), tables.values, tables.integers,
-                    self.num_codebooks, not is_img_or_video,
-                )
-                out = out.reshape(b, self.dim, *spatial) if is_img_or_video else out.transpose(1, 2)
-                return out.to(z.dtype), indices
+        dtype = _param_dtype(self.project_in, z.dtype)
+        with _autocast_off(z.device.type):
+            if self._fuses_projections():
+                feature = (z.flatten(2) if is_img_or_video else z.transpose(1, 2)).to(dtype)   # (b, dim, n)
+                ops = self._triton_ops(feature)
+                if ops is not None:
+                    tables = level_tables(self.levels, z.device)
+                    out, indices = ops.apply_quantize_projected(
+                        feature, *self._projection_params(), tables.values, tables.integers,
+                        self.num_codebooks, not is_img_or_video,
+                    )
+                    out = out.reshape(b, self.dim, *spatial) if is_img_or_video else out.transpose(1, 2)
+                    return out.to(z.dtype), indices
             x = rearrange(z, "b d ... -> b (...) d") if is_img_or_video else z
             h = self.project_in(x.to(dtype))                                      # (b, n, e)
+            if h.ndim != 3 or h.shape[-1] != self.effective_codebook_dim:
+                raise ValueError(
+                    f"project_in must map (b, n, {self.dim}) to (b, n, {self.effective_codebook_dim}) features "
+                    f"(effective_codebook_dim), found {tuple(h.shape)}"
+                )
             codes, indices = self._quantize_feature(h.transpose(1, 2), channels_last=True)
             out = self.project_out(codes.transpose(1, 2)).to(z.dtype)          # (b, n, dim)
         if is_img_or_video:
-            out = rearrange(out.reshape(b, *spatial, self.dim), "b ... d -> b d ...")
+            out = rearrange(out.reshape(b, *spatial, out.shape[-1]), "b ... d -> b d ...")
         return out, indices
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -331,7 +431,7 @@ class FSQ(nn.Module):
         b = z.shape[0]
         spatial = z.shape[2:] if is_img_or_video else z.shape[1:2]
 
-        if self.has_projections:
+        if self._calls_projections():
             out, indices = self._forward_projected(z, is_img_or_video)
         elif is_img_or_video:
             codes, indices = self._quantize_feature(z.flatten(2), channels_last=False)

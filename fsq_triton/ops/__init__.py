@@ -1,13 +1,29 @@
 """Fused FSQ ops: Triton kernels, their launchers, ``torch.library`` custom ops and the autograd.Functions.
 
 - ``fsq``: the quantizer alone (forward, backward, decode) on the feature view ``(b, c*d, n)``;
-- ``fsq_projected``: ``project_in`` -> quantizer -> ``project_out`` fused, and decode with ``project_out``.
+- ``fsq_projected``: ``project_in`` -> quantizer -> ``project_out`` fused, and decode with ``project_out``;
+- ``autograd``: every op's registered gradient (of every order) and the autograd.Functions the module calls.
+
+Importing this package imports triton and torch's compile machinery (about a second and a half), so
+``fsq_triton`` imports it on first use only (see ``fsq_triton/__init__.py``).
 """
 
-from .fsq import FSQFunction, indices_to_codes, interpreting, quantize, quantize_backward
-from .fsq_projected import FSQProjectedFunction, indices_to_codes_projected, quantize_projected
+from .._mode import interpreting
+from .autograd import (
+    FSQFunction,
+    FSQProjectedFunction,
+    IndicesToCodesProjectedFunction,
+    QuantizeBackwardFunction,
+    apply_indices_to_codes_projected,
+    apply_quantize,
+    apply_quantize_projected,
+)
+from .fsq import indices_to_codes, quantize, quantize_backward
+from .fsq_projected import indices_to_codes_projected, quantize_projected
 
 __all__ = [
-    "FSQFunction", "FSQProjectedFunction", "quantize", "quantize_backward", "indices_to_codes",
-    "quantize_projected", "indices_to_codes_projected", "interpreting",
+    "FSQFunction", "FSQProjectedFunction", "IndicesToCodesProjectedFunction", "QuantizeBackwardFunction",
+    "apply_quantize", "apply_quantize_projected", "apply_indices_to_codes_projected",
+    "quantize", "quantize_backward", "indices_to_codes", "quantize_projected", "indices_to_codes_projected",
+    "interpreting",
 ]

@@ -1,9 +1,9 @@
-"""Fused FSQ: Triton kernels, their launchers, the ``torch.library`` custom ops and the autograd.Function.
+"""Fused FSQ: Triton kernels, their launchers and the ``torch.library`` custom ops.
 
 Read top to bottom: the three kernels (forward, backward, decode), the launch heuristics, the custom
 ops in the ``fsq_triton`` namespace (a Triton implementation for CUDA, the plain PyTorch path for
-CPU unless ``TRITON_INTERPRET=1`` asks for the kernels there, and shape-only fake implementations),
-and :class:`FSQFunction`, which supplies the straight-through gradient by calling those ops.
+CPU unless ``TRITON_INTERPRET=1`` asks for the kernels there, and shape-only fake implementations).
+Their gradients (registered autograd, and the autograd.Functions the module calls) are in ``autograd.py``.
 
 Every kernel works on the *feature view* of a tensor, ``(b, c*d, n)`` with arbitrary strides:
 ``b`` batch, ``c`` codebooks, ``d = len(levels)`` channels per codebook, ``n`` tokens. A
@@ -510,63 +510,10 @@ def indices_to_codes(
     return _in_layout(codes, channels_last)
 
 
-def _quantize_setup_context(ctx, inputs, output):
-    z, values, _integers, _num_codebooks, channels_last = inputs
-    ctx.save_for_backward(z, values)
-    ctx.channels_last = channels_last
-    ctx.mark_non_differentiable(output[1])
-
-
-def _quantize_grad(ctx, grad_out, _grad_indices):
-    z, values = ctx.saved_tensors
-    return torch.ops.fsq_triton.quantize_backward(grad_out, z, values, ctx.channels_last), None, None, None, None
-
-
-# The op's own gradient, for callers of torch.ops.fsq_triton.quantize; FSQFunction below does the same.
-quantize.register_autograd(_quantize_grad, setup_context=_quantize_setup_context)
-
-
 def _in_layout(feature: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """Copy of a (b, c*d, n) result in the memory layout the Triton path allocates (a custom op must not alias)."""
     out = _empty_feature(feature.shape, feature.device, channels_last, feature.dtype)
     return out.copy_(feature)
 
 
-# --------------------------------------------------------------------------------------------------
-# autograd.Function
-# --------------------------------------------------------------------------------------------------
-
-
-def op_or_launcher(op, launcher, probe: torch.Tensor):
-    """The custom op while torch.compile or export trace (they must see the op), else its Triton launcher.
-
-    Eager calls skip the custom-op dispatcher layers (tens of microseconds, the whole cost of a tiny
-    input) and run the same launcher the op would run.
-    """
-    if torch.compiler.is_compiling() or _is_fake(probe) or not _runs_triton(probe):
-        return op
-    return launcher
-
-
-class FSQFunction(torch.autograd.Function):
-    """``(out, indices) = FSQFunction.apply(z, values, integers, num_codebooks, channels_last)``.
-
-    Forward runs ``fsq_triton::quantize``; backward runs ``fsq_triton::quantize_backward`` from the saved
-    input alone (the straight-through estimator: rounding passes the gradient, the tanh bound scales it).
-    ``indices`` is not differentiable. (Eager calls go straight to the ops' launchers: ``op_or_launcher``.)
-    """
-
-    @staticmethod
-    def forward(ctx, z, values, integers, num_codebooks: int, channels_last: bool):
-        quantize_fn = op_or_launcher(torch.ops.fsq_triton.quantize, forward_triton, z)
-        out, indices = quantize_fn(z, values, integers, num_codebooks, channels_last)
-        ctx.save_for_backward(z, values)
-        ctx.channels_last = channels_last
-        ctx.mark_non_differentiable(indices)
-        return out, indices
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_indices):
-        z, values = ctx.saved_tensors
-        backward_fn = op_or_launcher(torch.ops.fsq_triton.quantize_backward, backward_triton, z)
-        return backward_fn(grad_out, z, values, ctx.channels_last), None, None, None, None
+# (The ops' registered autograd, and the autograd.Functions the module calls, are in ``autograd.py``.)

@@ -44,16 +44,13 @@ from .fsq import (
     _needs_int64,
     _runs_triton,
     _token_axes,
-    backward_triton,
     cast_rne,
     cdiv,
     code_of_level,
     quantize_levels,
     tile_origin,
-    forward_triton,
     interpreting,
     next_pow2,
-    op_or_launcher,
 )
 
 
@@ -313,47 +310,4 @@ def indices_to_codes_projected(
     return _empty_feature((b, w_out.shape[0], n), indices.device, channels_last, w_out.dtype).copy_(_tokens(out))
 
 
-# --------------------------------------------------------------------------------------------------
-# autograd.Function
-# --------------------------------------------------------------------------------------------------
-
-
-class FSQProjectedFunction(torch.autograd.Function):
-    """``(out, indices) = FSQProjectedFunction.apply(x, w_in, b_in, w_out, b_out, values, integers, c, channels_last)``.
-
-    ``x`` is the feature view ``(b, dim, n)`` in the weights' dtype. The forward is one fused kernel; it
-    saves ``h`` (``e`` floats per token) so that the backward needs neither ``project_in`` again nor the codes.
-    """
-
-    @staticmethod
-    def forward(ctx, x, w_in, b_in, w_out, b_out, values, integers, num_codebooks: int, channels_last: bool):
-        save_h = any(ctx.needs_input_grad[:5])
-        quantize_fn = op_or_launcher(torch.ops.fsq_triton.quantize_projected, forward_projected_triton, x)
-        out, indices, h = quantize_fn(x, w_in, b_in, w_out, b_out, values, integers, num_codebooks, channels_last, save_h)
-        ctx.save_for_backward(x, w_in, w_out, h, values, integers)
-        ctx.num_codebooks = num_codebooks
-        ctx.mark_non_differentiable(indices)
-        return out, indices
-
-    @staticmethod
-    def backward(ctx, grad_out, _grad_indices):
-        x, w_in, w_out, h, values, integers = ctx.saved_tensors
-        b, dim, n = x.shape
-        e = w_in.shape[0]
-        dtype = w_in.dtype
-        g = _tokens(grad_out).reshape(b * n, dim).to(dtype)                     # (t, dim)
-        h_feature = _tokens(h.reshape(1, b * n, e))                             # (1, e, t)
-        quantize_fn = op_or_launcher(torch.ops.fsq_triton.quantize, forward_triton, h)
-        codes, _ = quantize_fn(h_feature, values, integers, ctx.num_codebooks, True)
-        codes = _tokens(codes).reshape(b * n, e).to(dtype)                      # (t, e)
-
-        grad_codes = g @ w_out                                                  # (t, e)
-        backward_fn = op_or_launcher(torch.ops.fsq_triton.quantize_backward, backward_triton, h)
-        grad_h = backward_fn(_tokens(grad_codes.float().reshape(1, b * n, e)), h_feature, values, True)
-        grad_h = _tokens(grad_h).reshape(b * n, e).to(dtype)                    # (t, e)
-        grad_x = _tokens((grad_h @ w_in).reshape(b, n, dim))                    # (b, dim, n)
-        grad_w_in = grad_h.t() @ _tokens(x).reshape(b * n, dim)
-        grad_b_in = grad_h.sum(dim=0)
-        grad_w_out = g.t() @ codes
-        grad_b_out = g.sum(dim=0)
-        return grad_x, grad_w_in, grad_b_in, grad_w_out, grad_b_out, None, None, None, None
+# (Their registered autograd, and the autograd.Function the module calls, are in ``autograd.py``.)

@@ -1,0 +1,500 @@
+"""Gradients of the fused ops, of every order: the ops' registered autograd, and the autograd.Functions the module calls.
+
+Feature view as in ``fsq.py``: ``(b, e, n)``, ``b`` batch, ``e = c * d`` channels (``c`` codebooks of
+``d = len(levels)`` channels), ``n`` tokens; ``t = b * n`` token rows for the projections.
+
+The math (straight-through estimator, as the reference's ``round_ste``): per element of channel ``j``,
+with ``x = z + shift_j``, ``s_j = half_l_j / half_width_j`` and ``sech2 = 1 - tanh(x)^2``,
+
+    quantize(z)                 -> code,      d code / d z = s * sech2(x)
+    quantize_backward(g, z)     =  g * s * sech2(x)         (linear in g), whose own derivatives are
+        d / d g:  quantize_backward(gg, z)
+        d / d z:  gg * g * s * (-2 tanh(x) sech2(x))        (:func:`_curvature`, plain torch ops)
+
+which is what autograd differentiates on the PyTorch path, so gradients of every order (gradient
+penalties, Hessian-vector products) match it. The fused projections are ``h = x W_in^T + b_in``,
+``code = quantize(h)``, ``out = code W_out^T + b_out``; their backward (:func:`_projected_grads`) is
+written in those building blocks, so it is differentiable again wherever autograd asks for it
+(``create_graph=True``), and is the plain launchers (no graph) otherwise.
+
+``torch.func``: every Function here has a ``setup_context`` (``grad``, ``vjp``, ``jacrev``), a ``vmap``
+rule that folds the vmapped dimension into the batch (vmap over the projection weights or the level
+tables is refused with a ``NotImplementedError`` that says so), and a ``jvp`` (forward-mode AD, ``jvp``,
+``jacfwd``). torch.compile cannot trace a custom ``jvp``, so while it traces, the ``apply_*`` entry points
+use twins without one; while ``torch.jit.trace`` records, they call the custom ops themselves, which a
+TorchScript graph can hold (the ops' registered autograd then supplies the gradient).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import torch_impl
+from ..levels import COL_GRAD_SCALE, COL_SHIFT
+from . import fsq, fsq_projected
+from .fsq import _is_fake, _runs_triton, backward_triton, decode_triton, forward_triton
+from .fsq_projected import decode_projected_triton, forward_projected_triton
+
+_ops = torch.ops.fsq_triton
+
+
+def op_or_launcher(op, launcher, *tensors: torch.Tensor):
+    """The custom op while torch.compile or export trace (they must see the op), or when a tensor is a
+    torch.func wrapper (the op's registered rules apply), else its Triton launcher.
+
+    Eager calls skip the custom-op dispatcher layers (tens of microseconds, the whole cost of a tiny
+    input) and run the same launcher the op would run.
+    """
+    if torch.compiler.is_compiling():
+        return op
+    for t in tensors:
+        if _is_fake(t) or torch._C._functorch.is_functorch_wrapped_tensor(t) or not _runs_triton(t):
+            return op
+    return launcher
+
+
+def _tokens(feature: torch.Tensor) -> torch.Tensor:
+    """(b, k, n) feature view <-> (b, n, k) token rows (a view)."""
+    return feature.transpose(1, 2)
+
+
+def _curvature(tangent: torch.Tensor, grad_out: torch.Tensor, z: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``d quantize_backward(g, z) / d z`` applied to ``tangent``: ``tangent * g * s * (-2 tanh(x) sech2(x))``.
+
+    Plain torch ops on the feature view, in float32, so autograd differentiates it again. Returns z's dtype.
+    """
+    c = z.shape[1] // values.shape[0]
+    t = (z.float() + torch_impl._per_channel(values[:, COL_SHIFT], c)).tanh()
+    slope = torch_impl._per_channel(values[:, COL_GRAD_SCALE], c) * (-2.0 * t * (1.0 - t * t))
+    return (tangent.float() * grad_out.float() * slope).to(z.dtype)
+
+
+def _unsupported_vmap(what: str, in_dims) -> None:
+    raise NotImplementedError(
+        f"fsq_triton: vmap over {what} is not supported by the Triton path (in_dims={in_dims}); vmap over the "
+        "input (or indices) only, or use FSQ(..., backend='torch')"
+    )
+
+
+def _fold(t: torch.Tensor | None, dim: int | None, size: int) -> torch.Tensor | None:
+    """Move a vmapped dimension to the front (expanding an unbatched tensor) and fold it into the batch."""
+    if t is None:
+        return None
+    t = t.expand(size, *t.shape) if dim is None else t.movedim(dim, 0)
+    return t.reshape(size * t.shape[1], *t.shape[2:])
+
+
+def _unfold(t: torch.Tensor, size: int) -> torch.Tensor:
+    return t.reshape(size, t.shape[0] // size, *t.shape[1:])
+
+
+# --------------------------------------------------------------------------------------------------
+# quantize_backward: g, z -> g * s * sech2(z + shift)
+# --------------------------------------------------------------------------------------------------
+
+
+class _QuantizeBackward(torch.autograd.Function):
+    """``dz = _QuantizeBackward.apply(grad_out, z, values, channels_last)``, differentiable in ``grad_out`` and ``z``."""
+
+    @staticmethod
+    def forward(grad_out, z, values, channels_last: bool):
+        return op_or_launcher(_ops.quantize_backward, backward_triton, grad_out, z)(grad_out, z, values, channels_last)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        grad_out, z, values, channels_last = inputs
+        ctx.save_for_backward(grad_out, z, values)
+        ctx.save_for_forward(grad_out, z, values)
+        ctx.channels_last = channels_last
+
+    @staticmethod
+    def backward(ctx, gg):
+        grad_out, z, values = ctx.saved_tensors
+        d_grad = d_z = None
+        if ctx.needs_input_grad[0]:
+            d_grad = _apply(QuantizeBackwardFunction, _QuantizeBackward)(gg, z, values, ctx.channels_last)
+        if ctx.needs_input_grad[1]:
+            d_z = _curvature(gg, grad_out, z, values)
+        return d_grad, d_z, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, grad_out, z, values, channels_last):
+        if in_dims[2] is not None:
+            _unsupported_vmap("the level tables", in_dims)
+        dz = QuantizeBackwardFunction.apply(
+            _fold(grad_out, in_dims[0], info.batch_size), _fold(z, in_dims[1], info.batch_size), values, channels_last
+        )
+        return _unfold(dz, info.batch_size), 0
+
+
+class QuantizeBackwardFunction(_QuantizeBackward):
+    """:class:`_QuantizeBackward` with forward-mode AD (torch.compile traces the twin without ``jvp``)."""
+
+    @staticmethod
+    def jvp(ctx, grad_out_t, z_t, _values_t, _channels_last_t):
+        grad_out, z, values = ctx.saved_tensors
+        out_t = None
+        if grad_out_t is not None:
+            out_t = QuantizeBackwardFunction.apply(grad_out_t, z, values, ctx.channels_last)
+        if z_t is not None:
+            curvature = _curvature(z_t, grad_out, z, values)
+            out_t = curvature if out_t is None else out_t + curvature
+        return out_t
+
+
+# --------------------------------------------------------------------------------------------------
+# quantize: z -> (codes, indices)
+# --------------------------------------------------------------------------------------------------
+
+
+class _Quantize(torch.autograd.Function):
+    @staticmethod
+    def forward(z, values, integers, num_codebooks: int, channels_last: bool):
+        return op_or_launcher(_ops.quantize, forward_triton, z)(z, values, integers, num_codebooks, channels_last)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        z, values, _integers, _num_codebooks, channels_last = inputs
+        ctx.save_for_backward(z, values)
+        ctx.save_for_forward(z, values)
+        ctx.channels_last = channels_last
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_indices):
+        z, values = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: a backward that has a backward of its own
+            grad_z = _apply(QuantizeBackwardFunction, _QuantizeBackward)(grad_out, z, values, ctx.channels_last)
+        else:
+            grad_z = op_or_launcher(_ops.quantize_backward, backward_triton, grad_out, z)(grad_out, z, values, ctx.channels_last)
+        return grad_z, None, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, z, values, integers, num_codebooks, channels_last):
+        if in_dims[0] is None or in_dims[1] is not None or in_dims[2] is not None:
+            _unsupported_vmap("the level tables", in_dims)
+        out, indices = FSQFunction.apply(_fold(z, in_dims[0], info.batch_size), values, integers, num_codebooks, channels_last)
+        return (_unfold(out, info.batch_size), _unfold(indices, info.batch_size)), (0, 0)
+
+
+class FSQFunction(_Quantize):
+    """``(out, indices) = FSQFunction.apply(z, values, integers, num_codebooks, channels_last)`` on the feature view.
+
+    Forward runs the fused quantizer (``fsq_triton::quantize``, or its launcher directly in eager mode);
+    backward runs ``quantize_backward`` from the saved input alone (the straight-through estimator: rounding
+    passes the gradient, the tanh bound scales it), differentiable again under ``create_graph``.
+    ``indices`` is not differentiable. Supports ``torch.func`` (grad, vmap, jvp) and forward-mode AD.
+    """
+
+    @staticmethod
+    def jvp(ctx, z_t, _values_t, _integers_t, _num_codebooks_t, _channels_last_t):
+        z, values = ctx.saved_tensors
+        return QuantizeBackwardFunction.apply(z_t, z, values, ctx.channels_last), None
+
+
+# --------------------------------------------------------------------------------------------------
+# project_in -> quantize -> project_out
+# --------------------------------------------------------------------------------------------------
+
+
+def _projected_grads(ctx, grad_out, x, w_in, b_in, w_out, h, values, integers, num_codebooks, quantize_fn, backward_fn):
+    """Gradients of ``out`` for (x, w_in, b_in, w_out, b_out), in the building blocks ``quantize_fn``/``backward_fn``.
+
+    With differentiable building blocks and grad mode on (``create_graph``), ``h`` carries project_in's graph
+    (its value stays the forward's saved ``h``, so the codes are the forward's), and every product below is
+    recorded: the result is differentiable again. ``h`` may be empty (not saved): it is then recomputed.
+    """
+    b, dim, n = x.shape
+    e = w_in.shape[0]
+    dtype = w_in.dtype
+    differentiable = torch.is_grad_enabled()
+    x_tok = _tokens(x).reshape(b * n, dim)                                         # (t, dim)
+    if differentiable or h.numel() == 0:
+        h_graph = F.linear(x_tok, w_in, b_in).float()                              # (t, e)
+        h_value = h_graph.detach() if h.numel() == 0 else h.reshape(b * n, e)
+        h_tok = h_value + (h_graph - h_graph.detach()) if differentiable else h_value
+    else:
+        h_tok = h.reshape(b * n, e)
+    h_feature = h_tok.t()[None]                                                     # (1, e, t)
+    g = _tokens(grad_out).reshape(b * n, dim).to(dtype)                             # (t, dim)
+
+    need_x, need_w_in, need_b_in, need_w_out, need_b_out = ctx.needs_input_grad[:5]
+    grad_x = grad_w_in = grad_b_in = grad_w_out = grad_b_out = None
+    if need_x or need_w_in or need_b_in:
+        grad_codes = (g @ w_out).float()                                            # (t, e)
+        grad_h = backward_fn(grad_codes.t()[None], h_feature, values, True)         # (1, e, t)
+        grad_h = grad_h[0].t().to(dtype)                                            # (t, e)
+        if need_x:
+            grad_x = _tokens((grad_h @ w_in).reshape(b, n, dim))                    # (b, dim, n)
+        if need_w_in:
+            grad_w_in = grad_h.t() @ x_tok
+        if need_b_in:
+            grad_b_in = grad_h.sum(dim=0)
+    if need_w_out:
+        codes, _ = quantize_fn(h_feature, values, integers, num_codebooks, True)[:2]
+        grad_w_out = g.t() @ codes[0].t().to(dtype)
+    if need_b_out:
+        grad_b_out = g.sum(dim=0)
+    return grad_x, grad_w_in, grad_b_in, grad_w_out, grad_b_out
+
+
+class _QuantizeProjected(torch.autograd.Function):
+    @staticmethod
+    def forward(x, w_in, b_in, w_out, b_out, values, integers, num_codebooks: int, channels_last: bool, save_h: bool):
+        quantize_fn = op_or_launcher(_ops.quantize_projected, forward_projected_triton, x, w_in, b_in, w_out, b_out)
+        return quantize_fn(x, w_in, b_in, w_out, b_out, values, integers, num_codebooks, channels_last, save_h)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, w_in, b_in, w_out, _b_out, values, integers, num_codebooks, _channels_last, _save_h = inputs
+        _out, indices, h = output
+        ctx.save_for_backward(x, w_in, b_in, w_out, h, values, integers)
+        ctx.save_for_forward(x, w_in, b_in, w_out, h, values, integers)
+        ctx.num_codebooks = num_codebooks
+        ctx.mark_non_differentiable(indices, h)
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_indices, _grad_h):
+        x, w_in, b_in, w_out, h, values, integers = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            quantize_fn = _apply(FSQFunction, _Quantize)
+            backward_fn = _apply(QuantizeBackwardFunction, _QuantizeBackward)
+        else:
+            quantize_fn = op_or_launcher(_ops.quantize, forward_triton, x, h, grad_out)
+            backward_fn = op_or_launcher(_ops.quantize_backward, backward_triton, x, h, grad_out)
+        grads = _projected_grads(ctx, grad_out, x, w_in, b_in, w_out, h, values, integers, ctx.num_codebooks,
+                                 quantize_fn, backward_fn)
+        return (*grads, None, None, None, None, None)
+
+    @staticmethod
+    def vmap(info, in_dims, x, w_in, b_in, w_out, b_out, values, integers, num_codebooks, channels_last, save_h):
+        if in_dims[0] is None or any(dim is not None for dim in in_dims[1:7]):
+            _unsupported_vmap("the projection weights or the level tables", in_dims)
+        size = info.batch_size
+        out, indices, h = FSQProjectedFunction.apply(
+            _fold(x, in_dims[0], size), w_in, b_in, w_out, b_out, values, integers, num_codebooks, channels_last, save_h
+        )
+        if h.numel() == 0:
+            return (_unfold(out, size), _unfold(indices, size), h), (0, 0, None)
+        return (_unfold(out, size), _unfold(indices, size), _unfold(h, size)), (0, 0, 0)
+
+
+class FSQProjectedFunction(_QuantizeProjected):
+    """``(out, indices, h) = FSQProjectedFunction.apply(x, w_in, b_in, w_out, b_out, values, integers, c, channels_last, save_h)``.
+
+    ``x`` is the feature view ``(b, dim, n)`` in the weights' dtype. The forward is one fused kernel; with
+    ``save_h`` it also returns ``h (b, n, e)`` float32 (``e`` floats per token, not differentiable), which the
+    backward uses instead of running ``project_in`` again (without it, ``h`` is recomputed there). Supports
+    ``create_graph``, ``torch.func`` (grad, vmap over ``x``, jvp) and forward-mode AD.
+    """
+
+    @staticmethod
+    def jvp(ctx, x_t, w_in_t, b_in_t, w_out_t, b_out_t, *_):
+        x, w_in, b_in, w_out, h, values, integers = ctx.saved_tensors
+        b, dim, n = x.shape
+        e = w_in.shape[0]
+        dtype = w_in.dtype
+        x_tok = _tokens(x).reshape(b * n, dim)
+        h_tok = F.linear(x_tok, w_in, b_in).float() if h.numel() == 0 else h.reshape(b * n, e)
+        h_feature = h_tok.t()[None]                                                 # (1, e, t)
+        out_t = None
+
+        def add(term):
+            nonlocal out_t
+            out_t = term if out_t is None else out_t + term
+
+        h_t = None
+        for term in (
+            None if x_t is None else _tokens(x_t).reshape(b * n, dim) @ w_in.t(),
+            None if w_in_t is None else x_tok @ w_in_t.t(),
+            None if b_in_t is None else b_in_t.expand(b * n, e),
+        ):
+            if term is not None:
+                h_t = term if h_t is None else h_t + term
+        if h_t is not None:  # straight-through: d code = s * sech2(h) * d h
+            codes_t = QuantizeBackwardFunction.apply(h_t.float().t()[None], h_feature, values, True)[0].t().to(dtype)
+            add(codes_t @ w_out.t())
+        if w_out_t is not None:
+            codes, _ = FSQFunction.apply(h_feature, values, integers, ctx.num_codebooks, True)
+            add(codes[0].t().to(dtype) @ w_out_t.t())
+        if b_out_t is not None:
+            add(b_out_t.expand(b * n, dim))
+        if out_t is not None:
+            out_t = _tokens(out_t.reshape(b, n, dim))
+        return out_t, None, None
+
+
+# --------------------------------------------------------------------------------------------------
+# indices -> codes -> project_out
+# --------------------------------------------------------------------------------------------------
+
+
+def _decoded_codes(indices, values, integers, codebook_size: int, dtype) -> torch.Tensor:
+    """Codes of ``indices (b, n, c)`` as token rows ``(t, e)`` in ``dtype`` (what the fused decode multiplies)."""
+    decode = op_or_launcher(_ops.indices_to_codes, decode_triton, indices)
+    codes = decode(indices, values, integers, codebook_size, True, dtype)          # (b, e, n)
+    return _tokens(codes).reshape(-1, codes.shape[1])
+
+
+class _IndicesToCodesProjected(torch.autograd.Function):
+    @staticmethod
+    def forward(indices, w_out, b_out, values, integers, codebook_size: int, channels_last: bool):
+        decode = op_or_launcher(_ops.indices_to_codes_projected, decode_projected_triton, indices, w_out, b_out)
+        return decode(indices, w_out, b_out, values, integers, codebook_size, channels_last)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        indices, w_out, _b_out, values, integers, codebook_size, _channels_last = inputs
+        ctx.save_for_backward(indices, w_out, values, integers)
+        ctx.save_for_forward(indices, w_out, values, integers)
+        ctx.codebook_size = codebook_size
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        indices, w_out, values, integers = ctx.saved_tensors
+        return (None, *_decode_projected_grads(ctx, grad_out, indices, w_out, values, integers, ctx.codebook_size),
+                None, None, None, None)
+
+    @staticmethod
+    def vmap(info, in_dims, indices, w_out, b_out, values, integers, codebook_size, channels_last):
+        if in_dims[0] is None or any(dim is not None for dim in in_dims[1:5]):
+            _unsupported_vmap("the projection weights or the level tables", in_dims)
+        out = IndicesToCodesProjectedFunction.apply(
+            _fold(indices, in_dims[0], info.batch_size), w_out, b_out, values, integers, codebook_size, channels_last
+        )
+        return _unfold(out, info.batch_size), 0
+
+
+def _decode_projected_grads(ctx, grad_out, indices, w_out, values, integers, codebook_size):
+    """(grad_w_out, grad_b_out) of ``out = codes W_out^T + b_out``: plain products, differentiable in ``grad_out``."""
+    dim = w_out.shape[0]
+    g = _tokens(grad_out).reshape(-1, dim).to(w_out.dtype)                          # (t, dim)
+    grad_w_out = grad_b_out = None
+    if ctx.needs_input_grad[1]:
+        grad_w_out = g.t() @ _decoded_codes(indices, values, integers, codebook_size, w_out.dtype)
+    if ctx.needs_input_grad[2]:
+        grad_b_out = g.sum(dim=0)
+    return grad_w_out, grad_b_out
+
+
+class IndicesToCodesProjectedFunction(_IndicesToCodesProjected):
+    """``out = IndicesToCodesProjectedFunction.apply(indices, w_out, b_out, values, integers, codebook_size, channels_last)``.
+
+    Decode and ``project_out`` in one kernel, ``out (b, dim, n)`` in the weights' dtype, differentiable with
+    respect to ``w_out`` and ``b_out`` (decoder fine-tuning on stored tokens): ``grad_w_out = g^T codes``,
+    ``grad_b_out = sum g``. Supports ``create_graph``, ``torch.func`` (grad, vmap over ``indices``, jvp).
+    """
+
+    @staticmethod
+    def jvp(ctx, _indices_t, w_out_t, b_out_t, *_):
+        indices, w_out, values, integers = ctx.saved_tensors
+        b, n, _c = indices.shape
+        dim = w_out.shape[0]
+        out_t = None
+        if w_out_t is not None:
+            out_t = _decoded_codes(indices, values, integers, ctx.codebook_size, w_out.dtype) @ w_out_t.t()
+        if b_out_t is not None:
+            out_t = b_out_t.expand(b * n, dim) if out_t is None else out_t + b_out_t
+        return None if out_t is None else _tokens(out_t.reshape(b, n, dim))
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry points for the module, and the custom ops' own autograd
+# --------------------------------------------------------------------------------------------------
+
+
+def _apply(eager: type[torch.autograd.Function], traceable: type[torch.autograd.Function]):
+    """``eager.apply``, or while torch.compile traces, the twin without a custom ``jvp`` (which Dynamo refuses)."""
+    return traceable.apply if torch.compiler.is_compiling() else eager.apply
+
+
+def apply_quantize(z, values, integers, num_codebooks: int, channels_last: bool):
+    """Differentiable fused quantizer on the feature view: ``(codes (b, e, n), indices (b, n, c) int32)``."""
+    if torch.jit.is_tracing():
+        return _ops.quantize(z, values, integers, num_codebooks, channels_last)
+    return _apply(FSQFunction, _Quantize)(z, values, integers, num_codebooks, channels_last)
+
+
+def apply_quantize_projected(x, w_in, b_in, w_out, b_out, values, integers, num_codebooks: int, channels_last: bool):
+    """Differentiable fused project_in -> quantize -> project_out: ``(out (b, dim, n), indices (b, n, c))``.
+
+    ``h`` is saved for the backward only when a gradient can be asked for.
+    """
+    save_h = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w_in, b_in, w_out, b_out))
+    args = (x, w_in, b_in, w_out, b_out, values, integers, num_codebooks, channels_last, save_h)
+    if torch.jit.is_tracing():
+        out, indices, _ = _ops.quantize_projected(*args)
+    else:
+        out, indices, _ = _apply(FSQProjectedFunction, _QuantizeProjected)(*args)
+    return out, indices
+
+
+def apply_indices_to_codes_projected(indices, w_out, b_out, values, integers, codebook_size: int, channels_last: bool):
+    """Differentiable (in ``w_out``, ``b_out``) fused decode with ``project_out``: ``(b, dim, n)``."""
+    args = (indices, w_out, b_out, values, integers, codebook_size, channels_last)
+    if torch.jit.is_tracing():
+        return _ops.indices_to_codes_projected(*args)
+    return _apply(IndicesToCodesProjectedFunction, _IndicesToCodesProjected)(*args)
+
+
+def _quantize_setup(ctx, inputs, output):
+    z, values, _integers, _num_codebooks, channels_last = inputs
+    ctx.save_for_backward(z, values)
+    ctx.channels_last = channels_last
+    ctx.mark_non_differentiable(output[1])
+
+
+def _quantize_grad(ctx, grad_out, _grad_indices):
+    z, values = ctx.saved_tensors
+    return _ops.quantize_backward(grad_out, z, values, ctx.channels_last), None, None, None, None
+
+
+def _quantize_backward_setup(ctx, inputs, output):
+    grad_out, z, values, channels_last = inputs
+    ctx.save_for_backward(grad_out, z, values)
+    ctx.channels_last = channels_last
+
+
+def _quantize_backward_grad(ctx, gg):
+    grad_out, z, values = ctx.saved_tensors
+    d_grad = _ops.quantize_backward(gg, z, values, ctx.channels_last) if ctx.needs_input_grad[0] else None
+    d_z = _curvature(gg, grad_out, z, values) if ctx.needs_input_grad[1] else None
+    return d_grad, d_z, None, None
+
+
+def _quantize_projected_setup(ctx, inputs, output):
+    x, w_in, b_in, w_out, _b_out, values, integers, num_codebooks, _channels_last, _save_h = inputs
+    ctx.save_for_backward(x, w_in, b_in, w_out, output[2], values, integers)
+    ctx.num_codebooks = num_codebooks
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _quantize_projected_grad(ctx, grad_out, _grad_indices, _grad_h):
+    x, w_in, b_in, w_out, h, values, integers = ctx.saved_tensors
+    grads = _projected_grads(ctx, grad_out, x, w_in, b_in, w_out, h, values, integers, ctx.num_codebooks,
+                             _ops.quantize, _ops.quantize_backward)
+    return (*grads, None, None, None, None, None)
+
+
+def _indices_to_codes_projected_setup(ctx, inputs, output):
+    indices, w_out, _b_out, values, integers, codebook_size, _channels_last = inputs
+    ctx.save_for_backward(indices, w_out, values, integers)
+    ctx.codebook_size = codebook_size
+
+
+def _indices_to_codes_projected_grad(ctx, grad_out):
+    indices, w_out, values, integers = ctx.saved_tensors
+    return (None, *_decode_projected_grads(ctx, grad_out, indices, w_out, values, integers, ctx.codebook_size),
+            None, None, None, None)
+
+
+# Each op's own gradient, for callers of torch.ops.fsq_triton.* (and for torch.compile/export, which see the
+# ops): the same formulas as the Functions above, in the ops themselves, so that create_graph works there too.
+# (indices_to_codes has no differentiable input: its inputs are integer indices and the level tables.)
+fsq.quantize.register_autograd(_quantize_grad, setup_context=_quantize_setup)
+fsq.quantize_backward.register_autograd(_quantize_backward_grad, setup_context=_quantize_backward_setup)
+fsq_projected.quantize_projected.register_autograd(_quantize_projected_grad, setup_context=_quantize_projected_setup)
+fsq_projected.indices_to_codes_projected.register_autograd(
+    _indices_to_codes_projected_grad, setup_context=_indices_to_codes_projected_setup
+)

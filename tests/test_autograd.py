@@ -1,0 +1,273 @@
+"""Gradients wherever the PyTorch path has them, on the Triton path (kernels under the interpreter), nothing dropped.
+
+The PyTorch path (``backend="torch"``: the reference's own ops, differentiated by autograd) is the oracle: every
+test runs the same module state on both backends and compares. Covered: second-order gradients (a gradient
+penalty) with and without projections, decode gradients with respect to ``project_out``, ``torch.library.opcheck``
+on every op with the module's real arguments (``requires_grad`` included), and ``torch.func`` (grad, vmap, jvp,
+jacrev, jacfwd, hessian) and forward-mode AD.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+
+from conftest import interpreting
+
+from fsq_triton import FSQ, level_tables, torch_impl
+
+pytestmark = pytest.mark.skipif(not interpreting(), reason="the Triton path runs on CPU tensors only with TRITON_INTERPRET=1")
+
+ops = torch.ops.fsq_triton
+
+# (module kwargs, input shape): channel-first image without projections, a 2-codebook sequence, and projections
+CASES = [
+    pytest.param(dict(levels=[8, 5, 5, 5]), (2, 4, 3, 5), id="image"),
+    pytest.param(dict(levels=[7, 6, 5], num_codebooks=2), (2, 7, 6), id="sequence-2-codebooks"),
+    pytest.param(dict(levels=[8, 6, 5], dim=16), (2, 16, 3, 4), id="image-projections"),
+    pytest.param(dict(levels=[8, 5, 5, 5], dim=12, num_codebooks=2), (2, 9, 12), id="sequence-projections"),
+]
+
+
+def pair(kwargs, seed=0):
+    """The same module on both backends (identical parameters)."""
+    torch.manual_seed(seed)
+    triton = FSQ(**kwargs, backend="triton")
+    reference = copy.deepcopy(triton)
+    reference.backend = "torch"
+    return triton, reference
+
+
+def inputs(shape, seed=1, scale=1.5):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=gen) * scale
+
+
+def close(actual, expected, name, rtol=2e-4, atol=2e-5):
+    assert actual is not None, f"{name}: no gradient"
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def gradient_penalty(fsq, z):
+    """``g = d sum(out^2) / d z`` with create_graph, then ``sum(g^2)`` differentiated w.r.t. z and every parameter."""
+    z = z.detach().clone().requires_grad_()
+    out, _ = fsq(z)
+    (g,) = torch.autograd.grad(out.pow(2).sum(), z, create_graph=True)
+    penalty = g.pow(2).sum()
+    params = [p for p in fsq.parameters()]
+    grads = torch.autograd.grad(penalty, [z, *params])
+    return g.detach(), grads
+
+
+@pytest.mark.parametrize("kwargs,shape", CASES)
+def test_gradient_penalty_matches_torch_path(kwargs, shape):
+    triton, reference = pair(kwargs)
+    z = inputs(shape)
+    g, grads = gradient_penalty(triton, z)
+    ref_g, ref_grads = gradient_penalty(reference, z)
+    close(g, ref_g, "first-order gradient")
+    names = ["z"] + [name for name, _ in triton.named_parameters()]
+    for name, actual, expected in zip(names, grads, ref_grads):
+        assert expected.abs().sum() > 0, f"{name}: the oracle's second-order gradient is zero, the test would prove nothing"
+        close(actual, expected, f"second-order gradient w.r.t. {name}")
+
+
+@pytest.mark.parametrize("kwargs,shape", CASES[:2])
+def test_third_order_gradient(kwargs, shape):
+    """A backward of a backward of a backward: every level differentiable, as on the PyTorch path."""
+    results = []
+    for fsq in pair(kwargs):
+        z = inputs(shape, seed=3).requires_grad_()
+        out, _ = fsq(z)
+        (g1,) = torch.autograd.grad(out.sum(), z, create_graph=True)
+        (g2,) = torch.autograd.grad(g1.pow(2).sum(), z, create_graph=True)
+        (g3,) = torch.autograd.grad(g2.sum(), z)
+        results.append((g1, g2, g3))
+    for name, actual, expected in zip(("g1", "g2", "g3"), *results):
+        close(actual, expected, name, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_ops_double_backward_match_autograd_of_torch_path(channels_last):
+    """The ops' own registered autograd (torch.ops.fsq_triton.*) supports create_graph too."""
+    levels, c = (8, 5, 5, 5), 2
+    tables = level_tables(levels, "cpu")
+    shape = (2, 11, c * len(levels)) if channels_last else (2, c * len(levels), 11)
+    base = inputs(shape, seed=4)
+    base = base.transpose(1, 2) if channels_last else base
+    results = []
+    for quantize in (
+        lambda z: ops.quantize(z, tables.values, tables.integers, c, channels_last)[0],
+        lambda z: torch_impl.quantize(z, tables, c)[0],
+    ):
+        z = base.detach().clone().requires_grad_()
+        (g,) = torch.autograd.grad(quantize(z).pow(2).sum(), z, create_graph=True)
+        (gg,) = torch.autograd.grad(g.pow(2).sum(), z)
+        results.append((g, gg))
+    close(results[0][0], results[1][0], "first order")
+    close(results[0][1], results[1][1], "second order")
+
+
+@pytest.mark.parametrize("keep_codebook_axis", [False, True])
+def test_decode_trains_project_out(keep_codebook_axis):
+    """indices_to_codes with projections backpropagates into project_out (decoder fine-tuning on stored tokens)."""
+    kwargs = dict(levels=[8, 5, 5, 5], dim=12, num_codebooks=2 if keep_codebook_axis else 1)
+    triton, reference = pair(kwargs)
+    z = inputs((2, 12, 3, 4))
+    _, indices = reference(z)
+    grads = []
+    for fsq in (triton, reference):
+        decoded = fsq.indices_to_codes(indices)
+        assert decoded.requires_grad, "decode with projections must be differentiable w.r.t. project_out"
+        (decoded * torch.linspace(-1, 1, decoded.numel()).reshape(decoded.shape)).sum().backward()
+        grads.append((fsq.project_out.weight.grad, fsq.project_out.bias.grad, decoded.detach()))
+        assert fsq.project_in.weight.grad is None
+    close(grads[0][2], grads[1][2], "decoded codes")
+    close(grads[0][0], grads[1][0], "project_out.weight")
+    close(grads[0][1], grads[1][1], "project_out.bias")
+
+
+# --------------------------------------------------------------------------------------------------
+# opcheck on every op, with the arguments the module really passes
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("channel_first", [True, False], ids=["image", "sequence"])
+def test_opcheck_every_op_with_module_arguments(channel_first):
+    torch.manual_seed(5)
+    levels, c, dim = [8, 6, 5], 2, 16
+    fsq = FSQ(levels, dim=dim, num_codebooks=c, backend="triton")
+    plain = FSQ(levels, num_codebooks=c, backend="triton")
+    tables = level_tables(tuple(levels), "cpu")
+    channels_last = not channel_first
+    e = c * len(levels)
+    # the feature views forward hands the ops: (b, e|dim, n), channel-first flattened or a transposed sequence
+    z = inputs((2, 3, 4, e) if channels_last else (2, e, 3, 4), seed=6)
+    z = (z.flatten(1, 2).transpose(1, 2) if channels_last else z.flatten(2)).requires_grad_()
+    x = inputs((2, 3, 4, dim) if channels_last else (2, dim, 3, 4), seed=7)
+    x = (x.flatten(1, 2).transpose(1, 2) if channels_last else x.flatten(2)).requires_grad_()
+    w_in, b_in, w_out, b_out = fsq._projection_params()
+    assert all(p.requires_grad for p in (w_in, b_in, w_out, b_out))
+    indices = plain(z.detach().transpose(1, 2).reshape(2, 12, e))[1].reshape(2, 12, c)
+    grad_out = inputs(z.shape, seed=8).requires_grad_()
+
+    torch.library.opcheck(ops.quantize.default, (z, tables.values, tables.integers, c, channels_last))
+    torch.library.opcheck(ops.quantize_backward.default, (grad_out, z, tables.values, channels_last))
+    torch.library.opcheck(
+        ops.indices_to_codes.default, (indices, tables.values, tables.integers, plain.codebook_size, channels_last, torch.float32)
+    )
+    torch.library.opcheck(
+        ops.quantize_projected.default,
+        (x, w_in, b_in, w_out, b_out, tables.values, tables.integers, c, channels_last, True),
+    )
+    torch.library.opcheck(
+        ops.indices_to_codes_projected.default,
+        (indices, w_out, b_out, tables.values, tables.integers, fsq.codebook_size, channels_last),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.func and forward-mode AD
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs,shape", CASES)
+def test_func_grad(kwargs, shape):
+    z = inputs(shape)
+    results = [torch.func.grad(lambda z, f=fsq: f(z)[0].pow(2).sum())(z) for fsq in pair(kwargs)]
+    close(results[0], results[1], "torch.func.grad")
+
+
+@pytest.mark.parametrize("kwargs,shape", CASES)
+def test_func_vmap(kwargs, shape):
+    zs = torch.stack([inputs(shape, seed=s) for s in range(3)])
+    results = [torch.func.vmap(fsq)(zs) for fsq in pair(kwargs)]
+    (out, indices), (ref_out, ref_indices) = results
+    assert torch.equal(indices, ref_indices)
+    close(out, ref_out, "vmap out", rtol=1e-5, atol=1e-6)
+    # vmap over a non-leading dim of the input, and of the decode
+    zs = zs.movedim(0, -1)
+    (out, indices), (ref_out, ref_indices) = [torch.func.vmap(fsq, in_dims=-1)(zs) for fsq in pair(kwargs)]
+    assert torch.equal(indices, ref_indices)
+    close(out, ref_out, "vmap(in_dims=-1) out", rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,shape", CASES)
+def test_func_vmap_of_grad(kwargs, shape):
+    """Per-sample gradients: vmap(grad(f))."""
+    zs = torch.stack([inputs(shape, seed=s) for s in range(3)])
+    results = [torch.func.vmap(torch.func.grad(lambda z, f=fsq: f(z)[0].pow(3).sum()))(zs) for fsq in pair(kwargs)]
+    close(results[0], results[1], "vmap(grad)")
+
+
+@pytest.mark.parametrize("kwargs,shape", CASES)
+def test_func_jvp_and_forward_ad(kwargs, shape):
+    z, tangent = inputs(shape), inputs(shape, seed=9)
+    jvps, duals = [], []
+    for fsq in pair(kwargs):
+        out, out_t = torch.func.jvp(lambda z, f=fsq: f(z)[0], (z,), (tangent,))
+        jvps.append((out, out_t))
+        with fwAD.dual_level():
+            dual_out, _ = fsq(fwAD.make_dual(z, tangent))
+            duals.append(fwAD.unpack_dual(dual_out).tangent)
+    close(jvps[0][0], jvps[1][0], "jvp primal", rtol=1e-5, atol=1e-6)
+    close(jvps[0][1], jvps[1][1], "jvp tangent")
+    close(duals[0], duals[1], "forward-mode AD tangent")
+    close(duals[0], jvps[0][1], "forward-mode AD == jvp")
+
+
+@pytest.mark.parametrize("kwargs,shape", [
+    pytest.param(dict(levels=[8, 5, 5]), (1, 2, 3), id="sequence"),
+    pytest.param(dict(levels=[8, 5], dim=3), (1, 2, 3), id="sequence-projections"),
+])
+def test_func_jacobians_and_hessian(kwargs, shape):
+    z = inputs(shape)
+    results = []
+    for fsq in pair(kwargs):
+        f = lambda z, fsq=fsq: fsq(z)[0]  # noqa: E731
+        results.append((
+            torch.func.jacrev(f)(z),
+            torch.func.jacfwd(f)(z),
+            torch.func.hessian(lambda z: f(z).pow(2).sum())(z),
+        ))
+    for name, actual, expected in zip(("jacrev", "jacfwd", "hessian"), *results):
+        close(actual, expected, name)
+
+
+def test_func_grad_of_parameters():
+    """torch.func.grad through functional_call, with respect to the projections' parameters."""
+    triton, reference = pair(dict(levels=[8, 5, 5], dim=10))
+    z = inputs((2, 5, 10))
+    results = []
+    for fsq in (triton, reference):
+        params = dict(fsq.named_parameters())
+        loss = lambda p, fsq=fsq: torch.func.functional_call(fsq, p, (z,))[0].pow(2).sum()  # noqa: E731
+        results.append(torch.func.grad(loss)(params))
+    for name in results[1]:
+        close(results[0][name], results[1][name], name)
+
+
+def test_func_vmap_over_projection_weights_is_a_clear_error():
+    """Ensembles of projections (vmap over the weights) are not fused: a NotImplementedError that says what to do."""
+    fsq = FSQ([8, 5, 5], dim=10, backend="triton")
+    params = {name: torch.stack([p.detach()] * 2) for name, p in fsq.named_parameters()}
+    z = inputs((2, 5, 10))
+    run = lambda p: torch.func.functional_call(fsq, p, (z,))[0]  # noqa: E731
+    with pytest.raises(NotImplementedError, match="vmap over the projection weights.*backend='torch'"):
+        torch.func.vmap(run)(params)
+    reference = copy.deepcopy(fsq)
+    reference.backend = "torch"
+    out = torch.func.vmap(lambda p: torch.func.functional_call(reference, p, (z,))[0])(params)
+    assert out.shape == (2, 2, 5, 10)
+
+
+def test_no_gradient_is_dropped_with_create_graph_on_plain_linear_input():
+    """The issue's case: the penalty's gradient w.r.t. project_in.weight (31.07 on the kernels vs 56.08)."""
+    triton, reference = pair(dict(levels=[8, 5, 5, 5], dim=16), seed=11)
+    z = inputs((2, 16, 4, 4), seed=12)
+    norms = []
+    for fsq in (triton, reference):
+        _, grads = gradient_penalty(fsq, z)
+        norms.append(grads[1].norm())
+    close(norms[0], norms[1], "norm of the penalty's gradient w.r.t. project_in.weight")
