@@ -29,6 +29,13 @@ def _cuda_missing(device: str | None, command: str) -> bool:
     return True
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, found {value}")
+    return value
+
+
 def _bench(args: argparse.Namespace) -> int:
     """``bench``: the harness of the installed package, once its extra is known to be there."""
     from .bench import BENCH_EXTRA, missing_requirements
@@ -41,7 +48,7 @@ def _bench(args: argparse.Namespace) -> int:
         return 2
     from .bench import harness
 
-    return harness.run(quick=args.quick, device=args.device, out_dir=args.out, smoke=args.smoke)
+    return harness.run(quick=args.quick, device=args.device, out_dir=args.out, smoke=args.smoke, threads=args.threads)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
                       help="one tiny case of each kind, two repeats: checks that everything runs (not a measurement)")
     bench.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda if available, else cpu")
     bench.add_argument("--out", default="bench-results", help="folder for results.json, results.md and results.png")
+    bench.add_argument("--threads", type=_positive_int, default=None,
+                       help="PyTorch CPU threads for a CPU run (default 1: steadier figures on a busy machine)")
 
     tune = sub.add_parser("autotune", help="tune the kernels' launch configurations on this GPU and cache them")
     tune.add_argument("--quick", action="store_true", help="fewer shapes and configurations")

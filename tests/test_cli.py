@@ -71,6 +71,13 @@ def test_bench_without_its_extra_names_the_extra(monkeypatch, capsys, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_threads_must_be_positive(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--threads", "0"])
+    assert exit_info.value.code == 2
+    assert "argument --threads: must be at least 1, found 0" in capsys.readouterr().err
+
+
 def test_quick_and_smoke_exclude_each_other(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", "--quick", "--smoke"])
@@ -92,11 +99,15 @@ def test_bench_smoke_writes_its_three_files_from_another_folder(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["environment"]["device_type"] == "cpu"
     assert results["environment"]["command"].startswith("python -m fsq_triton bench --smoke")
-    assert [case["name"] for case in results["cases"]] == ["image", "video", "sequence+proj", "two-codebooks"]
-    for case in results["cases"]:
+    assert results["environment"]["cpu_threads"] == 1  # the CPU default (--threads)
+    names = [case["name"] for case in results["cases"]]
+    assert names[:4] == ["image", "video", "sequence+proj", "two-codebooks"]
+    assert all(name.startswith(("residual", "grouped")) for name in names[4:])  # the ResidualFSQ cases
+    for k, case in enumerate(results["cases"]):
         for mode in ("inference", "training", "decode"):
-            for name in ("fsq_triton", "reference"):
-                entry = case["modes"][mode]["results"][name]
+            entries = case["modes"][mode]["results"]
+            assert "fsq_triton" in entries and (k >= 4 or "reference" in entries), (case["label"], mode)
+            for name, entry in entries.items():
                 assert entry["error"] is None and entry["median_ms"] > 0, (case["label"], mode, name, entry)
         assert case["modes"]["inference"]["results"]["fsq_triton"].get("index_mismatches", 0) == 0
     markdown = (out / "results.md").read_text()

@@ -59,6 +59,10 @@ CPU_PROJECTION_NOTE = (
     "which measures the CPU's bfloat16 units, not FSQ"
 )
 SIZES = ("full", "quick", "smoke")
+# PyTorch's CPU worker threads spin while they wait for each other; on a machine whose cores are busy with other
+# work that multiplies the medians (measured: --quick took 100 s with 2 threads and 24 s with 1 on 2 busy cores).
+CPU_THREADS = 1
+CPU_THREADS_WHY = "one thread by default, so that other work on the machine cannot stall a worker thread and multiply a median"
 INTERPRETER_NOTE = "CPU run under TRITON_INTERPRET=1: fsq_triton runs its kernels in Triton's interpreter (not a speed figure)"
 
 
@@ -673,11 +677,12 @@ def write_results(out: Path, env: dict, notes: list[str], cases: list[dict]) -> 
     return impls, results
 
 
-def run(quick: bool, device: str | None, out_dir: str, smoke: bool = False) -> int:
+def run(quick: bool, device: str | None, out_dir: str, smoke: bool = False, threads: int | None = None) -> int:
     """Benchmark every workload, print the table, write results.json, results.md and results.png to ``out_dir``.
 
     ``quick``: a few small cases; ``smoke``: one tiny case of each kind and two repeats, which checks that
-    everything runs and writes its files (not a measurement). Returns the exit status (2: no such device).
+    everything runs and writes its files (not a measurement). ``threads``: PyTorch's CPU threads for a CPU
+    run (default :data:`CPU_THREADS`). Returns the exit status (2: no such device).
     """
     size = "smoke" if smoke else "quick" if quick else "full"
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -689,7 +694,9 @@ def run(quick: bool, device: str | None, out_dir: str, smoke: bool = False) -> i
 
     notes = []
     if device.type == "cpu":
+        torch.set_num_threads(threads or CPU_THREADS)
         notes.append(INTERPRETER_NOTE if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else CPU_NOTE)
+        notes.append(f"{torch.get_num_threads()} CPU thread(s) (--threads): {CPU_THREADS_WHY}")
         notes.append("torch.compile is timed on CUDA only")
         notes.append(CPU_PROJECTION_NOTE)
     else:
@@ -711,6 +718,11 @@ def run(quick: bool, device: str | None, out_dir: str, smoke: bool = False) -> i
         progress.set_description(wl.label)
         cases.append(measure_case(wl, device, timer, bandwidth, progress))
         # rewritten after every case, so that a run cut short (a time limit, a crash) leaves what it measured
+        impls, results = write_results(out, env, notes, cases)
+    from . import residual_cases  # here, not at the top: it imports this module
+
+    for case in residual_cases.measure_cases(size, device, timer, bandwidth, progress):  # ResidualFSQ against vqp's
+        cases.append(case)
         impls, results = write_results(out, env, notes, cases)
     progress.close()
 
