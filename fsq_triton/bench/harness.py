@@ -43,6 +43,7 @@ from torch import nn
 from tqdm import tqdm
 
 import fsq_triton
+from fsq_triton._mode import interpreting
 
 from .reference import ReferenceFSQ
 
@@ -695,7 +696,7 @@ def run(quick: bool, device: str | None, out_dir: str, smoke: bool = False, thre
     notes = []
     if device.type == "cpu":
         torch.set_num_threads(threads or CPU_THREADS)
-        notes.append(INTERPRETER_NOTE if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else CPU_NOTE)
+        notes.append(INTERPRETER_NOTE if interpreting() else CPU_NOTE)
         notes.append(f"{torch.get_num_threads()} CPU thread(s) (--threads): {CPU_THREADS_WHY}")
         notes.append("torch.compile is timed on CUDA only")
         notes.append(CPU_PROJECTION_NOTE)
