@@ -15,7 +15,9 @@ Two semantics, chosen at construction (keyword-only ``semantics``):
 (:mod:`fsq_triton.ops.residual`: every stage and every group in one launch, read ``x`` once, write the quantized sum
 and the ``q`` indices once; the backward recomputes the stages from ``x``); ``"auto"`` picks Triton on CUDA (and on
 CPU under ``TRITON_INTERPRET=1``). Projections (``dim != len(levels)``) are ``nn.Linear`` layers around the fused
-quantizer (not fused into the kernel). Inputs the kernel does not reproduce bit for bit (float64, or a
+quantizer, not fused into the kernel: deep stages resolve ``project_in``'s output below float32's resolution (8 stages
+of [8, 5, 5, 5]: one ulp moves the last stage's index for about a quarter of the tokens), so vqp's indices need
+``nn.Linear``'s own rounding, which a fused ``tl.dot`` does not reproduce. Inputs the kernel does not reproduce bit for bit (float64, or a
 half-precision input with a scalar soft clamp, which vqp evaluates in half precision) take the torch path.
 
 Where fsq_triton differs from vqp on purpose: a token with a NaN channel gets index ``-1`` in every stage (vqp: an
