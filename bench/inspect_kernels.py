@@ -107,7 +107,8 @@ def _streaming(dt: str, layout: str) -> list[Variant]:
         f"decode {dt} {layout}", F._fsq_decode_kernel,
         {"idx_ptr": "*i32", "out_ptr": "*" + dt, "val_ptr": "*fp32", "int_ptr": "*i32",
          **_ints("N", "num_n_blocks", "codebook_size", *ro)},
-        dict(**so, C=1, D=8, C_PAD=1, D_PAD=8, MAX_LEVEL=8, BLOCK_N=1024, CHANNEL_ROWS=cf, OFFSET_64=False),
+        dict(**so, C=1, D=8, C_PAD=1, D_PAD=8, MAX_LEVEL=8, BLOCK_N=1024, CHANNEL_ROWS=cf,
+             GROUPS=max(1, 8 * (4 if dt == "fp32" else 2) // 16), OFFSET_64=False),
         ("idx_ptr", "out_ptr", "val_ptr", "int_ptr", "N", *ro), warps, tags={**tags, "kind": "decode"},
     ))
     return out
@@ -134,7 +135,7 @@ def variants() -> list[Variant]:
             dict(stride_xc=1, stride_oc=1, DIM=1024, C=1, D=4, E_PAD=16, MAX_LEVEL=8, BLOCK_N=128, BLOCK_K=64,
                  SAVE_H=True, IEEE_DOT=dt == "fp32", DOT_IN_F32=False, OFFSET_64=False),
             ("x_ptr", "w_in_ptr", "w_out_ptr", "out_ptr", "idx_ptr", "h_ptr", "val_ptr", "int_ptr", "N",
-             "stride_xb", "stride_xn", "stride_ob", "stride_on"), num_warps=4, tags={"kind": "projected", "dtype": dt},
+             "stride_xb", "stride_xn", "stride_ob", "stride_on"), num_warps=8, tags={"kind": "projected", "dtype": dt},
         ))
     out.append(Variant(
         "projected decode bf16, 2 codebooks", P._fsq_projected_decode_kernel,
@@ -142,7 +143,7 @@ def variants() -> list[Variant]:
          "int_ptr": "*i32", **_ints("N", "num_n_blocks", "codebook_size", "stride_ob", "stride_on")},
         dict(stride_oc=1, DIM=1024, C=2, D=4, E_PAD=16, MAX_LEVEL=8, BLOCK_N=128, BLOCK_K=64, IEEE_DOT=False,
              DOT_IN_F32=False, OFFSET_64=False),
-        ("idx_ptr", "w_out_ptr", "out_ptr", "val_ptr", "int_ptr", "N", "stride_ob", "stride_on"), num_warps=4,
+        ("idx_ptr", "w_out_ptr", "out_ptr", "val_ptr", "int_ptr", "N", "stride_ob", "stride_on"), num_warps=8,
         tags={"kind": "projected", "dtype": "bf16"},
     ))
     return out
