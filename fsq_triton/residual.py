@@ -96,6 +96,9 @@ class ResidualFSQ(nn.Module):
     ``return_all_codes`` the scaled codes ``(q, b, n, d)`` (channel-first: ``(q, b, *spatial, d)``).
     """
 
+    # The soft clamp's tanh inside the kernel (one pass over x); False applies it with torch ops before the kernel.
+    soft_clamp_in_kernel: bool = True
+
     def __init__(
         self,
         *,
@@ -401,13 +404,21 @@ class ResidualFSQ(nn.Module):
                                              kind, mode, channels_last)
 
     def _use_fused(self, x: torch.Tensor):
+        """``(ops, soft clamp mode, x)`` for the fused kernel, or ``(None, None, x)`` for the torch path.
+
+        With ``soft_clamp_in_kernel`` off, the soft clamp runs here in torch ops (one more pass over ``x``) and the
+        kernel gets the clamped values: the switch for a device whose ``tanh`` in Triton differs from torch's.
+        """
         ops = self._triton_ops(x)
         if ops is None:
-            return None, None
+            return None, None, x
         mode = self._soft_clamp_mode(x)
         if mode is None or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            return None, None  # float64 (vqp quantizes it in float64), or a scalar soft clamp in half precision
-        return ops, mode
+            return None, None, x  # float64 (vqp quantizes it in float64), or a scalar soft clamp in half precision
+        if mode != 0 and not self.soft_clamp_in_kernel:
+            c = self.soft_clamp_input_value
+            x, mode = (x / c).tanh() * c, 0
+        return ops, mode, x
 
     def forward(self, x: torch.Tensor, return_all_codes: bool = False, rand_quantize_dropout_fixed_seed=None):
         self._check_input(x)
@@ -417,9 +428,9 @@ class ResidualFSQ(nn.Module):
         x = self.project_in(x)
         cut = self._dropout_cut(x, rand_quantize_dropout_fixed_seed)
 
-        ops, mode = self._use_fused(x)
+        ops, mode, x_fused = self._use_fused(x)
         if ops is not None:
-            out, indices = self._quantize_fused(ops, x.transpose(1, 2), True, cut, mode)
+            out, indices = self._quantize_fused(ops, x_fused.transpose(1, 2), True, cut, mode)
             quantized_out, all_indices = out.transpose(1, 2), indices[0]
             if cut is not None and cut < self.num_quantizers - 1:
                 all_indices = all_indices.long()  # vqp stacks int32 indices with int64 null indices
@@ -495,7 +506,7 @@ class GroupedResidualFSQ(nn.Module):
                 xs = rearrange(x, "b n (g e) -> b n g e", g=self.groups)
             if first.has_projections:  # each group's own nn.Linear, as vqp (bit for bit), into one (b, n, g, d) tensor
                 xs = torch.stack([rvq.project_in(xs[:, :, i]) for i, rvq in enumerate(self.rvqs)], dim=2)
-            ops, mode = first._use_fused(xs)
+            ops, mode, xs = first._use_fused(xs)
         if ops is None:  # group by group, each on its own path (vqp's loop)
             chunks = x.chunk(self.groups, dim=split_dim)
             out = tuple(rvq(chunk, return_all_codes=return_all_codes, rand_quantize_dropout_fixed_seed=seed)

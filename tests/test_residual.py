@@ -501,3 +501,24 @@ def test_torch_compile_fullgraph_matches_eager(backend):
     compiled(xc)[0].sum().backward()
     m(xe)[0].sum().backward()
     torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_soft_clamp_outside_the_kernel_gives_the_same_results(grouped, monkeypatch):
+    """``soft_clamp_in_kernel = False`` (the soft clamp in torch ops, then the kernel) matches the fused soft clamp."""
+    kwargs = dict(levels=[8, 5, 5, 5], num_quantizers=4)
+    make = (lambda: GroupedResidualFSQ(dim=8, groups=2, **kwargs, backend="triton")) if grouped else \
+        (lambda: ResidualFSQ(**kwargs, backend="triton"))
+    if not interpreting():
+        pytest.skip("runs the kernels under the interpreter")
+    x = torch.randn(2, 9, 8 if grouped else 4)
+    results = []
+    for inside in (True, False):
+        monkeypatch.setattr(ResidualFSQ, "soft_clamp_in_kernel", inside)
+        module = make()
+        xr = x.clone().requires_grad_(True)
+        quantized, indices = module(xr)
+        quantized.backward(torch.ones_like(quantized))
+        results.append((quantized.detach(), indices, xr.grad))
+    assert torch.equal(results[0][1], results[1][1]) and torch.equal(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][2], results[1][2], rtol=1e-5, atol=1e-6)
