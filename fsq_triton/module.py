@@ -81,8 +81,9 @@ def _param_dtype(module: nn.Module, default: torch.dtype) -> torch.dtype:
 
 
 def _autocast_off(device_type: str):
-    """``torch.autocast(device_type, enabled=False)`` where autocast exists (not on ``meta``)."""
-    if torch.amp.is_autocast_available(device_type):
+    """``torch.autocast(device_type, enabled=False)`` where autocast exists (not on ``meta``). (Dynamo before torch
+    2.13 cannot trace ``is_autocast_available``; a device that compiles has autocast.)"""
+    if device_type != "meta" and (torch.compiler.is_compiling() or torch.amp.is_autocast_available(device_type)):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 
@@ -362,6 +363,8 @@ class FSQ(nn.Module):
 
     def _check_index_range(self, indices: torch.Tensor) -> None:
         """IndexError for a (CPU) index outside ``[0, codebook_size)``; unsigned dtypes are read as their values."""
+        while torch._C._functorch.is_functorch_wrapped_tensor(indices):  # under torch.func: check every sample
+            indices = torch._C._functorch.get_unwrapped(indices)
         wide = indices.to(torch.int64) if indices.dtype in (torch.uint16, torch.uint32, torch.uint64) else indices
         low, high = int(wide.min()), int(wide.max())
         if low < 0 and indices.dtype == torch.uint64:  # past 2**63: wrapped negative by the cast

@@ -271,3 +271,34 @@ def test_no_gradient_is_dropped_with_create_graph_on_plain_linear_input():
         _, grads = gradient_penalty(fsq, z)
         norms.append(grads[1].norm())
     close(norms[0], norms[1], "norm of the penalty's gradient w.r.t. project_in.weight")
+
+
+@pytest.mark.parametrize("dim", [None, 12], ids=["no-projections", "projections"])
+def test_func_vmap_of_decode(dim):
+    """vmap over indices_to_codes: the CPU range check looks at every sample (no .item() on a vmapped tensor)."""
+    triton, reference = pair(dict(levels=[8, 5, 5, 5], dim=dim))
+    indices = torch.randint(0, triton.codebook_size, (3, 2, 5), generator=torch.Generator().manual_seed(13))
+    decoded = torch.func.vmap(triton.indices_to_codes)(indices)
+    torch.testing.assert_close(decoded, torch.func.vmap(reference.indices_to_codes)(indices), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(decoded[2], triton.indices_to_codes(indices[2]), rtol=0, atol=0)
+    indices[1, 0, 3] = triton.codebook_size
+    with pytest.raises(IndexError, match=f"found {triton.codebook_size}"):
+        torch.func.vmap(triton.indices_to_codes)(indices)
+
+
+def test_func_vmap_of_the_ops_themselves():
+    """torch.ops.fsq_triton.* called directly under vmap: each op's vmap rule folds the vmapped dim into the batch."""
+    levels, c = (8, 5, 5, 5), 2
+    tables = level_tables(levels, "cpu")
+    zs = inputs((3, 2, c * len(levels), 7), seed=14)
+    gs = inputs(zs.shape, seed=15)
+    out, indices = torch.func.vmap(lambda z: ops.quantize(z, tables.values, tables.integers, c, False))(zs)
+    dz = torch.func.vmap(lambda g, z: ops.quantize_backward(g, z, tables.values, False))(gs, zs)
+    decoded = torch.func.vmap(lambda i: ops.indices_to_codes(i, tables.values, tables.integers, 1000, False, torch.float32))(indices)
+    for k in range(3):
+        ref_out, ref_indices = ops.quantize(zs[k], tables.values, tables.integers, c, False)
+        assert torch.equal(out[k], ref_out) and torch.equal(indices[k], ref_indices)
+        assert torch.equal(dz[k], ops.quantize_backward(gs[k], zs[k], tables.values, False))
+        assert torch.equal(decoded[k], ref_out)
+    with pytest.raises(NotImplementedError, match="vmap over the level tables"):
+        torch.func.vmap(lambda v: ops.quantize(zs[0], v, tables.integers, c, False))(tables.values[None].expand(2, -1, -1))

@@ -498,3 +498,29 @@ fsq_projected.quantize_projected.register_autograd(_quantize_projected_grad, set
 fsq_projected.indices_to_codes_projected.register_autograd(
     _indices_to_codes_projected_grad, setup_context=_indices_to_codes_projected_setup
 )
+
+
+def _register_vmap(op, batchable: tuple[int, ...], what: str) -> None:
+    """vmap of a custom op called directly: the vmapped dimension folds into the batch of the ``batchable``
+    arguments (an unbatched one among them is expanded); vmap over any other tensor argument is refused."""
+
+    def rule(info, in_dims, *args):
+        tensor_dims = [dim for i, dim in enumerate(in_dims) if i not in batchable]
+        if any(dim is not None for dim in tensor_dims):
+            _unsupported_vmap(what, in_dims)
+        size = info.batch_size
+        args = [_fold(arg, in_dims[i], size) if i in batchable else arg for i, arg in enumerate(args)]
+        result = op(*args)
+        if isinstance(result, torch.Tensor):
+            return _unfold(result, size), 0
+        outputs = tuple(t if t.numel() == 0 and t.ndim == 1 else _unfold(t, size) for t in result)
+        return outputs, tuple(None if t.numel() == 0 and t.ndim == 1 else 0 for t in result)
+
+    op.register_vmap(rule)
+
+
+_register_vmap(fsq.quantize, (0,), "the level tables")
+_register_vmap(fsq.quantize_backward, (0, 1), "the level tables")
+_register_vmap(fsq.indices_to_codes, (0,), "the level tables")
+_register_vmap(fsq_projected.quantize_projected, (0,), "the projection weights or the level tables")
+_register_vmap(fsq_projected.indices_to_codes_projected, (0,), "the projection weights or the level tables")
