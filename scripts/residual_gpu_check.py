@@ -8,7 +8,9 @@ fsq_triton's kernel against its own torch path, which replays vqp 1.25.2's ops),
 num_quantizers=8)``:
 
 - ``index_mismatches``: indices of the fused kernel that differ from vqp's over ``--elements`` float32 inputs
-  (``randn * 1.5``, in chunks), plus the largest difference of the quantized output;
+  (``randn * 1.5``, in chunks), plus the largest difference of the quantized output; and the same count with the soft
+  clamp applied in torch ops (``ResidualFSQ.soft_clamp_in_kernel = False``): if only the first is non-zero, Triton's
+  ``tanh`` differs from torch's on this device;
 - ``grad_max_abs_diff``: the input gradient against autograd through vqp, on the first chunk;
 - timings (median of CUDA-event repeats after an L2 flush) of forward and forward+backward for fsq_triton, vqp eager and
   ``torch.compile`` of vqp, and the bandwidth bound of one forward pass (read ``x``, write the quantized sum and the
@@ -72,7 +74,7 @@ def parity(semantics: str, elements: int, device, vqp):
     generator = torch.Generator(device=device).manual_seed(0)
     chunk_tokens = 1 << 22
     tokens = elements // len(LEVELS)
-    mismatches, max_diff, done = 0, 0.0, 0
+    mismatches, mismatches_outside, max_diff, done = 0, 0, 0.0, 0
     while done < tokens:
         n = min(chunk_tokens, tokens - done)
         x = torch.randn(1, n, len(LEVELS), generator=generator, device=device) * 1.5
@@ -80,6 +82,11 @@ def parity(semantics: str, elements: int, device, vqp):
             q_ours, i_ours = ours(x)
             q_ref, i_ref = oracle(x)
         mismatches += int((i_ours != i_ref).sum())
+        if semantics == "current":  # the same with the soft clamp in torch ops (ResidualFSQ.soft_clamp_in_kernel)
+            fsq_triton.ResidualFSQ.soft_clamp_in_kernel = False
+            with torch.no_grad():
+                mismatches_outside += int((ours(x)[1] != i_ref).sum())
+            fsq_triton.ResidualFSQ.soft_clamp_in_kernel = True
         max_diff = max(max_diff, float((q_ours - q_ref).abs().max()))
         if done == 0:
             xo, xr = x[:, :65536].clone().requires_grad_(True), x[:, :65536].clone().requires_grad_(True)
@@ -89,6 +96,7 @@ def parity(semantics: str, elements: int, device, vqp):
             grad_diff = float((xo.grad - xr.grad).abs().max())
         done += n
     return {"semantics": semantics, "elements": tokens * len(LEVELS), "index_mismatches": mismatches,
+            "index_mismatches_soft_clamp_in_torch": mismatches_outside,
             "quantized_max_abs_diff": max_diff, "grad_max_abs_diff": grad_diff}
 
 
