@@ -263,28 +263,39 @@ def _kernel(kernel):
     return kernel if interpreting() else torch.library.wrap_triton(kernel)
 
 
-def _geometry(feature: torch.Tensor, groups: int, d: int):
-    b, _, n = feature.shape
+def _token_axes(b: int, n: int, *tensors: torch.Tensor):
+    """(rows, tokens per row, each tensor's (batch, channel, token) strides): when every tensor's batch stride is ``n``
+    times its token stride (channel-last contiguous), the batch folds into the token axis, so short sequences still
+    fill whole tiles. The indices ``(g, b, n, q)`` always qualify (their token stride is ``q``)."""
+    strides = [(t.stride(-3), t.stride(-2), t.stride(-1)) for t in tensors]
+    if b > 1 and all(sb == n * sn for sb, _, sn in strides):
+        return 1, b * n, [(0, sc, sn) for _, sc, sn in strides]
+    return b, n, strides
+
+
+def _geometry(n: int, groups: int, d: int):
     g_pad, d_pad = _pow2(groups), _pow2(d)
     budget = 2048 if interpreting() else 1024  # elements a tile: Q stages of state stay in registers
     block = max(16, min(1024, _pow2(max(n, 1)), 1 << max(0, (budget // (g_pad * d_pad)).bit_length() - 1)))
-    return b, n, g_pad, d_pad, block
+    return g_pad, d_pad, block
 
 
 def forward_triton(x, stages, channels, basis, groups: int, num_active: int, soft_clamp_mode: int, channels_last: bool):
     """x (b, g*d, n) -> out (b, g*d, n) float32 in x's layout, indices (g, b, n, q) int32."""
     q, d = stages.shape[0], stages.shape[1]
     max_level = (stages.shape[2] - _rl.COL_THRESHOLDS + 1) // 2
-    b, n, g_pad, d_pad, block = _geometry(x, groups, d)
+    b, _, n = x.shape
     out = _empty_feature(x.shape, x.device, channels_last, torch.float32)
     indices = torch.empty((groups, b, n, q), dtype=torch.int32, device=x.device)
     if out.numel() == 0 or (interpreting() and _is_fake(x)):
         return out, indices
-    nblocks = _cdiv(n, block)
-    _kernel(_residual_forward_kernel)[(b * nblocks,)](
+    rows, tokens, (sx, so, si) = _token_axes(b, n, x, out, indices.permute(0, 1, 3, 2))
+    g_pad, d_pad, block = _geometry(tokens, groups, d)
+    nblocks = _cdiv(tokens, block)
+    _kernel(_residual_forward_kernel)[(rows * nblocks,)](
         x, out, indices, stages, channels, basis,
-        n, nblocks, num_active,
-        *x.stride(), *out.stride(), *indices.stride()[:3],
+        tokens, nblocks, num_active,
+        *sx, *so, indices.stride(0), si[0], si[2],
         G=groups, D=d, G_PAD=g_pad, D_PAD=d_pad, Q=q, MAX_LEVEL=max_level, SOFT_CLAMP=soft_clamp_mode,
         BLOCK_N=block, OFFSET_64=_needs_int64(x, out, indices), num_warps=4,
     )
@@ -296,15 +307,17 @@ def backward_triton(grad_out, x, stages, channels, groups: int, num_active: int,
     """grad_out (b, g*d, n), x (b, g*d, n) -> grad_x (b, g*d, n) in x's dtype and layout."""
     q, d = stages.shape[0], stages.shape[1]
     max_level = (stages.shape[2] - _rl.COL_THRESHOLDS + 1) // 2
-    b, n, g_pad, d_pad, block = _geometry(x, groups, d)
+    b, _, n = x.shape
     grad_x = _empty_feature(x.shape, x.device, channels_last, x.dtype)
     if grad_x.numel() == 0 or (interpreting() and _is_fake(x)):
         return grad_x
-    nblocks = _cdiv(n, block)
-    _kernel(_residual_backward_kernel)[(b * nblocks,)](
+    rows, tokens, (sg, sx, sd) = _token_axes(b, n, grad_out, x, grad_x)
+    g_pad, d_pad, block = _geometry(tokens, groups, d)
+    nblocks = _cdiv(tokens, block)
+    _kernel(_residual_backward_kernel)[(rows * nblocks,)](
         grad_out, x, grad_x, stages, channels,
-        n, nblocks, num_active,
-        *grad_out.stride(), *x.stride(), *grad_x.stride(),
+        tokens, nblocks, num_active,
+        *sg, *sx, *sd,
         G=groups, D=d, G_PAD=g_pad, D_PAD=d_pad, Q=q, MAX_LEVEL=max_level, KIND=kind, SOFT_CLAMP=soft_clamp_mode,
         BLOCK_N=block, OFFSET_64=_needs_int64(grad_out, x, grad_x), num_warps=4,
     )
