@@ -22,7 +22,9 @@ half-precision input with a scalar soft clamp, which vqp evaluates in half preci
 
 Where fsq_triton differs from vqp on purpose: a token with a NaN channel gets index ``-1`` in every stage (vqp: an
 arbitrary integer); decoding channel-first indices works (vqp's ``get_codes_from_indices`` treats their last axis as
-the stage axis and fails or returns garbage); bad input raises ``ValueError``/``TypeError`` instead of asserting.
+the stage axis and fails or returns garbage); ``GroupedResidualFSQ`` draws and all-reduces its dropout seed only when
+quantize dropout applies (vqp does on every training-mode forward, which advances the global RNG and hangs DDP when
+one rank runs an extra forward); bad input raises ``ValueError``/``TypeError`` instead of asserting.
 """
 
 from __future__ import annotations
@@ -301,9 +303,18 @@ class ResidualFSQ(nn.Module):
     # Forward
     # ----------------------------------------------------------------------------------------------
 
+    def _dropout_applies(self) -> bool:
+        return self.training and self.quantize_dropout and torch.is_grad_enabled()
+
     def _dropout_cut(self, x: torch.Tensor, seed) -> int | None:
-        """The last stage kept (vqp's ``rand_quantize_dropout_index``), or None without quantize dropout."""
-        if not (self.training and self.quantize_dropout and torch.is_grad_enabled()):
+        """The last stage kept (vqp's ``rand_quantize_dropout_index``), or None without quantize dropout.
+
+        Without a fixed seed, the seed is one draw of the global torch RNG summed over the ranks (vqp's
+        ``get_maybe_sync_seed``): every rank of a process group cuts at the same stage. The collective runs only
+        where dropout applies (training, ``quantize_dropout``, grad enabled), the same condition on every rank of a
+        data-parallel step.
+        """
+        if not self._dropout_applies():
             return None
         if seed is None:
             seed = get_maybe_sync_seed(x.device)
@@ -496,8 +507,11 @@ class GroupedResidualFSQ(nn.Module):
         split_dim = self.split_dim
         if x.ndim < 2 or x.shape[split_dim] != self.dim:
             raise ValueError(f"expected dim {self.dim} at axis {split_dim} of x, found shape {tuple(x.shape)}")
-        seed = get_maybe_sync_seed(x.device) if self.training else None
         first = self.rvqs[0]
+        # One seed for every group, drawn (and all-reduced) only when quantize dropout applies. vqp draws it on every
+        # training-mode forward: a rank that runs one more (a no_grad sample, a log) then waits forever in all_reduce
+        # (vqp issues #198, #105).
+        seed = get_maybe_sync_seed(x.device) if first._dropout_applies() else None
         ops = first._triton_ops(x) if self._fused_layout(x) else None
         if ops is not None:  # x as (b, n, g, dim_per_group)
             if first.is_channel_first:

@@ -270,11 +270,17 @@ def _ddp_worker(rank, world_size, port, out_dir):
     grouped = GroupedResidualFSQ(dim=6, groups=2, levels=[5, 5, 5], num_quantizers=8, quantize_dropout=True,
                                  backend="torch").train()
     kept = []
-    for _ in range(6):
+    for step in range(6):
         _, indices = plain(torch.randn(2, 4, 3, requires_grad=True))
         kept.append(int((indices[0, 0] >= 0).sum()))
         _, indices = grouped(torch.randn(2, 4, 6, requires_grad=True))
         kept.append(int((indices[0, 0, 0] >= 0).sum()))
+        if rank == 0 and step % 2 == 0:
+            # one rank alone runs training-mode forwards without grad (a sample, a log): no collective may run here
+            # (vqp's GroupedResidualFSQ all-reduces a seed on every training-mode forward and hangs: issue #198)
+            with torch.no_grad():
+                plain(torch.randn(1, 2, 3))
+                grouped(torch.randn(1, 2, 6))
     dist.barrier()
     dist.destroy_process_group()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(kept))
@@ -287,6 +293,8 @@ def _free_port():
 
 
 def test_ddp_ranks_draw_the_same_cut_without_hanging():
+    """2 gloo processes with different local RNG states draw the same cut every step (the seed is all-reduced), and an
+    extra no-grad forward on one rank runs no collective, so nothing hangs."""
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as out_dir:
