@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from .. import torch_impl
 from ..levels import COL_GRAD_SCALE, COL_SHIFT
 from . import fsq, fsq_projected
-from .fsq import _is_fake, _runs_triton, backward_triton, decode_triton, forward_triton
+from .fsq import _is_fake, backward_triton, decode_triton, forward_triton
 from .fsq_projected import decode_projected_triton, forward_projected_triton
 
 _ops = torch.ops.fsq_triton
@@ -46,10 +46,10 @@ def op_or_launcher(op, launcher, *tensors: torch.Tensor):
     Eager calls skip the custom-op dispatcher layers (tens of microseconds, the whole cost of a tiny
     input) and run the same launcher the op would run.
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or not fsq._runs_triton(tensors[0]):  # (the tensors share a device)
         return op
     for t in tensors:
-        if _is_fake(t) or torch._C._functorch.is_functorch_wrapped_tensor(t) or not _runs_triton(t):
+        if _is_fake(t) or torch._C._functorch.is_functorch_wrapped_tensor(t):
             return op
     return launcher
 
