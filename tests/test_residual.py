@@ -421,7 +421,7 @@ def test_exported_from_the_package():
 
 
 COMPILE_SCRIPT = r"""
-import io, contextlib, json, sys
+import io, contextlib, json, re
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -444,26 +444,34 @@ for kernel, types, constexprs in (
     names = kernel.arg_names
     signature = {n: ("constexpr" if n in constexprs else types[n]) for n in names}
     source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    with contextlib.redirect_stdout(io.StringIO()):
+    log = io.StringIO()  # Triton prints its ptxas -v report (TRITON_DUMP_PTXAS_LOG, fresh cache): registers, spills
+    with contextlib.redirect_stdout(log):
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    log = log.getvalue()
     rows.append({"kernel": kernel.__name__, "ptx_has_tanh_path": "ex2.approx" in compiled.asm["ptx"],
-                 "div_rn": "div.rn.f32" in compiled.asm["ptx"]})
+                 "div_rn": "div.rn.f32" in compiled.asm["ptx"],
+                 "registers": int(re.search(r"Used (\d+) registers", log).group(1)),
+                 "spill_bytes": sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))})
 print(json.dumps(rows))
 """
 
 
 def test_kernels_compile_for_sm90_without_a_gpu():
     """The real compiler accepts both kernels (the interpreter-only tanh hook is a dead constexpr branch there),
-    with the soft clamp's libdevice tanh and IEEE division in the PTX."""
+    with the soft clamp's libdevice tanh and IEEE division in the PTX, and ptxas spills nothing (8 stages, 2 groups)."""
     import subprocess
     import sys
 
-    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    result = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+               "TRITON_DUMP_PTXAS_LOG": "1", "TRITON_CACHE_DIR": cache}
+        result = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(result.stdout.strip().splitlines()[-1])
     assert [r["kernel"] for r in rows] == ["_residual_forward_kernel", "_residual_backward_kernel", "_residual_backward_kernel"]
     assert rows[0]["ptx_has_tanh_path"] and rows[0]["div_rn"]
+    for row in rows:
+        assert row["spill_bytes"] == 0 and row["registers"] <= 255, row
 
 
 @needs_vqp
