@@ -171,7 +171,6 @@ class ResidualFSQ(nn.Module):
 
         self.semantics, self.backend, self._kind = semantics, backend, kind
         self.bound_hard_clamp = bound_hard_clamp
-        self._fsq_kwargs = dict(fsq_kwargs)
         self.project_in = nn.Linear(dim, codebook_dim) if dim != codebook_dim else nn.Identity()
         self.project_out = nn.Linear(codebook_dim, dim) if dim != codebook_dim else nn.Identity()
         self.has_projections = dim != codebook_dim
@@ -343,6 +342,8 @@ class ResidualFSQ(nn.Module):
         scalar = not isinstance(c, torch.Tensor) or c.ndim == 0
         if scalar and x.dtype != torch.float32:
             return None  # vqp divides in x's half precision here
+        if isinstance(c, torch.Tensor) and c.dtype == torch.float64:
+            return None  # a float64 soft clamp value promotes x to float64
         if not isinstance(c, torch.Tensor) and x.device.type == "cuda":
             return 2
         return 1

@@ -538,3 +538,17 @@ def test_soft_clamp_outside_the_kernel_gives_the_same_results(grouped, monkeypat
         results.append((quantized.detach(), indices, xr.grad))
     assert torch.equal(results[0][1], results[1][1]) and torch.equal(results[0][0], results[1][0])
     torch.testing.assert_close(results[0][2], results[1][2], rtol=1e-5, atol=1e-6)
+
+
+@needs_vqp
+def test_float64_input_and_float64_soft_clamp_take_vqps_precision(backend):
+    """Inputs vqp quantizes in float64 (a float64 input, or a float64 soft clamp tensor) match it there too."""
+    for kwargs, dtype in ((dict(levels=[8, 5, 5], num_quantizers=3), torch.float64),
+                          (dict(levels=[8, 5, 5], num_quantizers=3, bound_hard_clamp=False,
+                                soft_clamp_input_value=torch.tensor([1.5, 1.2, 0.9], dtype=torch.float64)), torch.float32)):
+        reference, ours = vqp.ResidualFSQ(**kwargs), ResidualFSQ(**kwargs, backend=backend)
+        x = (torch.randn(2, 20, 3) * 1.5).to(dtype)
+        qr, ir = reference(x)
+        qo, io = ours(x)
+        assert io.dtype == ir.dtype and torch.equal(io, ir)
+        assert qo.dtype == qr.dtype and torch.equal(qo, qr)
