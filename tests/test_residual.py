@@ -232,10 +232,14 @@ def test_quantize_dropout_draws_vqps_cut(multiple_of, backend):
     x = torch.randn(1, 8, 3)
     cuts = set()
     for seed in range(12):
-        qr, ir = reference(x.clone().requires_grad_(True), rand_quantize_dropout_fixed_seed=seed)
-        qo, io = ours(x.clone().requires_grad_(True), rand_quantize_dropout_fixed_seed=seed)
+        xr, xo = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        qr, ir = reference(xr, rand_quantize_dropout_fixed_seed=seed)
+        qo, io = ours(xo, rand_quantize_dropout_fixed_seed=seed)
         assert io.dtype == ir.dtype and torch.equal(io, ir), f"seed {seed}"
         float_close(qo, qr, f"quantized, seed {seed}")
+        qr.backward(torch.ones_like(qr))
+        qo.backward(torch.ones_like(qo))
+        float_close(xo.grad, xr.grad, f"grad of x (dropped stages pass no gradient), seed {seed}", rtol=1e-5, atol=1e-5)
         cuts.add(int((io[0, 0] >= 0).sum()))
     assert len(cuts) > 1  # the cut varies with the seed
     # without a fixed seed both draw one integer from the global RNG: same seed, same cut
