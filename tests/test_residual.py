@@ -556,3 +556,17 @@ def test_float64_input_and_float64_soft_clamp_take_vqps_precision(backend):
         qo, io = ours(x)
         assert io.dtype == ir.dtype and torch.equal(io, ir)
         assert qo.dtype == qr.dtype and torch.equal(qo, qr)
+
+
+def test_torch_export_matches_eager(backend):
+    """torch.export of both modules (eval): the Triton path exports as the fsq_triton::residual_quantize op."""
+    for module, x in ((ResidualFSQ(levels=[8, 5, 5, 5], num_quantizers=4, dim=6, backend=backend), torch.randn(2, 16, 6)),
+                      (GroupedResidualFSQ(dim=8, groups=2, levels=[8, 5, 5, 5], num_quantizers=3, backend=backend),
+                       torch.randn(2, 16, 8))):
+        module.eval()
+        program = torch.export.export(module, (x,))
+        q_eager, i_eager = module(x)
+        q_exported, i_exported = program.module()(x)
+        assert torch.equal(i_exported, i_eager) and torch.equal(q_exported, q_eager)
+        ops = [str(node.target) for node in program.graph.nodes if "fsq_triton" in str(node.target)]
+        assert (ops == ["fsq_triton.residual_quantize.default"]) == (backend == "triton"), ops
