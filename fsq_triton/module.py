@@ -345,7 +345,7 @@ class FSQ(nn.Module):
         else:
             dtype = _param_dtype(self.project_out, torch.float32) if project else torch.float32
             if ops is not None:
-                feature = torch.ops.fsq_triton.indices_to_codes(
+                feature = ops.apply_indices_to_codes(
                     tokens, tables.values, tables.integers, self.codebook_size, project or not is_img_or_video, dtype
                 )
             else:

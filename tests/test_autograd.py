@@ -167,6 +167,44 @@ def test_opcheck_every_op_with_module_arguments(channel_first):
     )
 
 
+@pytest.mark.parametrize("kwargs,shape", CASES)
+def test_opcheck_on_the_calls_the_module_makes(kwargs, shape, monkeypatch):
+    """Record every op call of a training step with a gradient penalty and a decode, then opcheck each op on
+    exactly those arguments (the parameters and inputs still require grad there)."""
+    import fsq_triton.ops.autograd as autograd_ops
+
+    calls = {}
+    real = autograd_ops.op_or_launcher
+
+    def recording(op, launcher, *tensors):
+        chosen = real(op, launcher, *tensors)
+
+        def call(*args):
+            # as they were, requires_grad included (detached: the step's graph is freed by the time opcheck runs)
+            calls.setdefault(op, tuple(
+                a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args
+            ))
+            return op(*args)  # through the op itself, so that what is checked is what ran
+        return call if chosen is launcher else chosen
+
+    monkeypatch.setattr(autograd_ops, "op_or_launcher", recording)
+    fsq, _ = pair(kwargs)
+    z = inputs(shape).requires_grad_()
+    out, indices = fsq(z)
+    (g,) = torch.autograd.grad(out.pow(2).sum(), z, create_graph=True)
+    (g.pow(2).sum() + out.sum()).backward()
+    decoded = fsq.indices_to_codes(indices)
+    if fsq.has_projections:
+        decoded.sum().backward()
+    expected = {"quantize_projected", "indices_to_codes_projected"} if fsq.has_projections else {"quantize"}
+    expected |= {"quantize_backward", "indices_to_codes"}
+    names = {op._qualified_op_name.split("::")[1] for op in calls}
+    assert expected <= names, f"recorded {names}"
+    assert any(a.requires_grad for args in calls.values() for a in args if isinstance(a, torch.Tensor))
+    for op, args in calls.items():
+        torch.library.opcheck(op.default, args)
+
+
 # --------------------------------------------------------------------------------------------------
 # torch.func and forward-mode AD
 # --------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from .autograd import (
     FSQProjectedFunction,
     IndicesToCodesProjectedFunction,
     QuantizeBackwardFunction,
+    apply_indices_to_codes,
     apply_indices_to_codes_projected,
     apply_quantize,
     apply_quantize_projected,
@@ -23,7 +24,7 @@ from .fsq_projected import indices_to_codes_projected, quantize_projected
 
 __all__ = [
     "FSQFunction", "FSQProjectedFunction", "IndicesToCodesProjectedFunction", "QuantizeBackwardFunction",
-    "apply_quantize", "apply_quantize_projected", "apply_indices_to_codes_projected",
+    "apply_quantize", "apply_quantize_projected", "apply_indices_to_codes", "apply_indices_to_codes_projected",
     "quantize", "quantize_backward", "indices_to_codes", "quantize_projected", "indices_to_codes_projected",
     "interpreting",
 ]

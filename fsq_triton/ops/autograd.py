@@ -430,6 +430,14 @@ def apply_quantize_projected(x, w_in, b_in, w_out, b_out, values, integers, num_
     return out, indices
 
 
+def apply_indices_to_codes(indices, values, integers, codebook_size: int, channels_last: bool, dtype: torch.dtype):
+    """Fused decode, ``(b, n, c)`` -> ``(b, e, n)`` in ``dtype`` (no differentiable input: integer indices)."""
+    args = (indices, values, integers, codebook_size, channels_last, dtype)
+    if torch.jit.is_tracing():
+        return _ops.indices_to_codes(*args)
+    return op_or_launcher(_ops.indices_to_codes, decode_triton, indices)(*args)
+
+
 def apply_indices_to_codes_projected(indices, w_out, b_out, values, integers, codebook_size: int, channels_last: bool):
     """Differentiable (in ``w_out``, ``b_out``) fused decode with ``project_out``: ``(b, dim, n)``."""
     args = (indices, w_out, b_out, values, integers, codebook_size, channels_last)
