@@ -119,6 +119,7 @@ RANDOM_CONFIGS = [
     dict(levels=[7, 5, 3], num_quantizers=4, bound_hard_clamp=False),
     dict(levels=[4, 4, 6], num_quantizers=3, bound_hard_clamp=False, soft_clamp_input_value=[1.3, 0.9, 2.0]),
     dict(levels=[2, 3, 16], num_quantizers=5),
+    dict(levels=[40, 3], num_quantizers=2),  # past 32 levels the kernel loops over the thresholds instead of unrolling
     dict(levels=[8, 5, 5, 5], num_quantizers=3, dim=10),
 ]
 
@@ -444,6 +445,7 @@ for kernel, types, constexprs in (
     (R._residual_forward_kernel, forward_types, common),
     (R._residual_backward_kernel, backward_types, {**common, "KIND": 2}),
     (R._residual_backward_kernel, backward_types, {**common, "KIND": 0, "SOFT_CLAMP": 2}),
+    (R._residual_forward_kernel, forward_types, {**common, "MAX_LEVEL": 40, "OFFSET_64": True}),
 ):
     names = kernel.arg_names
     signature = {n: ("constexpr" if n in constexprs else types[n]) for n in names}
@@ -472,7 +474,8 @@ def test_kernels_compile_for_sm90_without_a_gpu():
         result = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(result.stdout.strip().splitlines()[-1])
-    assert [r["kernel"] for r in rows] == ["_residual_forward_kernel", "_residual_backward_kernel", "_residual_backward_kernel"]
+    assert [r["kernel"] for r in rows] == ["_residual_forward_kernel", "_residual_backward_kernel", "_residual_backward_kernel",
+                                           "_residual_forward_kernel"]
     assert rows[0]["ptx_has_tanh_path"] and rows[0]["div_rn"]
     for row in rows:
         assert row["spill_bytes"] == 0 and row["registers"] <= 255, row
