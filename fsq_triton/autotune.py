@@ -126,14 +126,41 @@ def _read(path: Path) -> dict[str, dict]:
         if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT or data.get("file") != path.name:
             raise ValueError("not an fsq_triton tuning cache for this GPU and Triton version")
         configs = data["configs"]
+        if not isinstance(configs, dict):
+            raise ValueError("'configs' is not a mapping")
         for key, cfg in configs.items():
-            if not (isinstance(cfg, dict) and isinstance(cfg.get("BLOCK_N"), int) and isinstance(cfg.get("num_warps"), int)
-                    and isinstance(cfg.get("num_stages", 1), int)):
-                raise ValueError(f"bad entry {key!r}")
+            problem = config_problem(cfg)
+            if problem:
+                raise ValueError(f"bad entry {key!r}: {problem}")
         return configs
     except Exception as exc:  # noqa: BLE001 - any unreadable cache is ignored, never fatal
         warnings.warn(f"fsq_triton: ignoring the tuning cache {path}: {exc}", RuntimeWarning, stacklevel=3)
         return {}
+
+
+def _power_of_two(v: object, low: int, high: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high and v & (v - 1) == 0
+
+
+def config_problem(cfg: object) -> str | None:
+    """Why ``cfg`` is not a launch configuration the kernels can take, or None when it is.
+
+    ``BLOCK_N`` a power of two in [16, 4096] (tokens per program: a tile dimension), ``num_warps`` a power of
+    two in [1, 32], ``num_stages`` (optional) an int in [1, 8], and no other keys.
+    """
+    if not isinstance(cfg, dict):
+        return f"expected a mapping, found {type(cfg).__name__}"
+    extra = set(cfg) - {"BLOCK_N", "num_warps", "num_stages"}
+    if extra:
+        return f"unknown keys {sorted(extra)}"
+    if not _power_of_two(cfg.get("BLOCK_N"), 16, 4096):
+        return f"BLOCK_N must be a power of two in [16, 4096], found {cfg.get('BLOCK_N')!r}"
+    if not _power_of_two(cfg.get("num_warps"), 1, 32):
+        return f"num_warps must be a power of two in [1, 32], found {cfg.get('num_warps')!r}"
+    stages = cfg.get("num_stages", 1)
+    if isinstance(stages, bool) or not isinstance(stages, int) or not 1 <= stages <= 8:
+        return f"num_stages must be an int in [1, 8], found {stages!r}"
+    return None
 
 
 def _write(path: Path, new: dict[str, dict]) -> None:
@@ -216,9 +243,14 @@ def launch_config(kernel: str, key: str, default: dict, run: Callable[[dict], No
     if probe.device.type != "cuda":  # the interpreter: no GPU to tune for or cache by
         return default
     cached = _cached(probe.device).get(key)
-    if _tuning_enabled() and (cached is None or _RETUNE) and not _is_traced(probe):
+    if _tuning_enabled() and (cached is None or _RETUNE) and not _is_traced(probe) and not _capturing():
         return _tune(kernel, key, default, run, probe, space())
     return cached or default
+
+
+def _capturing() -> bool:
+    """Whether a CUDA graph is being captured: timing there would sync and allocate inside the capture."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _is_traced(t: torch.Tensor) -> bool:
@@ -238,11 +270,14 @@ def _tune(kernel, key, default, run, probe, space: list[dict]) -> dict:
             warnings.warn(f"fsq_triton: {kernel} config {cfg} failed: {exc}", RuntimeWarning, stacklevel=2)
             continue
         timings.append((ms, cfg))
+    if not timings:
+        raise RuntimeError(f"fsq_triton: no launch configuration of {kernel} ran for {key} (see the warnings above)")
     best_ms, best = min(timings, key=lambda t: t[0])
-    default_ms = next(ms for ms, cfg in timings if cfg == default)
+    default_ms = next((ms for ms, cfg in timings if cfg == default), float("nan"))  # NaN: the default failed
     path = cache_path(probe.device)
+    configs = _cached(probe.device)  # outside the lock: a first read takes it
     with _LOCK:
-        _cached(probe.device)[key] = best
+        configs[key] = best
         _write(path, {key: best})
     _TUNED_LOG.append({"key": key, "config": best, "ms": best_ms, "default": default, "default_ms": default_ms})
     return best

@@ -18,6 +18,7 @@ Offsets are computed in int64 (``OFFSET_64``) whenever any address of a launch c
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -146,57 +147,45 @@ def _fsq_forward_kernel(
     b, n_start = tile_origin(num_n_blocks, BLOCK_N, OFFSET_64)
     ROW: tl.constexpr = COL_THRESHOLDS + 2 * MAX_LEVEL - 1      # floats per row of the value table
 
-    if CHANNEL_ROWS:
-        # Channel-first: one contiguous row of BLOCK_N tokens per channel, its table row a scalar (uniform).
-        nn = n_start + tl.arange(0, BLOCK_N)
-        n_ok = nn < N
-        if OFFSET_64:
-            stride_zc = stride_zc.to(tl.int64)
-            stride_oc = stride_oc.to(tl.int64)
-        for c in tl.static_range(C):
-            index = tl.zeros((BLOCK_N,), dtype=tl.int32)
-            token_nan = tl.zeros((BLOCK_N,), dtype=tl.int1)
-            for j in tl.static_range(D):
-                z = tl.load(z_ptr + (b * stride_zb + (c * D + j) * stride_zc + nn * stride_zn), mask=n_ok, other=0.0)
-                z = z.to(tl.float32)
-                level, code = quantize_levels(z, val_ptr + j * ROW, None, MAX_LEVEL)
-                is_nan = z != z
-                code = tl.where(is_nan, z, code)
-                tl.store(out_ptr + (b * stride_ob + (c * D + j) * stride_oc + nn * stride_on),
-                         cast_rne(code, out_ptr.dtype.element_ty), mask=n_ok)
-                index += level * tl.load(int_ptr + j * INT_COLS + COL_BASIS)
-                token_nan = token_nan | is_nan
-            tl.store(idx_ptr + ((b * N + nn) * C + c), tl.where(token_nan, -1, index), mask=n_ok)
-    else:
-        # Channel-last: a (tokens, codebooks, channels) tile, channels fastest, reduced per codebook.
-        nn = n_start + tl.arange(0, BLOCK_N)[:, None, None]  # token
+    if not CHANNEL_ROWS:
+        # Channel-last: `out` from a (tokens, codebooks, channels) tile, channels fastest (128-bit accesses).
+        tt = n_start + tl.arange(0, BLOCK_N)[:, None, None]  # token
         cc = tl.arange(0, C_PAD)[None, :, None]             # codebook
         dd = tl.arange(0, D_PAD)[None, None, :]             # channel within the codebook
         chan = cc * D + dd
         if OFFSET_64:
             chan = chan.to(tl.int64)
         d_ok = dd < D
-        mask = (nn < N) & (cc < C) & d_ok
-
-        z = tl.load(z_ptr + (b * stride_zb + chan * stride_zc + nn * stride_zn), mask=mask, other=0.0)
-        z = z.to(tl.float32)
-        level, code = quantize_levels(z, val_ptr + dd * ROW, d_ok, MAX_LEVEL)
-        is_nan = z != z
-        code = tl.where(is_nan, z, code)
-        tl.store(out_ptr + (b * stride_ob + chan * stride_oc + nn * stride_on),
+        mask = (tt < N) & (cc < C) & d_ok
+        zt = tl.load(z_ptr + (b * stride_zb + chan * stride_zc + tt * stride_zn), mask=mask, other=0.0).to(tl.float32)
+        _, code = quantize_levels(zt, val_ptr + dd * ROW, d_ok, MAX_LEVEL)
+        code = tl.where(zt != zt, zt, code)
+        tl.store(out_ptr + (b * stride_ob + chan * stride_oc + tt * stride_on),
                  cast_rne(code, out_ptr.dtype.element_ty), mask=mask)
 
-        basis = tl.load(int_ptr + dd * INT_COLS + COL_BASIS, mask=d_ok, other=0)
-        index = tl.sum(level * basis, axis=2)                    # (BLOCK_N, C_PAD)
-        token_nan = tl.max(is_nan.to(tl.int32), axis=2) > 0
-        index = tl.where(token_nan, -1, index)
-        # stored from the tile's own layout (the lane of channel 0): a store of the reduced (tokens, codebooks)
-        # layout would make the compiler convert layouts through shared memory
-        n2 = n_start + tl.arange(0, BLOCK_N)[:, None]
-        c2 = tl.arange(0, C_PAD)[None, :]
-        # one 4-byte index per token and lane: vectorising the store would convert layouts through shared memory
-        idx_offsets = tl.max_contiguous((b * N + n2) * C + c2, [1, 1])
-        tl.store(idx_ptr + idx_offsets, index, mask=(n2 < N) & (c2 < C))
+    # Row by row: channel j of BLOCK_N tokens, its table row a scalar (uniform across the program). Channel-first
+    # rows are contiguous (128-bit accesses) and write `out`; channel-last rows re-read the tile above from L1 for
+    # the index only (summing the tile's channels across the lanes that hold them would make the compiler
+    # exchange the sums through shared memory).
+    nn = n_start + tl.arange(0, BLOCK_N)
+    n_ok = nn < N
+    if OFFSET_64:
+        stride_zc = stride_zc.to(tl.int64)
+        stride_oc = stride_oc.to(tl.int64)
+    for c in tl.static_range(C):
+        index = tl.zeros((BLOCK_N,), dtype=tl.int32)
+        token_nan = tl.zeros((BLOCK_N,), dtype=tl.int1)
+        for j in tl.static_range(D):
+            z = tl.load(z_ptr + (b * stride_zb + (c * D + j) * stride_zc + nn * stride_zn), mask=n_ok, other=0.0)
+            z = z.to(tl.float32)
+            level, code = quantize_levels(z, val_ptr + j * ROW, None, MAX_LEVEL)
+            is_nan = z != z
+            if CHANNEL_ROWS:
+                tl.store(out_ptr + (b * stride_ob + (c * D + j) * stride_oc + nn * stride_on),
+                         cast_rne(tl.where(is_nan, z, code), out_ptr.dtype.element_ty), mask=n_ok)
+            index += level * tl.load(int_ptr + j * INT_COLS + COL_BASIS)
+            token_nan = token_nan | is_nan
+        tl.store(idx_ptr + ((b * N + nn) * C + c), tl.where(token_nan, -1, index), mask=n_ok)
 
 
 @triton.jit
@@ -247,7 +236,8 @@ def _fsq_decode_kernel(
     N, num_n_blocks, codebook_size,
     stride_ob, stride_oc, stride_on,
     C: tl.constexpr, D: tl.constexpr, C_PAD: tl.constexpr, D_PAD: tl.constexpr,
-    MAX_LEVEL: tl.constexpr, BLOCK_N: tl.constexpr, CHANNEL_ROWS: tl.constexpr, OFFSET_64: tl.constexpr,
+    MAX_LEVEL: tl.constexpr, BLOCK_N: tl.constexpr, CHANNEL_ROWS: tl.constexpr, GROUPS: tl.constexpr,
+    OFFSET_64: tl.constexpr,
 ):
     """``indices_to_codes``: token indices ``(b, n, c)`` to codes on the feature view ``(b, c*d, n)``.
 
@@ -279,13 +269,21 @@ def _fsq_decode_kernel(
                 tl.store(out_ptr + (b * stride_ob + (c * D + j) * stride_oc + nn * stride_on),
                          cast_rne(code, out_ptr.dtype.element_ty), mask=n_ok)
     else:
-        # Channel-last: a (tokens, codebooks, channels) tile, channels fastest.
+        # Channel-last: a (tokens, codebooks x groups, W) tile, each token's channels split into GROUPS groups of
+        # W = 16 bytes, so that one lane holds one group (a 128-bit store) and reads its token's index itself:
+        # the lanes of a token read one address (one transaction), and the index load and the code store share a
+        # layout (with the channels split across lanes inside one group, the compiler would exchange the index
+        # or the codes through shared memory). `opaque_one` (= 1) hides the tokens' contiguity from the compiler,
+        # which would otherwise lay the index load out for 128-bit loads of 4 tokens and convert that layout.
+        W: tl.constexpr = D_PAD // GROUPS
         nn = n_start + tl.arange(0, BLOCK_N)[:, None, None]
-        cc = tl.arange(0, C_PAD)[None, :, None]
-        dd = tl.arange(0, D_PAD)[None, None, :]
+        gg = tl.arange(0, C_PAD * GROUPS)[None, :, None]
+        cc = gg // GROUPS
+        dd = (gg % GROUPS) * W + tl.arange(0, W)[None, None, :]
         d_ok = dd < D
         tok_ok = (nn < N) & (cc < C)
-        index = tl.load(idx_ptr + ((b * N + nn) * C + cc), mask=tok_ok, other=0)
+        opaque_one = (codebook_size > 0).to(tl.int32)  # always 1 (a codebook is never empty); not folded
+        index = tl.load(idx_ptr + ((b * N + nn) * C * opaque_one + cc + dd * 0), mask=tok_ok & d_ok, other=0)
         valid = (index >= 0) & (index < codebook_size)
         index = tl.where(valid, index, 0)
         basis = tl.load(int_ptr + dd * INT_COLS + COL_BASIS, mask=d_ok, other=1)
@@ -381,14 +379,29 @@ def _empty_feature(shape, device, channels_last: bool, dtype: torch.dtype) -> to
     return torch.empty((b, cd, n), dtype=dtype, device=device)
 
 
+def device_guard(t: torch.Tensor):
+    """A context that makes ``t``'s GPU the current CUDA device, where it is not already.
+
+    Triton launches on the current device, and the eager path skips the dispatcher's device guard: without
+    this, an input on ``cuda:1`` while ``cuda:0`` is current would be processed on the wrong GPU. (A no-op for
+    CPU, meta and fake tensors, and while torch.compile traces: Inductor guards its own launches.)
+    """
+    if t.device.type != "cuda" or t.device.index is None or _is_fake(t) or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    if t.device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device.index)
+
+
 def _configured_launch(kernel_name: str, probe: torch.Tensor, tokens: int, channel_tile: int, dtype, channels_last, launch):
-    """Pick the launch configuration (fsq_triton.autotune: forced, tuned, cached or default) and launch."""
+    """Pick the launch configuration (fsq_triton.autotune: forced, tuned, cached or default) and launch on ``probe``'s GPU."""
     tokens = int(tokens)  # a SymInt while torch.compile traces: the configuration is per size class anyway
     key = autotune.problem_key(kernel_name, tokens, channel_tile, dtype, channels_last)
     default = autotune.default_config(channel_tile, tokens, interpreting())
     pipelined = kernel_name.startswith("projected")
     space = functools.partial(autotune.config_space, channel_tile, pipelined)
-    launch(autotune.launch_config(kernel_name, key, default, launch, probe, space))
+    with device_guard(probe):
+        launch(autotune.launch_config(kernel_name, key, default, launch, probe, space))
 
 
 def forward_triton(z, values, integers, num_codebooks: int, channels_last: bool):
@@ -457,8 +470,9 @@ def decode_triton(indices, values, integers, codebook_size: int, channels_last: 
         _launch(_fsq_decode_kernel, out)[(rows * nblocks,)](
             indices, out, values, integers,
             tokens, nblocks, codebook_size, *so,
-            C=c, D=d, C_PAD=c_pad, D_PAD=d_pad, MAX_LEVEL=max_level,
-            BLOCK_N=cfg["BLOCK_N"], CHANNEL_ROWS=not channels_last, OFFSET_64=offset_64, num_warps=cfg["num_warps"],
+            C=c, D=d, C_PAD=c_pad, D_PAD=d_pad, MAX_LEVEL=max_level, BLOCK_N=cfg["BLOCK_N"],
+            CHANNEL_ROWS=not channels_last, GROUPS=max(1, d_pad * out.element_size() // 16),
+            OFFSET_64=offset_64, num_warps=cfg["num_warps"],
         )
 
     _configured_launch("decode", out, rows * tokens, c_pad * d_pad, dtype, channels_last, launch)
