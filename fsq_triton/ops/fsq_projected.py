@@ -56,7 +56,7 @@ from .fsq import (
 
 @triton.jit
 def _project_out_store(
-    codes, w_out_ptr, b_out_ptr, out_row, nn, n_ok, ee, e_ok, DIM, stride_oc, stride_on,
+    codes, w_out_ptr, b_out_ptr, out_row, nn, n_ok, ee, e_ok, DIM: tl.constexpr, stride_oc, stride_on,
     E: tl.constexpr, BLOCK_K: tl.constexpr, IEEE_DOT: tl.constexpr, DOT_IN_F32: tl.constexpr,
     OFFSET_64: tl.constexpr,
 ):
