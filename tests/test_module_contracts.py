@@ -24,30 +24,37 @@ from conftest import interpreting, ref_indices_to_codes
 import fsq_triton.module
 from fsq_triton import FSQ
 
-pytestmark = pytest.mark.skipif(not interpreting(), reason="the Triton path runs on CPU tensors only with TRITON_INTERPRET=1")
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request):
+    """CPU tensors under the interpreter (CI), CUDA tensors with compiled kernels on a GPU machine."""
+    if request.param == "cpu" and not interpreting():
+        pytest.skip("the Triton path runs on CPU tensors only with TRITON_INTERPRET=1")
+    return request.param
 
 LEVELS = [8, 5, 5, 5]
 DIM = 12
 
 
-def pair(seed=0, **kwargs):
+def pair(seed=0, device="cpu", **kwargs):
     torch.manual_seed(seed)
-    triton = FSQ(LEVELS, dim=DIM, backend="triton", **kwargs)
+    triton = FSQ(LEVELS, dim=DIM, backend="triton", **kwargs).to(device)
     reference = copy.deepcopy(triton)
     reference.backend = "torch"
     return triton, reference
 
 
-def inputs(shape=(2, DIM, 3, 4), seed=1):
+def inputs(shape=(2, DIM, 3, 4), seed=1, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=gen) * 1.5
+    return (torch.randn(shape, generator=gen) * 1.5).to(device)
 
 
 def run(fsq, z):
     """forward, a backward, and the decode of the indices: what a tokenizer's training step touches."""
     z = z.detach().clone().requires_grad_()
     out, indices = fsq(z)
-    (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+    (out * torch.linspace(-1, 1, out.numel(), device=out.device).reshape(out.shape)).sum().backward()
     grads = {name: p.grad.clone() for name, p in fsq.named_parameters() if p.grad is not None}
     fsq.zero_grad()
     return out.detach(), indices, z.grad, grads, fsq.indices_to_codes(indices).detach()
@@ -65,12 +72,12 @@ def assert_same_results(actual, expected):
     torch.testing.assert_close(decoded, ref_decoded, rtol=1e-5, atol=1e-6)
 
 
-def both(setup, seed=0, **kwargs):
-    """``setup(fsq)`` applied to a module on each backend; returns the two modules."""
+def both(setup, device, seed=0, **kwargs):
+    """``setup(fsq)`` applied to a module on each backend, then both moved to ``device``."""
     triton, reference = pair(seed, **kwargs)
     setup(triton)
     setup(reference)
-    return triton, reference
+    return triton.to(device), reference.to(device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -78,7 +85,7 @@ def both(setup, seed=0, **kwargs):
 # --------------------------------------------------------------------------------------------------
 
 
-def test_forward_hooks_fire_on_the_triton_path():
+def test_forward_hooks_fire_on_the_triton_path(device):
     calls = []
 
     def setup(fsq):
@@ -86,8 +93,8 @@ def test_forward_hooks_fire_on_the_triton_path():
         fsq.project_in.register_forward_hook(lambda m, args, out: calls.append("in"))
         fsq.project_out.register_forward_hook(lambda m, args, out: calls.append("out"))
 
-    triton, reference = both(setup)
-    z = inputs()
+    triton, reference = both(setup, device)
+    z = inputs(device=device)
     triton(z)
     assert calls == ["pre-in", "in", "out"]
     calls.clear()
@@ -96,27 +103,27 @@ def test_forward_hooks_fire_on_the_triton_path():
     assert_same_results(run(triton, z), run(reference, z))
 
 
-def test_forward_hook_that_changes_the_output_is_honoured():
+def test_forward_hook_that_changes_the_output_is_honoured(device):
     def setup(fsq):
         fsq.project_in.register_forward_hook(lambda m, args, out: out * 3.0 + 0.5)
         fsq.project_out.register_forward_hook(lambda m, args, out: -out)
 
-    triton, reference = both(setup)
-    plain, _ = pair()
-    z = inputs()
+    triton, reference = both(setup, device)
+    plain, _ = pair(device=device)
+    z = inputs(device=device)
     results = run(triton, z)
     assert_same_results(results, run(reference, z))
     assert not torch.equal(results[1], plain(z)[1]), "the hook on project_in must change the indices"
 
 
-def test_global_module_hooks_fire_on_the_triton_path():
-    triton, reference = pair()
+def test_global_module_hooks_fire_on_the_triton_path(device):
+    triton, reference = pair(device=device)
     seen = []
     handle = nn.modules.module.register_module_forward_hook(
         lambda m, args, out: seen.append(type(m).__name__) if isinstance(m, nn.Linear) else None
     )
     try:
-        z = inputs()
+        z = inputs(device=device)
         triton(z)
         assert seen == ["Linear", "Linear"]
         assert_same_results(run(triton, z), run(reference, z))
@@ -141,23 +148,23 @@ class LoRALinear(nn.Linear):
         return super().forward(x) + self.scale * (x @ self.lora_a.t() @ self.lora_b.t())
 
 
-def test_linear_subclass_runs_its_own_forward():
+def test_linear_subclass_runs_its_own_forward(device):
     def setup(fsq):
         torch.manual_seed(3)
         fsq.project_in = LoRALinear(fsq.project_in)
         torch.manual_seed(4)
         fsq.project_out = LoRALinear(fsq.project_out)
 
-    triton, reference = both(setup)
-    plain, _ = pair()
-    z = inputs()
+    triton, reference = both(setup, device)
+    plain, _ = pair(device=device)
+    z = inputs(device=device)
     results = run(triton, z)
     assert_same_results(results, run(reference, z))
     assert {"project_in.lora_a", "project_in.lora_b", "project_out.lora_a", "project_out.lora_b"} <= results[3].keys()
     assert not torch.equal(results[1], plain(z)[1]), "the adapter must change the indices"
 
 
-def test_weight_norm_parametrization():
+def test_weight_norm_parametrization(device):
     def setup(fsq):
         parametrizations.weight_norm(fsq.project_in)
         parametrizations.weight_norm(fsq.project_out)
@@ -165,16 +172,16 @@ def test_weight_norm_parametrization():
             fsq.project_in.parametrizations.weight.original0.mul_(2.0)
             fsq.project_out.parametrizations.weight.original0.mul_(0.5)
 
-    triton, reference = both(setup)
-    plain, _ = pair()
-    z = inputs()
+    triton, reference = both(setup, device)
+    plain, _ = pair(device=device)
+    z = inputs(device=device)
     results = run(triton, z)
     assert_same_results(results, run(reference, z))
     assert "project_in.parametrizations.weight.original0" in results[3]
     assert not torch.equal(results[1], plain(z)[1]), "the parametrization must change the indices"
 
 
-def test_legacy_weight_norm_hook():
+def test_legacy_weight_norm_hook(device):
     """torch.nn.utils.weight_norm (the deprecated one) recomputes the weight in a forward pre-hook."""
     import warnings
 
@@ -185,33 +192,33 @@ def test_legacy_weight_norm_hook():
         with torch.no_grad():
             fsq.project_in.weight_g.mul_(2.0)
 
-    triton, reference = both(setup)
-    z = inputs()
+    triton, reference = both(setup, device)
+    z = inputs(device=device)
     assert_same_results(run(triton, z), run(reference, z))
 
 
-def test_replaced_projections():
+def test_replaced_projections(device):
     def setup(fsq):
         torch.manual_seed(5)
         fsq.project_in = nn.Sequential(nn.Linear(DIM, 8), nn.GELU(), nn.Linear(8, len(LEVELS)))
         fsq.project_out = nn.Sequential(nn.Linear(len(LEVELS), 8), nn.Tanh(), nn.Linear(8, DIM))
 
-    triton, reference = both(setup)
-    z = inputs()
+    triton, reference = both(setup, device)
+    z = inputs(device=device)
     assert_same_results(run(triton, z), run(reference, z))
     # sequences too
-    z = inputs((2, 7, DIM))
+    z = inputs((2, 7, DIM), device=device)
     assert_same_results(run(triton, z), run(reference, z))
 
 
-def test_replaced_projection_of_the_wrong_width_is_a_clear_error():
-    fsq, _ = pair()
+def test_replaced_projection_of_the_wrong_width_is_a_clear_error(device):
+    fsq, _ = pair(device=device)
     fsq.project_in = nn.Linear(DIM, 3)
     with pytest.raises(ValueError, match="project_in must map"):
-        fsq(inputs())
+        fsq(inputs(device=device))
 
 
-def test_identity_stand_ins_are_called_when_replaced():
+def test_identity_stand_ins_are_called_when_replaced(device):
     """Without projections the reference still calls project_in/project_out (nn.Identity); a replacement runs."""
     def setup(fsq):
         fsq.project_in = nn.Tanh()
@@ -222,7 +229,8 @@ def test_identity_stand_ins_are_called_when_replaced():
     reference = FSQ(LEVELS, backend="torch")
     for fsq in (triton, reference):
         setup(fsq)
-    z = inputs((2, len(LEVELS), 3, 4))
+        fsq.to(device)
+    z = inputs((2, len(LEVELS), 3, 4), device=device)
     assert_same_results(run(triton, z), run(reference, z))
     out, _ = triton(z)
     assert out.abs().max() < 1, "project_out (softsign) was applied"
@@ -250,11 +258,11 @@ def test_meta_device_forward(dim, shape_kind):
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.uint16, torch.uint32, torch.uint64])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("dim", [None, DIM], ids=["no-projections", "projections"])
-def test_unsigned_indices(dtype, backend, dim):
+def test_unsigned_indices(device, dtype, backend, dim):
     torch.manual_seed(0)
-    fsq = FSQ(LEVELS, dim=dim, backend=backend)
+    fsq = FSQ(LEVELS, dim=dim, backend=backend).to(device)
     high = min(fsq.codebook_size, torch.iinfo(dtype).max + 1)
-    indices = torch.randint(0, high, (2, 3, 4), generator=torch.Generator().manual_seed(2))
+    indices = torch.randint(0, high, (2, 3, 4), generator=torch.Generator().manual_seed(2)).to(device)
     codes = fsq.indices_to_codes(indices.to(dtype))
     torch.testing.assert_close(codes, fsq.indices_to_codes(indices), rtol=0, atol=0)
     if dim is None:
@@ -264,6 +272,8 @@ def test_unsigned_indices(dtype, backend, dim):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_unsigned_indices_out_of_range(backend):
+    if backend == "triton" and not interpreting():
+        pytest.skip("the Triton path runs on CPU tensors only with TRITON_INTERPRET=1 (on CUDA the range is not checked)")
     fsq = FSQ(LEVELS, backend=backend)
     for dtype, bad in [(torch.uint16, 1000), (torch.uint32, 2**32 - 1), (torch.uint64, 2**64 - 1)]:
         indices = torch.zeros(2, 5, dtype=dtype)
@@ -273,13 +283,13 @@ def test_unsigned_indices_out_of_range(backend):
 
 
 @pytest.mark.parametrize("dim", [None, DIM], ids=["no-projections", "projections"])
-def test_jit_trace_on_the_triton_path(dim):
+def test_jit_trace_on_the_triton_path(device, dim):
     torch.manual_seed(0)
-    fsq = FSQ(LEVELS, dim=dim, backend="triton")
+    fsq = FSQ(LEVELS, dim=dim, backend="triton").to(device)
     channels = fsq.dim
-    z = inputs((2, channels, 3, 4))
+    z = inputs((2, channels, 3, 4), device=device)
     traced = torch.jit.trace(fsq, (z,), check_trace=False)
-    z2 = inputs((2, channels, 3, 4), seed=5)  # a trace is a program, not a recording of one input
+    z2 = inputs((2, channels, 3, 4), seed=5, device=device)  # a trace is a program, not a recording of one input
     out, indices = traced(z2)
     ref_out, ref_indices = fsq(z2)
     assert torch.equal(indices, ref_indices)
