@@ -134,15 +134,19 @@ def _fsq_forward_kernel(
 
     Math, per element ``z`` of channel ``j`` (with ``L = L_j``, ``hw = L // 2``):
         level = #{k : z >= thr[j, k]}        (= round(tanh(z + shift) * half_l - offset) + hw; NaN padding never counts)
-        out   = codes[j, level]              (= (level - hw) / hw, IEEE division, from the table)
+        out   = codes[j, level]              (= (level - hw) / hw, IEEE division, selected from the table)
         out   = NaN where z is NaN
     per token and codebook: index = sum_j level_j * basis_j, or -1 if any channel is NaN.
     The thresholds were calibrated on this device with the reference's own ops, so no ``tanh`` is
     evaluated and the result is the reference's, bit for bit.
 
-    Memory traffic per element: read ``z`` once (4 B float32, 2 B bfloat16/float16), write ``out`` once
-    (same size), and 4 B of int32 index per ``d`` elements; the per-level tables (a few hundred bytes)
-    stay in cache.
+    ``CHANNEL_ROWS`` (channel-first): channel by channel, a row of ``BLOCK_N`` tokens with the channel's
+    constants as scalars. Otherwise (channel-last): ``out`` from a (tokens, codebooks, channels) tile, and the
+    index from the channel rows of the same tokens, re-read from L1 (no reduction across lanes).
+
+    Memory traffic per element: read ``z`` once from DRAM (4 B float32, 2 B bfloat16/float16; channel-last
+    reads it a second time from L1), write ``out`` once (same size), and 4 B of int32 index per ``d``
+    elements; the per-level tables (a few hundred bytes) stay in cache.
     """
     b, n_start = tile_origin(num_n_blocks, BLOCK_N, OFFSET_64)
     ROW: tl.constexpr = COL_THRESHOLDS + 2 * MAX_LEVEL - 1      # floats per row of the value table
@@ -245,8 +249,13 @@ def _fsq_decode_kernel(
     ``code = codes[j, level]`` (= ``(level - hw) / hw`` with IEEE division). An index outside
     ``[0, prod(levels))`` gives NaN codes: checking it on the host would cost a device sync.
 
-    Memory traffic per element: write the code once (4 B float32); read 4 B (int32) or 8 B (int64)
-    of index per ``d`` elements.
+    ``CHANNEL_ROWS`` (channel-first): one row of ``BLOCK_N`` tokens per channel, constants as scalars.
+    Otherwise (channel-last): a (tokens, codebooks x ``GROUPS``, channels / ``GROUPS``) tile whose lanes each
+    hold 16 bytes of one token's codes and read that token's index themselves.
+
+    Memory traffic per element: write the code once (4 B float32, 2 B bfloat16/float16); read 4 B (int32)
+    or 8 B (int64) of index per ``d`` elements (channel-last: per 16-byte group, the lanes of a token
+    sharing one transaction).
     """
     b, n_start = tile_origin(num_n_blocks, BLOCK_N, OFFSET_64)
     ROW: tl.constexpr = COL_THRESHOLDS + 2 * MAX_LEVEL - 1
