@@ -14,8 +14,9 @@ Steps, in order of importance, each in its own process under its own time limit 
 | d | projections x 64x4096x1024 bfloat16 (bound, vqp, reference, forward+backward); the tiny call 64x5x32x32 against one elementwise launch, compiled and eager | 45 | 70 |
 | e | ``pytest -m gpu`` (the GPU tests), each test under its own limit (60 s, ``bench/pytest_time_limit.py``) | 60 | 90 |
 | f | ``python -m fsq_triton autotune --quick --reset``, then a second process that must not re-tune | 25 | 40 |
-| g | ``python -m fsq_triton bench --quick`` | 60 | what is left (>= 90) |
-| | total | 305 | 480 (8 minutes) |
+| r | ResidualFSQ (issue 12): index parity with vqp on 100M elements, speed against vqp eager and compiled (``scripts/residual_gpu_check.py``, when present) | 30 | 45 |
+| g | ``python -m fsq_triton bench --quick`` | 60 | what is left (>= 45) |
+| | total | 335 | 480 (8 minutes) |
 
 The limits add up to 480 s and the driver never gives a step more than what is left of the 480 s
 (``--budget``), so the steps end within 8 minutes; installing the peers before them and writing the outputs
@@ -96,6 +97,7 @@ STEPS = (
     Step("d", "projections", "projections, tiny call, compiled vs eager", 45, 70),
     Step("e", "gpu-tests", "GPU tests (pytest -m gpu)", 60, 90),
     Step("f", "autotune", "autotune --quick, and a second process that must not re-tune", 25, 40),
+    Step("r", "residual", "ResidualFSQ: parity with vqp, speed (scripts/residual_gpu_check.py)", 30, 45),
     Step("g", "bench", "python -m fsq_triton bench --quick", 60, None),
 )
 
@@ -252,6 +254,26 @@ class Run:
         if lines:
             entry["result"]["second_process"] = json.loads(lines[-1])
 
+    def step_residual(self, step: Step, entry: dict, limit: float) -> None:
+        script = ROOT / "scripts" / "residual_gpu_check.py"
+        if not script.is_file():
+            entry.update(status="skipped", reason=f"{script.relative_to(ROOT)} is not in this checkout")
+            return
+        # the CPU check runs the residual kernels' PyTorch path on a tiny input (the interpreter would take minutes)
+        size = ["--elements", "4096", "--device", "cpu"] if self.cpu else []
+        env = dict(self.env, TRITON_INTERPRET="0") if self.cpu else self.env
+        log = self.work / "logs" / "r-residual.log"
+        rc, seconds = self.run_command([self.python, str(script), *size], log.name, limit, env)
+        self._status(entry, rc, seconds, limit)
+        text = log.read_text()
+        start = text.rfind("\n{\n")  # the script prints its report as one indented JSON object at the end
+        if start >= 0:
+            try:
+                notes = ["CPU check: the residual modules' PyTorch path on 4096 elements"] if self.cpu else []
+                entry["result"] = {"report": json.loads(text[start:]), "notes": notes}
+            except json.JSONDecodeError:
+                entry["result"] = None
+
     def step_bench(self, step: Step, entry: dict, limit: float) -> None:
         bench_out = self.work / "bench"
         size = ["--smoke", "--device", "cpu"] if self.cpu else ["--quick"]
@@ -400,6 +422,17 @@ def targets(results: dict, judged: bool) -> list[dict]:
     add("GPU tests (pytest -m gpu)", "0 failed, 0 errors", "e",
         (tests["failed"] + tests["errors"]) if tests_ok else None, lambda v: v == 0,
         lambda v, t=tests: f"{t['passed']} passed, {t['failed']} failed, {t['errors']} errors, {t['skipped']} skipped")
+    report = ((results["steps"].get("r") or {}).get("result") or {}).get("report") or {}
+    current = next((row for row in report.get("parity", []) if row.get("semantics") == "current"), {})
+    speed = report.get("speed") or {}
+    add("ResidualFSQ index mismatches against vqp (current semantics, fused kernel)", "0", "r",
+        current.get("index_mismatches"), lambda v: v == 0,
+        lambda v, row=current: f"{v} over {row.get('elements')} elements")
+    for key, goal, test in (("forward_over_bound", "<= 1.3x", lambda v: v <= 1.3),
+                            ("forward_speedup_vs_vqp eager", ">= 10x", lambda v: v >= 10),
+                            ("forward_speedup_vs_vqp torch.compile", ">= 3x", lambda v: v >= 3),
+                            ("forward_backward_speedup_vs_vqp eager", ">= 5x", lambda v: v >= 5)):
+        add(f"ResidualFSQ 8x[8,5,5,5] {key.replace('_', ' ')}", goal, "r", speed.get(key), test, lambda v: f"{v:.2f}x")
     second = ((results["steps"].get("f") or {}).get("result") or {}).get("second_process")
     add("autotune: a second process loads the cache and re-tunes nothing", "0 re-tuned", "f",
         second and second["retuned"], lambda v: v == 0,
@@ -455,6 +488,15 @@ def summary_markdown(results: dict) -> str:
              + ("; grad relative error " + ", ".join(f"{k} {v:.2g}" for k, v in row["grad_relative_error"].items())
                 if "grad_relative_error" in row else "")]
             for row in checks])
+    report = ((results["steps"].get("r") or {}).get("result") or {}).get("report")
+    if report:
+        lines += ["", "## ResidualFSQ (step r)", ""]
+        lines += [f"- parity, {row.get('semantics')}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in row.items() if k != "semantics")
+                  for row in report.get("parity", [])]
+        speed = report.get("speed") or {}
+        lines += [f"- {name}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in row.items())
+                  for name, row in (speed.get("rows") or {}).items()]
+        lines += [f"- {k}: {_fmt(v)}" for k, v in speed.items() if k != "rows"]
     for letter, title in (("c", "Core speed (step c)"), ("d", "Projections and the tiny call (step d)")):
         rows = _rows(results, letter)
         if rows:
@@ -477,7 +519,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="plumbing check without a GPU: tiny shapes, kernels under Triton's interpreter")
     parser.add_argument("--budget", type=float, default=BUDGET_S, help="seconds for all steps together (default 480)")
     parser.add_argument("--wheels", default=str(ROOT / ".gpu-wheels"), help="folder of peer wheels (default .gpu-wheels/)")
-    parser.add_argument("--steps", default="abcdefg", help="which steps to run, e.g. abc (default: all, in order)")
+    parser.add_argument("--steps", default="".join(step.letter for step in STEPS),
+                        help="which steps to run, e.g. abc (default: all, in order)")
     args = parser.parse_args(argv)
     if not args.cpu:
         import torch

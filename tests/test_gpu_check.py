@@ -35,7 +35,7 @@ def test_gpu_check_cpu_plumbing(tmp_path):
     assert "no wheels in" in results["peers"]["wheels"]
 
     steps = results["steps"]
-    assert list(steps) == list("abcdefg")
+    assert list(steps) == list("abcdefrg")
     for letter, entry in steps.items():
         assert entry["status"] in ("ok", "skipped"), (letter, entry)
         if entry["status"] == "skipped":
@@ -63,6 +63,9 @@ def test_gpu_check_cpu_plumbing(tmp_path):
     assert any("CUDA only" in note for note in steps["c"]["result"]["notes"])
     assert {row["case"].split()[0] for row in steps["d"]["result"]["rows"]} == {"projections", "tiny"}
     assert steps["g"]["result"]["rows"] and all(row["error"] is None for row in steps["g"]["result"]["rows"])
+    residual = steps["r"]["result"]["report"]  # scripts/residual_gpu_check.py's report, on its CPU path
+    assert [row["semantics"] for row in residual["parity"]] == ["current", "pre-1.26"]
+    assert all(row["index_mismatches"] == 0 for row in residual["parity"])
 
     # targets: each beside its value, none judged on the CPU
     targets = results["targets"]
@@ -182,11 +185,16 @@ def test_targets_are_judged_from_gpu_shaped_rows():
         "e": {"status": "failed", "reason": "some GPU tests failed", "result": {
             "tests": 10, "passed": 8, "failed": 1, "errors": 0, "skipped": 1}},
         "f": {"status": "ok", "reason": None, "result": {"second_process": {"retuned": 0, "entries": 5}}},
+        "r": {"status": "ok", "reason": None, "result": {"notes": [], "report": {
+            "parity": [{"semantics": "current", "elements": 100, "index_mismatches": 0}],
+            "speed": {"rows": {}, "forward_over_bound": 1.1, "forward_speedup_vs_vqp eager": 12.0,
+                      "forward_speedup_vs_vqp torch.compile": 2.5, "forward_backward_speedup_vs_vqp eager": 6.0}}}},
     }}
     judged = {t["target"]: t for t in gpu_check.targets(results, judged=True)}
     met = {name: t["met"] for name, t in judged.items()}
     assert [t["measured"] for t in judged.values()][:2] == ["0 over 2 checks", "3 over 2 checks"]
-    expected = [True, False, True, False, True, True, True, False, True, False, True, True, True, True, False, True]
+    expected = [True, False, True, False, True, True, True, False, True, False, True, True, True, True, False,
+                True, True, True, False, True, True]
     assert list(met.values()) == expected, met
     assert judged["video bfloat16 forward: % of the copy bandwidth"]["measured"].startswith("80.0% (0.150 ms")
     assert judged["GPU tests (pytest -m gpu)"]["measured"] == "8 passed, 1 failed, 0 errors, 1 skipped"
@@ -197,10 +205,11 @@ def test_targets_are_judged_from_gpu_shaped_rows():
         entry.update(what="w", expected_s=1, limit_s=2, seconds=1.0)
     summary = gpu_check.summary_markdown(results)
     assert "NVIDIA H200" in summary and "| **no** |" in summary and "No target is judged" not in summary
+    assert "## ResidualFSQ (step r)" in summary and "- forward_speedup_vs_vqp eager: 12" in summary
 
     # the same run without vqp: the vqp targets say why they are not measured, and are not judged
     del results["steps"]["d"]["result"]["rows"][0]["speedup_vs_vqp"]
     del results["steps"]["d"]["result"]["rows"][0]["fwd_bwd_speedup_vs_vqp"]
     results["steps"]["d"]["result"]["rows"][0]["vqp"] = "vector-quantize-pytorch is not importable here"
-    vqp_rows = [t for t in gpu_check.targets(results, judged=True) if "vqp" in t["target"]]
+    vqp_rows = [t for t in gpu_check.targets(results, judged=True) if "vqp" in t["target"] and t["step"] == "d"]
     assert len(vqp_rows) == 2 and all(t["met"] is None and "not importable" in t["measured"] for t in vqp_rows)
