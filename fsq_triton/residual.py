@@ -342,8 +342,8 @@ class ResidualFSQ(nn.Module):
         scalar = not isinstance(c, torch.Tensor) or c.ndim == 0
         if scalar and x.dtype != torch.float32:
             return None  # vqp divides in x's half precision here
-        if isinstance(c, torch.Tensor) and c.dtype == torch.float64:
-            return None  # a float64 soft clamp value promotes x to float64
+        if isinstance(c, torch.Tensor) and c.is_floating_point() and c.dtype != torch.float32:
+            return None  # a float64 soft clamp promotes x to float64; a half one (module.half()) computes in half
         if not isinstance(c, torch.Tensor) and x.device.type == "cuda":
             return 2
         return 1
@@ -425,8 +425,10 @@ class ResidualFSQ(nn.Module):
         if ops is None:
             return None, None, x
         mode = self._soft_clamp_mode(x)
-        if mode is None or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            return None, None, x  # float64 (vqp quantizes it in float64), or a scalar soft clamp in half precision
+        if mode is None or x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or self.scales.dtype != torch.float32:
+            # float64 (vqp quantizes it in float64), a scalar soft clamp in half precision, or a module cast to half
+            # precision (.half(), .to(bfloat16): vqp's scales buffer follows, and its stages then compute in half)
+            return None, None, x
         if mode != 0 and not self.soft_clamp_in_kernel:
             c = self.soft_clamp_input_value
             x, mode = (x / c).tanh() * c, 0

@@ -573,3 +573,18 @@ def test_torch_export_matches_eager(backend):
         assert torch.equal(i_exported, i_eager) and torch.equal(q_exported, q_eager)
         ops = [str(node.target) for node in program.graph.nodes if "fsq_triton" in str(node.target)]
         assert (ops == ["fsq_triton.residual_quantize.default"]) == (backend == "triton"), ops
+
+
+@needs_vqp
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_module_cast_to_half_precision_matches_vqp(dtype, backend):
+    """``module.to(half)`` casts vqp's scales and soft clamp buffers, and vqp then computes its stages in half
+    precision: fsq_triton follows (on the torch path)."""
+    kwargs = dict(levels=[8, 5, 5, 5], num_quantizers=4)
+    reference, ours = vqp.ResidualFSQ(**kwargs).to(dtype), ResidualFSQ(**kwargs, backend=backend).to(dtype)
+    assert ours.scales.dtype == reference.scales.dtype == dtype
+    x = (torch.randn(2, 20, 4) * 1.5).to(dtype)
+    qr, ir = reference(x)
+    qo, io = ours(x)
+    assert io.dtype == ir.dtype and torch.equal(io, ir)
+    assert qo.dtype == qr.dtype and torch.equal(qo, qr)
