@@ -170,3 +170,14 @@ def test_every_space_config_passes_the_check():
         for pipelined in (False, True):
             for cfg in autotune.config_space(tile, pipelined):
                 assert autotune.config_problem(cfg) is None, cfg
+
+
+def test_autotune_and_mode_sit_below_the_ops():
+    """No import circle: ``autotune`` and ``_mode`` import nothing of ``fsq_triton.ops`` (which imports them)."""
+    import subprocess
+    import sys
+
+    code = "import sys, fsq_triton.autotune, fsq_triton._mode; print(sorted(m for m in sys.modules if m.startswith('fsq_triton.ops')))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
