@@ -36,6 +36,8 @@ class _LazyOpNamespace(_torch._ops._OpNamespace):
     """``torch.ops.fsq_triton``: looking up an op not defined yet imports ``fsq_triton.ops``, which defines them
     all, so the ops are there for every user (``torch.ops.fsq_triton.quantize``, ``torch.export.load``)."""
 
+    __module__ = _torch._ops._OpNamespace.__module__  # the ops' qualified names (export serialises them) stay torch's
+
     def __getattr__(self, op_name: str):
         if not op_name.startswith("__"):
             try:

@@ -113,6 +113,10 @@ class FSQ(nn.Module):
     ``forward(z)`` takes a sequence ``(b, n, dim)`` or a channel-first image/video ``(b, dim, *spatial)``
     and returns ``(out, indices)``: ``out`` in z's shape and dtype, ``indices`` int32 of shape
     ``(b, n)``/``(b, *spatial)``, with a trailing codebook axis when ``keep_num_codebooks_dim``.
+
+    Plain ``nn.Linear`` projections run fused with the quantizer on the Triton path; replace them, subclass
+    them, hook or parametrize them, and they are called as modules instead. Gradients of every order,
+    ``torch.func`` transforms and forward-mode AD match the PyTorch path (``fsq_triton.ops.autograd``).
     """
 
     def __init__(

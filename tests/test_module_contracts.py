@@ -365,3 +365,34 @@ def test_ops_load_on_first_use():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ok")
+
+
+def test_saved_programs_load_in_a_fresh_process(tmp_path, device):
+    """torch.export.load finds the fused ops after a bare ``import fsq_triton`` (they load when looked up);
+    torch.jit.load, which resolves ops in C++, needs ``import fsq_triton.ops`` first (README says so)."""
+    if device != "cpu":
+        pytest.skip("runs the saved programs on CPU tensors")
+    save = (
+        "import torch\n"
+        "from fsq_triton import FSQ\n"
+        "torch.manual_seed(0)\n"
+        "fsq = FSQ([8, 5, 5, 5], dim=12, backend='triton')\n"
+        "z = torch.randn(2, 12, 3, 5)\n"
+        f"torch.export.save(torch.export.export(fsq, (z,)), r'{tmp_path}/fsq.pt2')\n"
+        f"torch.jit.save(torch.jit.trace(fsq, (z,), check_trace=False), r'{tmp_path}/fsq.pt')\n"
+        f"torch.save((z, fsq(z)), r'{tmp_path}/expected.pt')\n"
+    )
+    load = (
+        "import torch, fsq_triton\n"
+        f"z, (out, indices) = torch.load(r'{tmp_path}/expected.pt')\n"
+        f"e_out, e_indices = torch.export.load(r'{tmp_path}/fsq.pt2').module()(z)\n"
+        "assert torch.equal(e_indices, indices) and torch.allclose(e_out, out, atol=1e-6)\n"
+        "import fsq_triton.ops\n"
+        f"j_out, j_indices = torch.jit.load(r'{tmp_path}/fsq.pt')(z)\n"
+        "assert torch.equal(j_indices, indices) and torch.allclose(j_out, out, atol=1e-6)\n"
+        "print('ok')\n"
+    )
+    for code in (save, load):
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")

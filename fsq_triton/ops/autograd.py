@@ -22,7 +22,11 @@ rule that folds the vmapped dimension into the batch (vmap over the projection w
 tables is refused with a ``NotImplementedError`` that says so), and a ``jvp`` (forward-mode AD, ``jvp``,
 ``jacfwd``). torch.compile cannot trace a custom ``jvp``, so while it traces, the ``apply_*`` entry points
 use twins without one; while ``torch.jit.trace`` records, they call the custom ops themselves, which a
-TorchScript graph can hold (the ops' registered autograd then supplies the gradient).
+TorchScript graph can hold (the ops' registered autograd then supplies the gradient). The custom ops have
+vmap rules of their own too (``_register_vmap``), for callers of ``torch.ops.fsq_triton.*`` under vmap.
+
+No kernel lives here: the Functions run the launchers of ``fsq.py``/``fsq_projected.py`` (whose docstrings
+state each kernel's math and memory traffic) and a few small ``torch`` products.
 """
 
 from __future__ import annotations
