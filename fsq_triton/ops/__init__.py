@@ -2,6 +2,7 @@
 
 - ``fsq``: the quantizer alone (forward, backward, decode) on the feature view ``(b, c*d, n)``;
 - ``fsq_projected``: ``project_in`` -> quantizer -> ``project_out`` fused, and decode with ``project_out``;
+- ``residual``: all stages of ``ResidualFSQ``/``GroupedResidualFSQ`` in one kernel, forward and backward;
 - ``autograd``: every op's registered gradient (of every order) and the autograd.Functions the module calls.
 
 Importing this package imports triton and torch's compile machinery (about a second and a half), so
@@ -21,6 +22,7 @@ from .autograd import (
 )
 from .fsq import indices_to_codes, quantize, quantize_backward
 from .fsq_projected import indices_to_codes_projected, quantize_projected
+from . import residual as _residual  # noqa: F401  registers fsq_triton::residual_* (torch.export.load needs them)
 
 __all__ = [
     "FSQFunction", "FSQProjectedFunction", "IndicesToCodesProjectedFunction", "QuantizeBackwardFunction",
