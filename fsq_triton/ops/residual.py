@@ -11,14 +11,14 @@ whenever an address of the launch can pass 2**31.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
-from torch._subclasses.fake_tensor import is_fake
 
 from .. import residual_levels as _rl
-from .fsq import cast_rne, interpreting, tile_origin
+from .fsq import _is_fake, _needs_int64, cast_rne, device_guard, interpreting, tile_origin
+from .fsq import cdiv as _cdiv
+from .fsq import next_pow2 as _pow2
 
 COL_SCALE = tl.constexpr(_rl.COL_SCALE)
 COL_CLAMP_LO = tl.constexpr(_rl.COL_CLAMP_LO)
@@ -42,6 +42,7 @@ def _torch_tanh_on_interpreter_tile(x):
     """Under Triton's interpreter only: ``tanh`` of a tile by ``torch.tanh`` on the CPU (the function the reference
     evaluates there). Triton's interpreter has no ``tanh`` (libdevice returns nothing); on CUDA the kernel calls
     libdevice's ``tanhf``, the function torch's CUDA ``tanh`` calls."""
+    import numpy as np  # the interpreter's own dependency; fsq_triton needs no numpy elsewhere
     from triton.runtime.interpreter import TensorHandle
 
     data = torch.from_numpy(np.ascontiguousarray(x.handle.data)).tanh().numpy()
@@ -241,22 +242,6 @@ def _residual_backward_kernel(
 KINDS = {kind: i for i, kind in enumerate(_rl.STAGE_KINDS)}
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _pow2(x: int) -> int:
-    return 1 << max(0, (int(x) - 1).bit_length())
-
-
-def _is_fake(t: torch.Tensor) -> bool:
-    return t.device.type == "meta" or is_fake(t)
-
-
-def _needs_int64(*tensors: torch.Tensor) -> bool:
-    return any(t.untyped_storage().nbytes() >= 2**31 * t.element_size() for t in tensors)
-
-
 def _kernel(kernel):
     """The kernel as torch.compile must see it (``wrap_triton``) on CUDA; called directly under the interpreter,
     where torch 2.11 refuses ``wrap_triton``."""
@@ -292,13 +277,14 @@ def forward_triton(x, stages, channels, basis, groups: int, num_active: int, sof
     rows, tokens, (sx, so, si) = _token_axes(b, n, x, out, indices.permute(0, 1, 3, 2))
     g_pad, d_pad, block = _geometry(tokens, groups, d)
     nblocks = _cdiv(tokens, block)
-    _kernel(_residual_forward_kernel)[(rows * nblocks,)](
-        x, out, indices, stages, channels, basis,
-        tokens, nblocks, num_active,
-        *sx, *so, indices.stride(0), si[0], si[2],
-        G=groups, D=d, G_PAD=g_pad, D_PAD=d_pad, Q=q, MAX_LEVEL=max_level, SOFT_CLAMP=soft_clamp_mode,
-        BLOCK_N=block, OFFSET_64=_needs_int64(x, out, indices), num_warps=4,
-    )
+    with device_guard(x):
+        _kernel(_residual_forward_kernel)[(rows * nblocks,)](
+            x, out, indices, stages, channels, basis,
+            tokens, nblocks, num_active,
+            *sx, *so, indices.stride(0), si[0], si[2],
+            G=groups, D=d, G_PAD=g_pad, D_PAD=d_pad, Q=q, MAX_LEVEL=max_level, SOFT_CLAMP=soft_clamp_mode,
+            BLOCK_N=block, OFFSET_64=_needs_int64(x, out, indices), num_warps=4,
+        )
     return out, indices
 
 
@@ -314,13 +300,14 @@ def backward_triton(grad_out, x, stages, channels, groups: int, num_active: int,
     rows, tokens, (sg, sx, sd) = _token_axes(b, n, grad_out, x, grad_x)
     g_pad, d_pad, block = _geometry(tokens, groups, d)
     nblocks = _cdiv(tokens, block)
-    _kernel(_residual_backward_kernel)[(rows * nblocks,)](
-        grad_out, x, grad_x, stages, channels,
-        tokens, nblocks, num_active,
-        *sg, *sx, *sd,
-        G=groups, D=d, G_PAD=g_pad, D_PAD=d_pad, Q=q, MAX_LEVEL=max_level, KIND=kind, SOFT_CLAMP=soft_clamp_mode,
-        BLOCK_N=block, OFFSET_64=_needs_int64(grad_out, x, grad_x), num_warps=4,
-    )
+    with device_guard(x):
+        _kernel(_residual_backward_kernel)[(rows * nblocks,)](
+            grad_out, x, grad_x, stages, channels,
+            tokens, nblocks, num_active,
+            *sg, *sx, *sd,
+            G=groups, D=d, G_PAD=g_pad, D_PAD=d_pad, Q=q, MAX_LEVEL=max_level, KIND=kind, SOFT_CLAMP=soft_clamp_mode,
+            BLOCK_N=block, OFFSET_64=_needs_int64(grad_out, x, grad_x), num_warps=4,
+        )
     return grad_x
 
 
