@@ -51,7 +51,10 @@ def test_gpu_check_cpu_plumbing(tmp_path):
     checks = steps["b"]["result"]["rows"]
     exact = [row for row in checks if row.get("target") == "0 and 0"]
     assert len(exact) == 2 + 8 * 2  # video float32/bfloat16, 8 level sets in 2 layouts
-    assert all(row["index_mismatches"] == 0 and row["output_mismatches"] == 0 for row in exact), exact
+    assert not [row for row in exact if "error" in row], exact
+    counted = [row for row in exact if "skipped" not in row]  # a level set that FSQ refuses says so instead
+    assert len(counted) >= 2 + 7 * 2 and all("refuses" in row["skipped"] for row in exact if row not in counted)
+    assert all(row["index_mismatches"] == 0 and row["output_mismatches"] == 0 for row in counted), counted
     grads = next(row for row in checks if "grad_z" in row["check"])
     assert grads["beyond_1e-5"] == 0
     projections = [row for row in checks if row["check"].startswith("projections")]
@@ -193,6 +196,13 @@ def test_targets_are_judged_from_gpu_shaped_rows():
     judged = {t["target"]: t for t in gpu_check.targets(results, judged=True)}
     met = {name: t["met"] for name, t in judged.items()}
     assert [t["measured"] for t in judged.values()][:2] == ["0 over 2 checks", "3 over 2 checks"]
+    # a check that could not run fails the target whatever the counts; a refused level set is only said
+    results["steps"]["b"]["result"]["rows"] += [{"check": "x", "target": "0 and 0", "error": "RuntimeError: boom"},
+                                                {"check": "y", "target": "0 and 0", "skipped": "FSQ refuses them"}]
+    index_target = gpu_check.targets(results, judged=True)[0]
+    assert index_target["met"] is False
+    assert index_target["measured"] == "0 over 2 checks; 1 could not run; 1 skipped (levels refused)"
+    del results["steps"]["b"]["result"]["rows"][-2:]
     expected = [True, False, True, False, True, True, True, False, True, False, True, True, True, True, False,
                 True, True, True, False, True, True]
     assert list(met.values()) == expected, met
