@@ -4,7 +4,8 @@
 # in this environment serve it), then, from an empty folder with the checkout nowhere on the path, runs
 #   python -m fsq_triton bench --quick --out X     and     python -m fsq_triton demo
 # and checks that X/results.json, X/results.md and X/results.png are written and parse, that the package
-# imported is the installed one, and that the wheel ships py.typed, the bench and one version number.
+# imported is the installed one, that the wheel ships py.typed, the bench and one version number, and that
+# the installed fsq-triton script names itself in its help.
 # About a minute on a 2-core CPU. Usage: bash .ci/wheel_check.sh   (PYTHON=... to pick the interpreter)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -59,6 +60,11 @@ assert (out / "results.md").read_text().startswith("# FSQ benchmark")
 assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", "results.png is not a PNG"
 print(f"results.json ({len(results['cases'])} cases, {len(timed)} timed cells), results.md, results.png: ok")
 PYEOF
+
+echo "== the installed script"
+"$TMP/site/bin/fsq-triton" --help > script.log
+head -n 1 script.log
+grep -q "^usage: fsq-triton " script.log
 
 echo "== python -m fsq_triton demo"
 "$PY" -m fsq_triton demo | tee demo.log
