@@ -26,7 +26,7 @@ from torch import nn
 
 from . import torch_impl
 from ._mode import interpreting
-from .levels import basis_of, level_tables, reference_bound, validate_levels
+from .levels import basis_of, bound_kind, level_tables, reference_bound, validate_levels
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -34,6 +34,8 @@ BACKENDS = ("auto", "triton", "torch")
 EAGER_CODEBOOK_LIMIT = 2**22
 # ... and never past this many (1 GiB in float32): a larger one raises MemoryError instead of exhausting memory.
 IMPLICIT_CODEBOOK_LIMIT = 2**28
+# track_usage keeps one int64 count per code and codebook: up to this many codes (8 MiB per codebook).
+USAGE_CODEBOOK_LIMIT = 2**20
 
 
 class BackendUnavailableError(RuntimeError, ValueError):
@@ -106,9 +108,30 @@ class FSQ(nn.Module):
         num_codebooks: codebooks per token, each with its own index and the same ``levels``.
         keep_num_codebooks_dim: keep the codebook axis in ``indices``; defaults to ``num_codebooks > 1``.
         scale: stored, unused (as in the reference).
+        allowed_dtypes, force_quantization_f32: vector-quantize-pytorch's precision options, accepted and stored.
+            fsq_triton's quantization math is always float32 (vqp with ``force_quantization_f32=True`` and a
+            float32 input computes the same); ``out`` comes back in the input's dtype.
+        channel_first: a 3-d input is ``(b, dim, n)`` (read through its strides, no copy), and
+            ``indices_to_codes`` returns channel-first codes too (vqp's ``channel_first``).
+        projection_has_bias: whether ``project_in``/``project_out`` have a bias.
+        return_indices: ``False``: ``forward`` returns ``(out, None)``, no ``implicit_codebook`` is built, and
+            codebooks past int32 are allowed.
+        preserve_symmetry: the symmetric grid ``2 / (L - 1) * floor((L - 1) * (tanh(z) + 1) / 2 + 0.5) - 1``
+            (vqp's ``symmetry_preserving_bound``). vqp refuses a level of 2 without it; fsq_triton accepts one, as
+            the reference does (its codes are -1 and 0).
+        noise_dropout: vqp's noise dropout probability (training only, needs ``preserve_symmetry``).
+        bound_hard_clamp: ``clamp(., -1, 1)`` in place of ``tanh`` (gradient 0 outside the clamp).
+        orthogonal_rotation: vqp's ``orthogonal_rot`` buffer ``R`` (d, d): ``z @ R`` before quantizing,
+            ``codes @ R.T`` after (in torch, around the fused quantizer).
         backend: ``"auto"`` (Triton kernels on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1``;
             the PyTorch path otherwise), ``"triton"`` (the kernels, or :class:`BackendUnavailableError`)
             or ``"torch"`` (the PyTorch path).
+        track_usage: count the codes every forward produces (on the device, no host sync):
+            :meth:`codebook_usage` (counts, fraction used, perplexity; all-reduced over DDP ranks on request),
+            :meth:`reset_usage`. Codebooks up to 2**20 codes.
+
+    Each bound (``preserve_symmetry`` x ``bound_hard_clamp``) is a calibration of the same level tables
+    (:data:`fsq_triton.levels.BOUNDS`): the forward kernel is the same for all four and evaluates no ``tanh``.
 
     ``forward(z)`` takes a sequence ``(b, n, dim)`` or a channel-first image/video ``(b, dim, *spatial)``
     and returns ``(out, indices)``: ``out`` in z's shape and dtype, ``indices`` int32 of shape
@@ -126,11 +149,37 @@ class FSQ(nn.Module):
         num_codebooks: int = 1,
         keep_num_codebooks_dim: bool | None = None,
         scale: float | None = None,
+        allowed_dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float64),
+        channel_first: bool = False,
+        projection_has_bias: bool = True,
+        return_indices: bool = True,
+        force_quantization_f32: bool = True,
+        preserve_symmetry: bool = False,
+        noise_dropout: float = 0.0,
+        bound_hard_clamp: bool = False,
+        orthogonal_rotation: bool = False,
         *,
         backend: str = "auto",
+        track_usage: bool = False,
     ):
         super().__init__()
-        levels = validate_levels(levels)
+        for name, flag in (
+            ("channel_first", channel_first), ("projection_has_bias", projection_has_bias),
+            ("return_indices", return_indices), ("force_quantization_f32", force_quantization_f32),
+            ("preserve_symmetry", preserve_symmetry), ("bound_hard_clamp", bound_hard_clamp),
+            ("orthogonal_rotation", orthogonal_rotation), ("track_usage", track_usage),
+        ):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, found {flag!r}")
+        if isinstance(allowed_dtypes, torch.dtype) or not isinstance(allowed_dtypes, (tuple, list)) or not all(
+            isinstance(t, torch.dtype) for t in allowed_dtypes
+        ):
+            raise TypeError(f"allowed_dtypes must be a tuple of torch dtypes, found {allowed_dtypes!r}")
+        if isinstance(noise_dropout, bool) or not isinstance(noise_dropout, (int, float)) or not 0.0 <= noise_dropout <= 1.0:
+            raise ValueError(f"noise_dropout must be a probability in [0, 1], found {noise_dropout!r}")
+        levels = validate_levels(levels, check_codebook_size=return_indices)
+        if noise_dropout > 0 and not preserve_symmetry:
+            raise ValueError(f"noise_dropout={noise_dropout} needs preserve_symmetry=True (vqp's noise acts on the symmetric codes)")
         if isinstance(num_codebooks, bool) or not isinstance(num_codebooks, int):
             raise TypeError(f"num_codebooks must be an int, found {num_codebooks!r}")
         if num_codebooks < 1:
@@ -149,6 +198,15 @@ class FSQ(nn.Module):
 
         self.levels = levels
         self.backend = backend
+        self.allowed_dtypes = tuple(allowed_dtypes)
+        self.force_quantization_f32 = force_quantization_f32
+        self.channel_first = channel_first
+        self.return_indices = return_indices
+        self.preserve_symmetry = preserve_symmetry
+        self.noise_dropout = float(noise_dropout)
+        self.bound_hard_clamp = bound_hard_clamp
+        self.orthogonal_rotation = orthogonal_rotation
+        self.bound_kind = bound_kind(preserve_symmetry, bound_hard_clamp)  # the calibration of the level tables
         self.register_buffer("_levels", torch.tensor(levels, dtype=torch.int32), persistent=False)
         self.register_buffer("_basis", basis_of(levels), persistent=False)
         self.scale = scale
@@ -160,15 +218,32 @@ class FSQ(nn.Module):
         self.dim = self.effective_codebook_dim if dim is None else dim
 
         self.has_projections = self.dim != self.effective_codebook_dim
-        self.project_in = nn.Linear(self.dim, self.effective_codebook_dim) if self.has_projections else nn.Identity()
-        self.project_out = nn.Linear(self.effective_codebook_dim, self.dim) if self.has_projections else nn.Identity()
+        bias = projection_has_bias
+        self.project_in = nn.Linear(self.dim, self.effective_codebook_dim, bias=bias) if self.has_projections else nn.Identity()
+        self.project_out = nn.Linear(self.effective_codebook_dim, self.dim, bias=bias) if self.has_projections else nn.Identity()
 
         self.codebook_size = math.prod(levels)
         self._prepare(self._levels.device)
-        eager = self.codebook_size * self.codebook_dim <= EAGER_CODEBOOK_LIMIT
-        self.register_buffer("implicit_codebook", self._implicit_codebook() if eager else None, persistent=False)
-        if not eager:  # an empty stand-in that follows .to()/.double()/.cuda(), so the lazy codebook does too
-            self.register_buffer("_implicit_codebook_like", torch.empty(0), persistent=False)
+        if return_indices:  # vqp builds no implicit codebook without indices
+            eager = self.codebook_size * self.codebook_dim <= EAGER_CODEBOOK_LIMIT
+            self.register_buffer("implicit_codebook", self._implicit_codebook() if eager else None, persistent=False)
+            if not eager:  # an empty stand-in that follows .to()/.double()/.cuda(), so the lazy codebook does too
+                self.register_buffer("_implicit_codebook_like", torch.empty(0), persistent=False)
+        self.track_usage = track_usage
+        if track_usage:
+            if not return_indices:
+                raise ValueError("track_usage=True counts the indices, so it needs return_indices=True")
+            if self.codebook_size > USAGE_CODEBOOK_LIMIT:
+                raise ValueError(
+                    f"track_usage=True keeps a count per code: codebook_size {self.codebook_size} of levels {list(levels)} "
+                    f"is past the limit of 2**20 = {USAGE_CODEBOOK_LIMIT} codes"
+                )
+            # not persistent: a vqp state_dict (which has no such key) loads with strict=True, and back
+            self.register_buffer("usage_counts", torch.zeros(num_codebooks, self.codebook_size, dtype=torch.int64), persistent=False)
+        if orthogonal_rotation:  # a persistent buffer (a state_dict key), initialised as vqp does
+            orthogonal_rot = torch.empty(self.codebook_dim, self.codebook_dim)
+            nn.init.orthogonal_(orthogonal_rot)
+            self.register_buffer("orthogonal_rot", orthogonal_rot)
 
     def _apply(self, fn, *args, **kwargs):
         """Moves and casts as nn.Module does, then calibrates the level tables for the new device, so that the
@@ -181,14 +256,14 @@ class FSQ(nn.Module):
         """Calibrate the level tables on ``device`` and import the Triton ops where they can run there, so that
         the first forward (also one traced by torch.compile) finds both ready."""
         if device.type in ("cpu", "cuda"):
-            level_tables(self.levels, device)
+            level_tables(self.levels, device, self.bound_kind)
         if self.backend != "torch" and _may_run_triton(device):
             _load_ops()
 
     def extra_repr(self) -> str:
         return (
             f"levels={list(self.levels)}, dim={self.dim}, num_codebooks={self.num_codebooks}, "
-            f"codebook_size={self.codebook_size}, backend={self.backend!r}"
+            f"codebook_size={self.codebook_size}, bound={self.bound_kind!r}, backend={self.backend!r}"
         )
 
     # ----------------------------------------------------------------------------------------------
@@ -216,8 +291,11 @@ class FSQ(nn.Module):
         codes = torch.empty(self.codebook_size, self.codebook_dim, device=device)
         for j in range(self.codebook_dim):
             level = (indices // self._basis[j]) % self._levels[j]
-            half_width = self._levels[j] // 2
-            codes[:, j] = (level - half_width) / half_width
+            if self.preserve_symmetry:  # vqp's symmetric _scale_and_shift_inverse
+                codes[:, j] = level * (2.0 / (self._levels[j] - 1)) - 1.0
+            else:
+                half_width = self._levels[j] // 2
+                codes[:, j] = (level - half_width) / half_width
         return codes.flatten() if self.keep_num_codebooks_dim else codes
 
     def __getattr__(self, name: str):
@@ -252,7 +330,7 @@ class FSQ(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(b, c*d, n) -> codes (b, c*d, n) in feature's dtype, indices (b, n, c) int32; differentiable."""
         c = self.num_codebooks if num_codebooks is None else num_codebooks
-        tables = level_tables(self.levels, feature.device)
+        tables = level_tables(self.levels, feature.device, self.bound_kind)
         ops = self._triton_ops(feature)
         if ops is not None:
             return ops.apply_quantize(feature, tables.values, tables.integers, c, channels_last)
@@ -277,10 +355,33 @@ class FSQ(nn.Module):
     # The reference's methods
     # ----------------------------------------------------------------------------------------------
 
-    def bound(self, z: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
-        """``tanh(z + shift) * half_l - offset`` on the last dim (``codebook_dim``), as the reference."""
+    def bound(self, z: torch.Tensor, eps: float = 1e-3, hard_clamp: bool = False) -> torch.Tensor:
+        """``tanh(z + shift) * half_l - offset`` on the last dim (``codebook_dim``), as the reference; with
+        ``hard_clamp``, ``clamp(z + offset / half_l, -1, 1) * half_l - offset`` (vqp's hard clamp). The bounded
+        value, before rounding (vqp 1.32's ``bound`` rounds and divides too: that is :meth:`quantize`)."""
         _check_float_tensor("z", z)
-        return reference_bound(z, self._levels.to(z.device), eps)
+        if not hard_clamp:
+            return reference_bound(z, self._levels.to(z.device), eps)
+        levels = self._levels.to(z.device)
+        half_l = (levels - 1) * (1 + eps) / 2
+        offset = torch.where(levels % 2 == 0, 0.5, 0.0)
+        return torch.clamp(z + offset / half_l, min=-1.0, max=1.0) * half_l - offset
+
+    def symmetry_preserving_bound(self, z: torch.Tensor, hard_clamp: bool = False) -> torch.Tensor:
+        """vqp's ``2 / (L - 1) * floor((L - 1) * (tanh(z) + 1) / 2 + 0.5) - 1`` on the last dim (``clamp(z, -1, 1)``
+        in place of ``tanh`` with ``hard_clamp``), straight-through (``floor_ste``), in vqp's float32 ops."""
+        _check_float_tensor("z", z)
+        levels_minus_1 = self._levels.to(z.device) - 1
+        bounded = torch.clamp(z, min=-1.0, max=1.0) if hard_clamp else z.tanh()
+        return (2.0 / levels_minus_1) * torch_impl.floor_ste((levels_minus_1 * (bounded + 1) / 2.0) + 0.5) - 1.0
+
+    def indices_to_level_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """``(indices[..., None] // basis) % levels``: each channel's level index (..., ``codebook_dim``), as vqp."""
+        if not isinstance(indices, torch.Tensor):
+            raise TypeError(f"indices must be a torch.Tensor, found {type(indices).__name__}")
+        if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+            raise TypeError(f"indices must be an integer tensor, found {indices.dtype}")
+        return (indices[..., None] // self._basis.to(indices.device)) % self._levels.to(indices.device)
 
     def quantize(self, z: torch.Tensor) -> torch.Tensor:
         """Quantize ``z (..., codebook_dim)`` to codes of the same shape and dtype, straight-through."""
@@ -295,14 +396,19 @@ class FSQ(nn.Module):
         """Index of each code ``zhat (..., codebook_dim)``: exact int32, ``-1`` where a code is NaN or off the grid.
 
         The level is ``round(code * half_width + half_width)`` per channel (the reference truncates the float
-        sum instead, which is exact only for codebooks under 2**24 and levels up to 25).
+        sum instead, which is exact only for codebooks under 2**24 and levels up to 25); with ``preserve_symmetry``
+        ``round((code + 1) / (2 / (L - 1)))``, vqp's symmetric ``_scale_and_shift``. Codes are those before the
+        orthogonal rotation, as in vqp.
         """
         _check_float_tensor("zhat", zhat)
         if zhat.ndim == 0 or zhat.shape[-1] != self.codebook_dim:
             raise ValueError(f"codes_to_indices expects zhat of shape (..., {self.codebook_dim}), found {tuple(zhat.shape)}")
         levels, basis = self._levels.to(zhat.device), self._basis.to(zhat.device)
-        half_width = levels // 2
-        level = (zhat.float() * half_width + half_width).round()
+        if self.preserve_symmetry:
+            level = ((zhat.float() + 1.0) / (2.0 / (levels - 1))).round()
+        else:
+            half_width = levels // 2
+            level = (zhat.float() * half_width + half_width).round()
         invalid = (level.isnan() | (level < 0) | (level >= levels)).any(dim=-1)
         indices = (level.nan_to_num(0.0).to(torch.int64) * basis).sum(dim=-1)
         return torch.where(invalid, -1, indices).to(torch.int32)
@@ -312,8 +418,8 @@ class FSQ(nn.Module):
 
         ``indices`` is ``(b, n)``/``(b, *spatial)`` (with a trailing ``c`` axis when ``keep_num_codebooks_dim``);
         the codes are ``(b, n, dim)`` for sequences and channel-first ``(b, dim, *spatial)`` when
-        ``indices.ndim >= 3 + keep_num_codebooks_dim``, as the reference decides. ``project_out=False``
-        skips the output projection (``e`` channels instead of ``dim``).
+        ``indices.ndim >= 3 + keep_num_codebooks_dim`` or ``channel_first``, as vqp decides. ``project_out=False``
+        skips the output projection (``e`` channels instead of ``dim``); the orthogonal rotation applies either way.
 
         An index outside ``[0, codebook_size)`` raises ``IndexError`` for CPU tensors; on CUDA, where the
         check would cost a device sync, it decodes to NaN codes.
@@ -338,10 +444,10 @@ class FSQ(nn.Module):
         n = math.prod(lead[1:]) if is_img_or_video else math.prod(lead)
         tokens = tokens.reshape(b, n, c)                      # (b, n, c)
         project = project_out and (self.has_projections or not _is_plain(self.project_out, nn.Identity))
-        tables = level_tables(self.levels, indices.device)
+        tables = level_tables(self.levels, indices.device, self.bound_kind)
         ops = self._triton_ops(tokens)
 
-        if ops is not None and project and self._fuses_projections():
+        if ops is not None and project and self._fuses_projections() and not self.orthogonal_rotation:
             w_out, b_out = self._projection_params(self.project_out)
             feature = ops.apply_indices_to_codes_projected(
                 tokens, w_out, b_out, tables.values, tables.integers, self.codebook_size, not is_img_or_video
@@ -356,6 +462,9 @@ class FSQ(nn.Module):
                 feature = torch_impl.indices_to_codes(
                     tokens, tables, self.codebook_size, dtype, assume_valid=tokens.device.type == "cpu"  # checked above
                 )
+            if self.orthogonal_rotation:  # codes @ R.T, per codebook, in float32
+                rotated = rearrange(feature.float(), "b (c d) n -> b n c d", c=c) @ self.orthogonal_rot.float().t()
+                feature = rearrange(rotated, "b n c d -> b (c d) n").to(dtype)
             if project:  # the projection follows the weights' dtype, autocast or not (as in forward)
                 with _autocast_off(indices.device.type):
                     feature = self.project_out(feature.transpose(1, 2)).transpose(1, 2)
@@ -363,7 +472,8 @@ class FSQ(nn.Module):
         channels = feature.shape[1]
         if is_img_or_video:
             return feature.reshape(b, channels, *lead[1:])
-        return feature.transpose(1, 2).reshape(*lead, channels)
+        codes = feature.transpose(1, 2).reshape(*lead, channels)
+        return codes.movedim(-1, 1) if self.channel_first and codes.ndim >= 2 else codes  # vqp: 'b ... d -> b d ...'
 
     def _check_index_range(self, indices: torch.Tensor) -> None:
         """IndexError for a (CPU) index outside ``[0, codebook_size)``; unsigned dtypes are read as their values."""
@@ -387,6 +497,35 @@ class FSQ(nn.Module):
             params += [weight, bias]
         return params
 
+    def _noise_active(self) -> bool:
+        return self.training and self.noise_dropout > 0
+
+    def _quantize_tokens(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Quantize token rows ``h (b, n, e)`` -> codes ``(b, n, e)`` in h's dtype, indices ``(b, n, c)``, with vqp's
+        steps around the quantizer: ``h @ R`` before and ``codes @ R.T`` after (``orthogonal_rotation``), and the
+        noise dropout in training (indices come from the codes before the noise)."""
+        c = self.num_codebooks
+        dtype = h.dtype
+        if self.orthogonal_rotation:  # in float32, as vqp's float32 buffer makes it
+            h = rearrange(rearrange(h.float(), "b n (c d) -> b n c d", c=c) @ self.orthogonal_rot.float(), "b n c d -> b n (c d)")
+        codes, indices = self._quantize_feature(h.transpose(1, 2), channels_last=True)
+        codes = codes.transpose(1, 2)
+        if self._noise_active():
+            codes = self._apply_noise(codes.float())
+        if self.orthogonal_rotation:
+            codes = rearrange(rearrange(codes.float(), "b n (c d) -> b n c d", c=c) @ self.orthogonal_rot.float().t(), "b n c d -> b n (c d)")
+        return codes.to(dtype), indices
+
+    def _apply_noise(self, codes: torch.Tensor) -> torch.Tensor:
+        """vqp's ``maybe_apply_noise``: with probability ``noise_dropout`` per element add ``U(-1/2, 1/2)``, then clamp
+        to ``[-1, 1]`` (torch's generator, so ``torch.manual_seed`` makes it reproducible; done in torch ops).
+
+        vqp 1.32 draws its mask with ``full_like(z, p).bernoulli_()``, whose default argument makes the probability
+        0.5 whatever ``p`` is; here it is ``p``, as vqp documents the option."""
+        offset_mask = torch.bernoulli(torch.full_like(codes, self.noise_dropout)).bool()
+        offset = torch.rand_like(codes) - 0.5
+        return torch.where(offset_mask, codes + offset, codes).clamp(-1.0, 1.0)
+
     def _forward_projected(self, z: torch.Tensor, is_img_or_video: bool):
         """project_in -> FSQ -> project_out. The projections follow the weights' dtype (the input is cast to it,
         autocast or not), the quantizer works in float32, and ``out`` comes back in the input's dtype.
@@ -398,11 +537,11 @@ class FSQ(nn.Module):
         spatial = z.shape[2:] if is_img_or_video else z.shape[1:2]
         dtype = _param_dtype(self.project_in, z.dtype)
         with _autocast_off(z.device.type):
-            if self._fuses_projections():
+            if self._fuses_projections() and not (self.orthogonal_rotation or self._noise_active()):
                 feature = (z.flatten(2) if is_img_or_video else z.transpose(1, 2)).to(dtype)   # (b, dim, n)
                 ops = self._triton_ops(feature)
                 if ops is not None:
-                    tables = level_tables(self.levels, z.device)
+                    tables = level_tables(self.levels, z.device, self.bound_kind)
                     out, indices = ops.apply_quantize_projected(
                         feature, *self._projection_params(), tables.values, tables.integers,
                         self.num_codebooks, not is_img_or_video,
@@ -416,29 +555,70 @@ class FSQ(nn.Module):
                     f"project_in must map (b, n, {self.dim}) to (b, n, {self.effective_codebook_dim}) features "
                     f"(effective_codebook_dim), found {tuple(h.shape)}"
                 )
-            codes, indices = self._quantize_feature(h.transpose(1, 2), channels_last=True)
-            out = self.project_out(codes.transpose(1, 2)).to(z.dtype)          # (b, n, dim)
+            codes, indices = self._quantize_tokens(h)
+            out = self.project_out(codes).to(z.dtype)                         # (b, n, dim)
         if is_img_or_video:
             out = rearrange(out.reshape(b, *spatial, out.shape[-1]), "b ... d -> b d ...")
         return out, indices
 
-    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(out, indices) = fsq(z)`` for ``z (b, n, dim)`` or channel-first ``(b, dim, *spatial)``."""
+    # ----------------------------------------------------------------------------------------------
+    # Codebook usage (track_usage=True)
+    # ----------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _count_usage(self, indices: torch.Tensor) -> None:
+        """Add the (b, n, c) indices to ``usage_counts`` (c, codebook_size) on the device: one ``index_add_`` of the
+        indices (4 B per token and codebook), no host sync; a NaN token's index -1 adds nothing."""
+        c, size = self.num_codebooks, self.codebook_size
+        flat = indices.reshape(-1, c)
+        valid = flat >= 0
+        slot = flat.clamp(min=0).to(torch.int64) + torch.arange(c, device=flat.device) * size
+        self.usage_counts.view(-1).index_add_(0, slot.reshape(-1), valid.reshape(-1).to(torch.int64))
+
+    def codebook_usage(self, all_reduce: bool = False) -> dict[str, torch.Tensor]:
+        """Counts of the codes seen since construction or :meth:`reset_usage`, per codebook.
+
+        Returns ``counts`` (c, codebook_size) int64, ``used_fraction`` (c,) (codes seen at least once / codebook_size)
+        and ``perplexity`` (c,) (``exp`` of the entropy of the code frequencies; 0 before any code is counted), on the
+        module's device, no host sync. ``all_reduce=True`` sums the counts over the ranks of the default
+        ``torch.distributed`` process group first (every rank must call it), without changing the local counts.
+        """
+        if not self.track_usage:
+            raise RuntimeError("codebook usage is tracked only with FSQ(..., track_usage=True)")
+        counts = self.usage_counts.clone()
+        if all_reduce and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts)
+        total = counts.sum(dim=-1, keepdim=True)
+        probs = counts.double() / total.clamp(min=1)
+        entropy = -(probs * probs.clamp(min=1e-300).log()).sum(dim=-1)
+        perplexity = torch.where(total[:, 0] > 0, entropy.exp(), 0.0).float()
+        used_fraction = ((counts > 0).sum(dim=-1).double() / self.codebook_size).float()
+        return {"counts": counts, "used_fraction": used_fraction, "perplexity": perplexity}
+
+    def reset_usage(self) -> None:
+        """Zero the usage counts."""
+        if not self.track_usage:
+            raise RuntimeError("codebook usage is tracked only with FSQ(..., track_usage=True)")
+        self.usage_counts.zero_()
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(out, indices) = fsq(z)`` for ``z (b, n, dim)`` or channel-first ``(b, dim, *spatial)`` (and ``(b, dim, n)``
+        with ``channel_first``); ``indices`` is None with ``return_indices=False``."""
         _check_float_tensor("z", z)
         if z.ndim < 3:
             raise ValueError(
                 f"z must be a sequence (b, n, {self.dim}) or channel-first (b, {self.dim}, *spatial), "
                 f"found shape {tuple(z.shape)}"
             )
-        is_img_or_video = z.ndim >= 4
+        is_img_or_video = z.ndim >= 4 or self.channel_first  # channel-first input
         channels = z.shape[1] if is_img_or_video else z.shape[-1]
         if channels != self.dim:
-            where = "dim 1 (channel-first image/video)" if is_img_or_video else "the last dim (sequence)"
+            where = "dim 1 (channel-first)" if is_img_or_video else "the last dim (sequence)"
             raise ValueError(f"expected {self.dim} channels in {where} of z, found {channels} (shape {tuple(z.shape)})")
         b = z.shape[0]
         spatial = z.shape[2:] if is_img_or_video else z.shape[1:2]
 
-        if self._calls_projections():
+        if self._calls_projections() or self.orthogonal_rotation or self._noise_active():
             out, indices = self._forward_projected(z, is_img_or_video)
         elif is_img_or_video:
             codes, indices = self._quantize_feature(z.flatten(2), channels_last=False)
@@ -447,6 +627,10 @@ class FSQ(nn.Module):
             codes, indices = self._quantize_feature(z.transpose(1, 2), channels_last=True)
             out = codes.transpose(1, 2)
 
+        if self.track_usage:
+            self._count_usage(indices)
+        if not self.return_indices:
+            return out, None
         indices = indices.reshape(b, *spatial, self.num_codebooks)
         if not self.keep_num_codebooks_dim:
             indices = indices.squeeze(-1)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .levels import _bisect_first_true, _reference_constants, basis_of
+from .levels import _bisect_first_true, _reference_constants, basis_of, bound_code, bound_level
 
 STAGE_KINDS = ("tanh_shift", "sym_tanh", "sym_clamp")
 
@@ -59,22 +59,15 @@ def stage_scales(levels: tuple[int, ...], num_quantizers: int, semantics: str) -
 def stage_level(z: torch.Tensor, kind: str, lv: torch.Tensor) -> torch.Tensor:
     """The stage quantizer's integer level (as float) of ``z`` (already divided by the stage scale), vqp's ops.
 
-    ``lv`` is the int32 levels tensor broadcast against ``z``'s last dim (or gathered per element).
+    ``lv`` is the int32 levels tensor broadcast against ``z``'s last dim (or gathered per element). The plain FSQ's
+    bounds of the same names (:func:`fsq_triton.levels.bound_level`).
     """
-    if kind == "tanh_shift":
-        half_l, offset, shift, half_width = _reference_constants(lv)
-        return ((z + shift).tanh() * half_l - offset).round() + half_width
-    levels_minus_1 = lv - 1
-    bounded = z.tanh() if kind == "sym_tanh" else torch.clamp(z, min=-1.0, max=1.0)
-    return ((levels_minus_1 * (bounded + 1) / 2.0) + 0.5).floor()
+    return bound_level(z, kind, lv)
 
 
 def stage_code(level: torch.Tensor, kind: str, lv: torch.Tensor) -> torch.Tensor:
     """The code of an integer level, vqp's forward value (``round_ste``/``floor_ste`` give the integer exactly)."""
-    if kind == "tanh_shift":
-        half_width = lv // 2
-        return (level - half_width) / half_width
-    return (2.0 / (lv - 1)) * level - 1.0
+    return bound_code(level, kind, lv)
 
 
 @dataclass(frozen=True)

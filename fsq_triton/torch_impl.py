@@ -24,6 +24,11 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (x.round() - x).detach()
 
 
+def floor_ste(x: torch.Tensor) -> torch.Tensor:
+    """Floor, with the straight-through gradient (vqp's ``floor_ste``, of its symmetric bound)."""
+    return x + (x.floor() - x).detach()
+
+
 def _per_channel(t: torch.Tensor, num_codebooks: int) -> torch.Tensor:
     """A per-channel constant of one codebook, (d,), as a column over the feature view's channels, (c*d, 1)."""
     return t.repeat(num_codebooks)[:, None]
@@ -38,26 +43,48 @@ def quantize(z: torch.Tensor, tables: LevelTables, num_codebooks: int) -> tuple[
     """
     c = num_codebooks
     x = z if z.dtype in (torch.float32, torch.bfloat16, torch.float16) else z.float()
-    bounded = (x + _per_channel(tables.shift, c)).tanh() * _per_channel(tables.half_l, c) - _per_channel(tables.offset, c)
-    q = round_ste(bounded)
-    out = (q / _per_channel(tables.half_width, c)).to(z.dtype)
+    if tables.bound in ("tanh_shift", "clamp_shift"):
+        shifted = x + _per_channel(tables.shift, c)
+        bounded = shifted.tanh() if tables.bound == "tanh_shift" else torch.clamp(shifted, min=-1.0, max=1.0)
+        q = round_ste(bounded * _per_channel(tables.half_l, c) - _per_channel(tables.offset, c))
+        out = (q / _per_channel(tables.half_width, c)).to(z.dtype)
+        level = q.detach() + _per_channel(tables.half_width, c)
+    else:  # vqp's symmetry_preserving_bound: 2 / (L - 1) * floor((L - 1) * (bound(z) + 1) / 2 + 0.5) - 1
+        levels_minus_1 = _per_channel(tables.num_levels, c) - 1
+        x = z.float()  # no shift add to promote half precision: vqp's force_quantization_f32 does it
+        bounded = x.tanh() if tables.bound == "sym_tanh" else torch.clamp(x, min=-1.0, max=1.0)
+        bracket = floor_ste((levels_minus_1 * (bounded + 1) / 2.0) + 0.5)
+        out = ((2.0 / levels_minus_1) * bracket - 1.0).to(z.dtype)
+        level = bracket.detach()
 
     # exact index from the integer levels (small integers, exact in index_dtype); NaN in z -> NaN sum -> -1
-    level = rearrange(q.detach() + _per_channel(tables.half_width, c), "b (c d) n -> b c d n", c=c)
+    level = rearrange(level, "b (c d) n -> b c d n", c=c)
     index = (level.to(tables.index_dtype) * tables.basis.to(tables.index_dtype)[:, None]).sum(dim=2)
     index = torch.where(index.isnan(), -1, index).to(torch.int32)          # (b, c, n)
     return out, rearrange(index, "b c n -> b n c").contiguous()
 
 
-def quantize_backward(grad_out: torch.Tensor, z: torch.Tensor, shift: torch.Tensor, grad_scale: torch.Tensor) -> torch.Tensor:
-    """Straight-through gradient on the feature view: ``grad * (half_l / half_width) * (1 - tanh(z + shift)^2)``.
+def quantize_backward(
+    grad_out: torch.Tensor, z: torch.Tensor, shift: torch.Tensor, grad_scale: torch.Tensor,
+    clamp_lo: torch.Tensor | None = None, clamp_hi: torch.Tensor | None = None, smooth: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Straight-through gradient on the feature view: ``grad * grad_scale * (1 - tanh(z + shift)^2)`` for the tanh
+    bounds, ``grad * grad_scale`` where ``clamp_lo <= z < clamp_hi`` (else 0) for the hard clamps (``smooth = 0``).
 
-    ``shift`` and ``grad_scale`` are per channel of one codebook, (d,). grad_out, z: (b, c*d, n) -> (b, c*d, n)
-    in z's dtype. (Autograd through :func:`quantize` gives the same within an ulp; this is the custom op's CPU path.)
+    The constants are per channel of one codebook, (d,) (:class:`fsq_triton.levels.LevelTables` columns; without
+    ``smooth`` the tanh bound). grad_out, z: (b, c*d, n) -> (b, c*d, n) in z's dtype. (Autograd through
+    :func:`quantize` gives the same within an ulp; this is the custom op's CPU path.)
     """
     c = z.shape[1] // shift.numel()
-    t = (z.float() + _per_channel(shift, c)).tanh()
-    return (grad_out.float() * _per_channel(grad_scale, c) * (1 - t * t)).to(z.dtype)
+    zf = z.float()
+    t = (zf + _per_channel(shift, c)).tanh()
+    grad = grad_out.float() * _per_channel(grad_scale, c)
+    smooth_grad = grad * (1 - t * t)
+    if smooth is None:
+        return smooth_grad.to(z.dtype)
+    inside = (zf >= _per_channel(clamp_lo, c)) & (zf < _per_channel(clamp_hi, c))
+    clamp_grad = torch.where(inside, grad, 0.0)
+    return torch.where(_per_channel(smooth, c) != 0, smooth_grad, clamp_grad).to(z.dtype)
 
 
 def indices_to_codes(
@@ -66,12 +93,16 @@ def indices_to_codes(
 ) -> torch.Tensor:
     """Codes of the indices on the feature view: (b, n, c) integer -> (b, c*d, n).
 
-    ``level_j = (index // basis_j) % L_j`` and ``code_j = (level_j - half_width_j) / half_width_j``. An index
+    ``level_j = (index // basis_j) % L_j`` and ``code_j = (level_j - half_width_j) / half_width_j`` (symmetric bounds:
+    ``level_j * (2 / (L_j - 1)) - 1``, vqp's order). An index
     outside ``[0, prod(levels))`` gives NaN codes, unless the caller has checked the range (``assume_valid``).
     """
     idx = indices if indices.dtype in (torch.int32, torch.int64) else indices.to(torch.int64)
     level = (idx[..., None] // tables.basis) % tables.num_levels
-    codes = (level - tables.half_width) / tables.half_width
+    if tables.bound in ("tanh_shift", "clamp_shift"):
+        codes = (level - tables.half_width) / tables.half_width
+    else:  # vqp's symmetric _scale_and_shift_inverse
+        codes = level * (2.0 / (tables.num_levels - 1)) - 1.0
     if not assume_valid:
         valid = (idx >= 0) & (idx < codebook_size)
         codes = torch.where(valid[..., None], codes, float("nan"))

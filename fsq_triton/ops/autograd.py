@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import torch_impl
-from ..levels import COL_GRAD_SCALE, COL_SHIFT
+from ..levels import COL_GRAD_SCALE, COL_SHIFT, COL_SMOOTH
 from . import fsq, fsq_projected
 from .fsq import _is_fake, backward_triton, decode_triton, forward_triton
 from .fsq_projected import decode_projected_triton, forward_projected_triton
@@ -71,6 +71,8 @@ def _curvature(tangent: torch.Tensor, grad_out: torch.Tensor, z: torch.Tensor, v
     c = z.shape[1] // values.shape[0]
     t = (z.float() + torch_impl._per_channel(values[:, COL_SHIFT], c)).tanh()
     slope = torch_impl._per_channel(values[:, COL_GRAD_SCALE], c) * (-2.0 * t * (1.0 - t * t))
+    # the hard clamps' gradient is piecewise constant: no curvature (smooth = 0)
+    slope = torch.where(torch_impl._per_channel(values[:, COL_SMOOTH], c) != 0, slope, 0.0)
     return (tangent.float() * grad_out.float() * slope).to(z.dtype)
 
 

@@ -36,6 +36,9 @@ from ..levels import LevelTables
 # Column layout of the level tables (see fsq_triton.levels.LevelTables), as kernel constants.
 COL_SHIFT = tl.constexpr(_lv.COL_SHIFT)
 COL_GRAD_SCALE = tl.constexpr(_lv.COL_GRAD_SCALE)
+COL_CLAMP_LO = tl.constexpr(_lv.COL_CLAMP_LO)
+COL_CLAMP_HI = tl.constexpr(_lv.COL_CLAMP_HI)
+COL_SMOOTH = tl.constexpr(_lv.COL_SMOOTH)
 COL_THRESHOLDS = tl.constexpr(_lv.COL_THRESHOLDS)
 COL_BASIS = tl.constexpr(_lv.COL_BASIS)
 COL_NUM_LEVELS = tl.constexpr(_lv.COL_NUM_LEVELS)
@@ -204,10 +207,11 @@ def _fsq_backward_kernel(
 ):
     """Straight-through FSQ backward, recomputed from the saved input ``z`` alone.
 
-    Math, per element of channel ``j``: ``x = z + shift[j]``,
-        dz = g * (half_l / hw)[j] * (1 - tanh(x)^2),  with  1 - tanh(x)^2 = 4u / (1 + u)^2,  u = exp(-2|x|)
+    Math, per element of channel ``j``: ``x = z + shift[j]``, ``s = grad_scale[j]`` (d code / d bounded value),
+        tanh bounds (smooth[j] = 1):   dz = g * s * (1 - tanh(x)^2),  1 - tanh(x)^2 = 4u / (1 + u)^2,  u = exp(-2|x|)
+        hard clamps (smooth[j] = 0):   dz = g * s  where clamp_lo[j] <= z < clamp_hi[j]  (-1 <= x <= 1), else 0
     (the rounding passes the gradient through; that form of sech^2 has no cancellation and no overflow,
-    and is within a few ulp of the reference's ``1 - t*t``).
+    and is within a few ulp of the reference's ``1 - t*t``). Every bound is a row of constants, not a branch.
 
     Memory traffic per element: read ``g`` and ``z`` (4 B each in float32, 2 B in half precision),
     write ``dz`` (same size); nothing else was saved.
@@ -228,9 +232,14 @@ def _fsq_backward_kernel(
     shift = tl.load(val_ptr + j * ROW + COL_SHIFT, mask=c_ok, other=0.0)
     scale = tl.load(val_ptr + j * ROW + COL_GRAD_SCALE, mask=c_ok, other=0.0)
 
+    clamp_lo = tl.load(val_ptr + j * ROW + COL_CLAMP_LO, mask=c_ok, other=0.0)
+    clamp_hi = tl.load(val_ptr + j * ROW + COL_CLAMP_HI, mask=c_ok, other=0.0)
+    smooth = tl.load(val_ptr + j * ROW + COL_SMOOTH, mask=c_ok, other=0.0) != 0.0
+
     u = tl.exp(-2.0 * tl.abs(z + shift))
     sech2 = 4.0 * u / ((1.0 + u) * (1.0 + u))
-    dz = g * scale * sech2
+    inside = (z >= clamp_lo) & (z < clamp_hi)
+    dz = tl.where(smooth, g * scale * sech2, tl.where(inside, g * scale, 0.0))
     tl.store(dz_ptr + (b * stride_db + chan * stride_dc + nn * stride_dn), cast_rne(dz, dz_ptr.dtype.element_ty), mask=mask)
 
 
@@ -508,7 +517,7 @@ def quantize(
     """FSQ forward on the feature view ``z (b, c*d, n)`` -> ``(out (b, c*d, n) in z's dtype, indices (b, n, c) int32)``."""
     if _runs_triton(z):
         return forward_triton(z, values, integers, num_codebooks, channels_last)
-    out, indices = torch_impl.quantize(z, LevelTables(values, integers), num_codebooks)
+    out, indices = torch_impl.quantize(z, _tables_of(values, integers), num_codebooks)
     return _in_layout(out, channels_last), indices
 
 
@@ -517,7 +526,10 @@ def quantize_backward(grad_out: torch.Tensor, z: torch.Tensor, values: torch.Ten
     """Straight-through gradient of :func:`quantize` with respect to ``z``, recomputed from ``z``."""
     if _runs_triton(z):
         return backward_triton(grad_out, z, values, channels_last)
-    grad_z = torch_impl.quantize_backward(grad_out, z, values[:, _lv.COL_SHIFT], values[:, _lv.COL_GRAD_SCALE])
+    grad_z = torch_impl.quantize_backward(
+        grad_out, z, values[:, _lv.COL_SHIFT], values[:, _lv.COL_GRAD_SCALE],
+        values[:, _lv.COL_CLAMP_LO], values[:, _lv.COL_CLAMP_HI], values[:, _lv.COL_SMOOTH],
+    )
     return _in_layout(grad_z, channels_last)
 
 
@@ -529,8 +541,15 @@ def indices_to_codes(
     """Codes of ``indices (b, n, c)`` on the feature view ``(b, c*d, n)``; NaN codes for indices out of range."""
     if _runs_triton(indices):
         return decode_triton(indices, values, integers, codebook_size, channels_last, dtype)
-    codes = torch_impl.indices_to_codes(indices, LevelTables(values, integers), codebook_size, dtype)
+    codes = torch_impl.indices_to_codes(indices, _tables_of(values, integers), codebook_size, dtype)
     return _in_layout(codes, channels_last)
+
+
+def _tables_of(values: torch.Tensor, integers: torch.Tensor) -> LevelTables:
+    """:class:`LevelTables` of the op's tensors for the PyTorch fallback, with the bound they were calibrated for
+    (read from the table on the host: the fallback runs on CPU; a fake tensor's shapes do not depend on it)."""
+    bound = "tanh_shift" if _is_fake(values) else _lv.bound_of(values)
+    return LevelTables(values, integers, bound=bound)
 
 
 def _in_layout(feature: torch.Tensor, channels_last: bool) -> torch.Tensor:

@@ -31,7 +31,6 @@ import triton.language as tl
 
 from .. import levels as _lv
 from .. import torch_impl
-from ..levels import LevelTables
 from .fsq import (
     COL_BASIS,
     COL_NUM_LEVELS,
@@ -43,6 +42,7 @@ from .fsq import (
     _launch,
     _needs_int64,
     _runs_triton,
+    _tables_of,
     _token_axes,
     cast_rne,
     cdiv,
@@ -289,7 +289,7 @@ def quantize_projected(
     if _runs_triton(x):
         return forward_projected_triton(x, w_in, b_in, w_out, b_out, values, integers, num_codebooks, channels_last, save_h)
     h = F.linear(_tokens(x), w_in, b_in)                                   # (b, n, e), the weights' dtype
-    codes, indices = torch_impl.quantize(_tokens(h), LevelTables(values, integers), num_codebooks)
+    codes, indices = torch_impl.quantize(_tokens(h), _tables_of(values, integers), num_codebooks)
     out = F.linear(_tokens(codes), w_out, b_out)                             # (b, n, dim)
     out_feature = _empty_feature(x.shape, x.device, channels_last, x.dtype).copy_(_tokens(out))
     saved = h.float() if save_h else torch.empty((0,), dtype=torch.float32, device=x.device)
@@ -304,7 +304,7 @@ def indices_to_codes_projected(
     """Decode ``indices (b, n, c)`` and ``project_out`` in one pass -> ``(b, dim, n)`` in the weights' dtype."""
     if _runs_triton(indices):
         return decode_projected_triton(indices, w_out, b_out, values, integers, codebook_size, channels_last)
-    codes = torch_impl.indices_to_codes(indices, LevelTables(values, integers), codebook_size, w_out.dtype)
+    codes = torch_impl.indices_to_codes(indices, _tables_of(values, integers), codebook_size, w_out.dtype)
     out = F.linear(_tokens(codes), w_out, b_out)
     b, n, _ = indices.shape
     return _empty_feature((b, w_out.shape[0], n), indices.device, channels_last, w_out.dtype).copy_(_tokens(out))
