@@ -82,6 +82,9 @@ class Workload:
     dtype: torch.dtype
     dim: int | None = None
     num_codebooks: int = 1
+    # vector-quantize-pytorch FSQ options, as (name, value) pairs (e.g. preserve_symmetry): the reference has none of
+    # them, so such a case compares fsq_triton with vqp built with the same options
+    options: tuple[tuple[str, object], ...] = ()
 
     @property
     def label(self) -> str:
@@ -89,7 +92,7 @@ class Workload:
 
     @property
     def channel_first(self) -> bool:
-        return len(self.shape) >= 4
+        return len(self.shape) >= 4 or bool(dict(self.options).get("channel_first", False))
 
     @property
     def has_projections(self) -> bool:
@@ -138,12 +141,16 @@ def workloads(size: str = "full", device_type: str = "cuda") -> list[Workload]:
     image, video, seq = (8, 5, 5, 5, 5), (8, 8, 8, 5, 5, 5), (8, 5, 5, 5)
     cpu = device_type != "cuda"
     proj = f32 if cpu else bf16
+    symmetric = (("preserve_symmetry", True),)  # vqp's symmetric grid: another calibration, the same kernel
+    channel_first = (("channel_first", True),)  # a (b, d, n) sequence read through its strides
     if size == "smoke":
         return [
             Workload("image", (2, 5, 8, 8), image, f32),
             Workload("video", (1, 6, 2, 8, 8), video, bf16),
             Workload("sequence+proj", (1, 16, 32), seq, proj, dim=32),
             Workload("two-codebooks", (1, 64, 8), seq, f32, num_codebooks=2),
+            Workload("image symmetric", (2, 5, 8, 8), image, f32, options=symmetric),
+            Workload("channel-first sequence", (1, 4, 64), seq, f32, options=channel_first),
         ]
     if size == "quick":
         return [
@@ -152,6 +159,8 @@ def workloads(size: str = "full", device_type: str = "cuda") -> list[Workload]:
             Workload("video", (2, 6, 8, 64, 64), video, bf16),
             Workload("sequence+proj", (2, 1024, 1024), seq, proj, dim=1024),
             Workload("two-codebooks", (16, 4096, 8), seq, f32, num_codebooks=2),
+            Workload("video symmetric", (2, 6, 8, 64, 64), video, f32, options=symmetric),
+            Workload("channel-first sequence", (16, 4, 16384), seq, f32, options=channel_first),
         ]
     if cpu:
         return [
@@ -161,6 +170,8 @@ def workloads(size: str = "full", device_type: str = "cuda") -> list[Workload]:
             Workload("video", (8, 6, 16, 64, 64), video, f32),
             Workload("sequence+proj", (4, 1024, 1024), seq, f32, dim=1024),
             Workload("two-codebooks", (16, 4096, 8), seq, f32, num_codebooks=2),
+            Workload("video symmetric", (4, 6, 8, 64, 64), video, f32, options=symmetric),
+            Workload("channel-first sequence", (16, 4, 16384), seq, f32, options=channel_first),
         ]
     return [
         Workload("image", (64, 5, 32, 32), image, f32),
@@ -171,6 +182,9 @@ def workloads(size: str = "full", device_type: str = "cuda") -> list[Workload]:
         Workload("sequence+proj", (16, 4096, 1024), seq, bf16, dim=1024),
         Workload("two-codebooks", (16, 4096, 8), seq, f32, num_codebooks=2),
         Workload("sequence+proj", (64, 4096, 1024), seq, bf16, dim=1024),  # the workload of issue 4
+        Workload("video symmetric", (8, 6, 16, 64, 64), video, f32, options=symmetric),
+        Workload("video symmetric", (8, 6, 16, 64, 64), video, bf16, options=symmetric),
+        Workload("channel-first sequence", (16, 4, 262144), seq, f32, options=channel_first),
     ]
 
 
@@ -205,6 +219,8 @@ def _prepared(module: nn.Module, state: dict, dtype: torch.dtype, device: torch.
 
 def build_impls(wl: Workload, device: torch.device) -> tuple[list[Impl], list[str]]:
     """The implementations that can run ``wl`` on ``device`` (reference first), and notes on those that cannot."""
+    if wl.options:
+        return _build_option_impls(wl, device)
     notes = []
     torch.manual_seed(0)
     reference = ReferenceFSQ(wl.levels, dim=wl.dim, num_codebooks=wl.num_codebooks)
@@ -248,6 +264,37 @@ def build_impls(wl: Workload, device: torch.device) -> tuple[list[Impl], list[st
             torch.compile(reference, dynamic=False), torch.compile(reference.indices_to_codes, dynamic=False),
         ))
         # the "compiled model" row: a model holding fsq_triton.FSQ under torch.compile (its kernels seen by Inductor)
+        impls.append(Impl(
+            "fsq_triton compiled", ours, wl.dtype,
+            torch.compile(ours, dynamic=False, fullgraph=True),
+            torch.compile(ours.indices_to_codes, dynamic=False, fullgraph=True),
+        ))
+    return impls, notes
+
+
+def _build_option_impls(wl: Workload, device: torch.device) -> tuple[list[Impl], list[str]]:
+    """A case with vqp options: vqp built with them (first: the indices are compared with its), then fsq_triton;
+    the reference, which has no such options, is left out with a note."""
+    options = dict(wl.options)
+    notes = [f"options {options}: the reference (CogVideo) has none of them; vqp with the same options is the baseline"]
+    torch.manual_seed(0)
+    ours = fsq_triton.FSQ(wl.levels, dim=wl.dim, num_codebooks=wl.num_codebooks, **options)
+    state = ours.state_dict()
+    impls = []
+    try:
+        from vector_quantize_pytorch import FSQ as VqpFSQ
+    except ImportError:
+        notes.append("vqp: vector-quantize-pytorch is not installed, skipped")
+    else:
+        vqp = _prepared(VqpFSQ(list(wl.levels), dim=wl.dim, num_codebooks=wl.num_codebooks, **options), state, wl.dtype, device)
+        vqp_notes = []
+        if wl.dtype not in (torch.float32, torch.float64):
+            vqp_notes.append(f"vqp quantizes {_dtype_name(wl.dtype)} in float32 internally")
+        impls.append(Impl("vqp", vqp, wl.dtype, vqp, vqp.indices_to_codes, vqp_notes))
+    ours = _prepared(ours, state, wl.dtype, device)
+    impls.append(Impl("fsq_triton", ours, wl.dtype, ours, ours.indices_to_codes))
+    if device.type == "cuda":
+        torch.compiler.reset()
         impls.append(Impl(
             "fsq_triton compiled", ours, wl.dtype,
             torch.compile(ours, dynamic=False, fullgraph=True),
@@ -415,7 +462,7 @@ def measure_case(wl: Workload, device: torch.device, timer: Timer, bandwidth_gbs
     case = {
         "name": wl.name, "label": wl.label, "shape": list(wl.shape), "levels": list(wl.levels),
         "dtype": _dtype_name(wl.dtype), "dim": wl.dim, "num_codebooks": wl.num_codebooks,
-        "notes": [], "skipped": None, "modes": {},
+        "options": dict(wl.options), "notes": [], "skipped": None, "modes": {},
     }
     for mode in MODES:
         nbytes = wl.bytes_moved(mode)
