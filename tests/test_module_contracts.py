@@ -396,3 +396,35 @@ def test_saved_programs_load_in_a_fresh_process(tmp_path, device):
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("ok")
+
+
+def test_compiled_module_honours_hooks_and_subclasses(device):
+    """torch.compile(fullgraph=True) takes the same decision as eager: a hooked or subclassed projection runs as itself."""
+    def setup(fsq):
+        torch.manual_seed(6)
+        fsq.project_in = LoRALinear(fsq.project_in)
+        fsq.project_out.register_forward_hook(lambda m, args, out: out * 0.5 - 1.0)
+
+    triton, reference = both(setup, device)
+    z = inputs(device=device)
+    out, indices = torch.compile(triton, fullgraph=True)(z)
+    ref_out, ref_indices = reference(z)
+    assert torch.equal(indices, ref_indices)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+
+
+def test_global_hooks_reach_the_identity_stand_ins(device):
+    """Without projections the reference still calls project_in/project_out; a global hook sees those calls too."""
+    triton = FSQ(LEVELS, backend="triton").to(device)
+    reference = FSQ(LEVELS, backend="torch").to(device)
+    z = inputs((2, len(LEVELS), 3, 4), device=device)
+    seen = []
+    handle = nn.modules.module.register_module_forward_hook(
+        lambda m, args, out: seen.append(type(m).__name__) if isinstance(m, nn.Identity) else None
+    )
+    try:
+        results = run(triton, z)
+        assert seen[:2] == ["Identity", "Identity"]
+        assert_same_results(results, run(reference, z))
+    finally:
+        handle.remove()
