@@ -54,7 +54,8 @@ def test_gpu_check_cpu_plumbing(tmp_path):
     assert not [row for row in exact if "error" in row], exact
     counted = [row for row in exact if "skipped" not in row]  # a level set that FSQ refuses says so instead
     assert len(counted) >= 2 + 7 * 2 and all("refuses" in row["skipped"] for row in exact if row not in counted)
-    assert all(row["index_mismatches"] == 0 and row["output_mismatches"] == 0 for row in counted), counted
+    mismatched = [row for row in counted if row["index_mismatches"] or row["output_mismatches"]]
+    assert not mismatched, mismatched  # the kernels against the reference module, op for op, on the CPU
     grads = next(row for row in checks if "grad_z" in row["check"])
     assert grads["beyond_1e-5"] == 0
     projections = [row for row in checks if row["check"].startswith("projections")]
