@@ -140,8 +140,9 @@ def test_decode_trains_project_out(device, keep_codebook_axis):
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("channel_first", [True, False], ids=["image", "sequence"])
-def test_opcheck_every_op_with_module_arguments(device, channel_first):
+def test_opcheck_every_op_with_module_arguments(device):
+    """The module's arguments built by hand, channel-first (the recorded calls below cover both layouts)."""
+    channel_first = True
     torch.manual_seed(5)
     levels, c, dim = [8, 6, 5], 2, 16
     fsq = FSQ(levels, dim=dim, num_codebooks=c, backend="triton").to(device)
