@@ -133,7 +133,7 @@ def variants() -> list[Variant]:
              "out_ptr": "*" + dt, "idx_ptr": "*i32", "h_ptr": "*fp32", "val_ptr": "*fp32", "int_ptr": "*i32",
              **_ints("N", "num_n_blocks", "stride_xb", "stride_xn", "stride_ob", "stride_on")},
             dict(stride_xc=1, stride_oc=1, DIM=1024, C=1, D=4, E_PAD=16, MAX_LEVEL=8, BLOCK_N=128, BLOCK_K=64,
-                 SAVE_H=True, IEEE_DOT=dt == "fp32", DOT_IN_F32=False, OFFSET_64=False),
+                 SAVE_H=True, IEEE_DOT=dt == "fp32", DOT_IN_F32=False, OFFSET_64=False, HAS_B_IN=True, HAS_B_OUT=True),
             ("x_ptr", "w_in_ptr", "w_out_ptr", "out_ptr", "idx_ptr", "h_ptr", "val_ptr", "int_ptr", "N",
              "stride_xb", "stride_xn", "stride_ob", "stride_on"), num_warps=8, tags={"kind": "projected", "dtype": dt},
         ))
@@ -142,7 +142,7 @@ def variants() -> list[Variant]:
         {"idx_ptr": "*i32", "w_out_ptr": "*bf16", "b_out_ptr": "*bf16", "out_ptr": "*bf16", "val_ptr": "*fp32",
          "int_ptr": "*i32", **_ints("N", "num_n_blocks", "codebook_size", "stride_ob", "stride_on")},
         dict(stride_oc=1, DIM=1024, C=2, D=4, E_PAD=16, MAX_LEVEL=8, BLOCK_N=128, BLOCK_K=64, IEEE_DOT=False,
-             DOT_IN_F32=False, OFFSET_64=False),
+             DOT_IN_F32=False, OFFSET_64=False, HAS_B_OUT=True),
         ("idx_ptr", "w_out_ptr", "out_ptr", "val_ptr", "int_ptr", "N", "stride_ob", "stride_on"), num_warps=8,
         tags={"kind": "projected", "dtype": "bf16"},
     ))

@@ -182,11 +182,6 @@ def bound_code(level: torch.Tensor, bound: str, levels: torch.Tensor) -> torch.T
     return (2.0 / (levels - 1)) * level - 1.0
 
 
-def bound_of(values: torch.Tensor) -> str:
-    """The bound a real (not fake) ``LevelTables.values`` tensor was calibrated for (a host read: CPU paths only)."""
-    return BOUNDS[int(values[0, COL_BOUND])]
-
-
 def max_level_of(values: torch.Tensor) -> int:
     """``max(levels)`` from the width of a ``LevelTables.values`` table (the launchers receive only the tensor)."""
     return (values.shape[1] - COL_THRESHOLDS + 1) // 2
@@ -204,7 +199,7 @@ class LevelTables:
       - ``clamp_lo``, ``clamp_hi``: the gradient passes where ``clamp_lo <= z < clamp_hi`` (the hard clamps'
         ``-1 <= z + shift <= 1``; -inf and +inf for the tanh bounds);
       - ``smooth``: 1 for the tanh bounds (the gradient is scaled by ``sech^2(z + shift)``), 0 for the hard clamps;
-      - ``bound``: the :data:`BOUNDS` position of the calibrated bound (read by the CPU fallbacks only);
+      - ``bound``: the :data:`BOUNDS` position of the calibrated bound (a record; the kernels do not read it);
       - ``thresholds`` (max(L) - 1 columns): ``level(z) = #{k < L_j - 1 : z >= thresholds[j, k]}``;
         the columns past ``L_j - 1`` hold NaN, which no comparison passes (``+inf`` would count for ``z = +inf``);
       - ``codes`` (max(L) columns): ``codes[j, k] = (k - half_width_j) / half_width_j`` (IEEE division), or

@@ -489,11 +489,11 @@ class FSQ(nn.Module):
 
     def _projection_params(self, *linears: nn.Linear):
         """(weight, bias) of each linear (default: project_in, project_out), contiguous, in the weights' dtype
-        (a missing bias reads as zeros)."""
+        (a missing bias is an empty tensor: the fused kernels then drop the term and read nothing)."""
         params = []
         for linear in linears or (self.project_in, self.project_out):
             weight = linear.weight.contiguous()
-            bias = linear.bias if linear.bias is not None else weight.new_zeros(weight.shape[0])
+            bias = linear.bias if linear.bias is not None else weight.new_empty(0)
             params += [weight, bias]
         return params
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
-from .levels import LevelTables
+from .levels import COL_THRESHOLDS, LevelTables, max_level_of
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -85,6 +85,51 @@ def quantize_backward(
     inside = (zf >= _per_channel(clamp_lo, c)) & (zf < _per_channel(clamp_hi, c))
     clamp_grad = torch.where(inside, grad, 0.0)
     return torch.where(_per_channel(smooth, c) != 0, smooth_grad, clamp_grad).to(z.dtype)
+
+
+def quantize_by_tables(
+    z: torch.Tensor, values: torch.Tensor, integers: torch.Tensor, num_codebooks: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels' math in torch ops, for the custom ops' CPU fallback: ``level = #{k : z >= thr[j, k]}``,
+    ``code = codes[j, level]``, on the feature view (b, c*d, n) -> out (b, c*d, n) in z's dtype, indices (b, n, c).
+
+    The same for every bound (:data:`fsq_triton.levels.BOUNDS`) with no host read, so that it traces with fake
+    tensors (torch.compile, export) and gives the calibrated bound's results; exact on the device the tables were
+    calibrated on. Not differentiable (the ops' gradient is ``quantize_backward``).
+    """
+    c = num_codebooks
+    max_level = max_level_of(values)
+    thresholds = values[:, COL_THRESHOLDS : COL_THRESHOLDS + max_level - 1].repeat(c, 1)   # (c*d, L - 1)
+    codes = values[:, COL_THRESHOLDS + max_level - 1 :].repeat(c, 1)                       # (c*d, L)
+    x = z.float()
+    level = torch.zeros(x.shape, dtype=torch.int64, device=z.device)
+    for k in range(max_level - 1):  # NaN padding never counts
+        level += (x >= thresholds[:, k, None]).to(torch.int64)
+    out = torch.gather(codes[None].expand(x.shape[0], -1, -1), 2, level)
+    out = torch.where(x.isnan(), x, out).to(z.dtype)
+
+    basis = integers[:, 0].to(torch.int64)  # COL_BASIS
+    level = rearrange(level, "b (c d) n -> b c d n", c=c)
+    index = (level * basis[:, None]).sum(dim=2)
+    token_nan = rearrange(x.isnan(), "b (c d) n -> b c d n", c=c).any(dim=2)
+    index = torch.where(token_nan, -1, index).to(torch.int32)
+    return out, rearrange(index, "b c n -> b n c").contiguous()
+
+
+def indices_to_codes_by_tables(
+    indices: torch.Tensor, values: torch.Tensor, integers: torch.Tensor, codebook_size: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The decode kernel's math in torch ops, for the custom ops' CPU fallback: (b, n, c) -> (b, c*d, n) codes,
+    ``codes[j, (index // basis_j) % L_j]`` from the table (every bound, no host read), NaN out of range."""
+    max_level = max_level_of(values)
+    codes = values[:, COL_THRESHOLDS + max_level - 1 :]                                    # (d, L)
+    idx = indices if indices.dtype in (torch.int32, torch.int64) else indices.to(torch.int64)
+    level = (idx[..., None] // integers[:, 0]) % integers[:, 1]                            # (b, n, c, d)
+    out = codes[torch.arange(codes.shape[0], device=codes.device), level.to(torch.int64)]
+    valid = (idx >= 0) & (idx < codebook_size)
+    out = torch.where(valid[..., None], out, float("nan"))
+    return rearrange(out, "b n c d -> b (c d) n").to(dtype)
 
 
 def indices_to_codes(

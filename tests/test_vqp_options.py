@@ -355,3 +355,35 @@ def test_track_usage_all_reduce_across_ranks():
     for r in results:
         assert torch.equal(torch.tensor(r["total"]), local[0] + local[1])
     assert local[0].sum() == local[1].sum() == 6
+
+
+def test_no_bias_projections_launch_without_a_bias(backend):
+    """projection_has_bias=False: the fused ops get empty biases (the kernels drop the term, read nothing) and give
+    what nn.Linear without bias gives."""
+    fsq = FSQ([8, 5, 3], dim=6, projection_has_bias=False, backend=backend)
+    assert fsq.project_in.bias is None and fsq.project_out.bias is None
+    w_in, b_in, w_out, b_out = fsq._projection_params()
+    assert b_in.numel() == 0 and b_out.numel() == 0
+    x = torch.randn(2, 7, 6, generator=torch.Generator().manual_seed(4))
+    out, indices = fsq(x)
+    h = x @ fsq.project_in.weight.T
+    codes, expected_indices = FSQ([8, 5, 3], backend="torch")(h)
+    torch.testing.assert_close(out, codes @ fsq.project_out.weight.T, rtol=1e-5, atol=1e-5)
+    assert torch.equal(indices, expected_indices)
+    decoded = fsq.indices_to_codes(indices)
+    torch.testing.assert_close(decoded, out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bound", BOUNDS)
+def test_torch_compile_keeps_the_bound(bound):
+    """Compiled (Inductor), the ops' traced CPU body counts the calibrated thresholds of the module's own bound (it
+    reads no bound from the tables, which are fake while tracing). Inductor's on-disk caches are off: their key does
+    not cover the ops' bodies, so a graph compiled by an older fsq_triton could be replayed."""
+    levels = [8, 5, 2] if bound.startswith("sym") else [8, 5, 3]
+    kwargs = dict(levels=levels, preserve_symmetry=bound.startswith("sym"), bound_hard_clamp="clamp" in bound)
+    z = torch.randn(2, 9, 3, generator=torch.Generator().manual_seed(6)) * 2
+    expected, expected_indices = FSQ(**kwargs, backend="torch")(z)
+    torch.compiler.reset()
+    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+        out, indices = torch.compile(FSQ(**kwargs), fullgraph=True)(z)
+    assert torch.equal(out, expected) and torch.equal(indices, expected_indices)

@@ -38,7 +38,7 @@ from .. import torch_impl
 from ..levels import COL_GRAD_SCALE, COL_SHIFT, COL_SMOOTH
 from . import fsq, fsq_projected
 from .fsq import _is_fake, backward_triton, decode_triton, forward_triton
-from .fsq_projected import decode_projected_triton, forward_projected_triton
+from .fsq_projected import bias_or_none, decode_projected_triton, forward_projected_triton
 
 _ops = torch.ops.fsq_triton
 
@@ -217,7 +217,7 @@ def _projected_grads(ctx, grad_out, x, w_in, b_in, w_out, h, values, integers, n
     differentiable = torch.is_grad_enabled()
     x_tok = _tokens(x).reshape(b * n, dim)                                         # (t, dim)
     if differentiable or h.numel() == 0:
-        h_graph = F.linear(x_tok, w_in, b_in).float()                              # (t, e)
+        h_graph = F.linear(x_tok, w_in, bias_or_none(b_in)).float()                              # (t, e)
         h_value = h_graph.detach() if h.numel() == 0 else h.reshape(b * n, e)
         h_tok = h_value + (h_graph - h_graph.detach()) if differentiable else h_value
     else:
@@ -302,7 +302,7 @@ class FSQProjectedFunction(_QuantizeProjected):
         e = w_in.shape[0]
         dtype = w_in.dtype
         x_tok = _tokens(x).reshape(b * n, dim)
-        h_tok = F.linear(x_tok, w_in, b_in).float() if h.numel() == 0 else h.reshape(b * n, e)
+        h_tok = F.linear(x_tok, w_in, bias_or_none(b_in)).float() if h.numel() == 0 else h.reshape(b * n, e)
         h_feature = h_tok.t()[None]                                                 # (1, e, t)
         out_t = None
 

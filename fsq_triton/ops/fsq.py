@@ -1,8 +1,9 @@
 """Fused FSQ: Triton kernels, their launchers and the ``torch.library`` custom ops.
 
 Read top to bottom: the three kernels (forward, backward, decode), the launch heuristics, the custom
-ops in the ``fsq_triton`` namespace (a Triton implementation for CUDA, the plain PyTorch path for
-CPU unless ``TRITON_INTERPRET=1`` asks for the kernels there, and shape-only fake implementations).
+ops in the ``fsq_triton`` namespace (a Triton implementation for CUDA; for CPU, unless ``TRITON_INTERPRET=1``
+asks for the kernels there, the kernels' table math in torch ops, ``torch_impl.quantize_by_tables``, which serves
+every bound without reading the tables on the host; and shape-only fake implementations).
 Their gradients (registered autograd, and the autograd.Functions the module calls) are in ``autograd.py``.
 
 Every kernel works on the *feature view* of a tensor, ``(b, c*d, n)`` with arbitrary strides:
@@ -30,7 +31,6 @@ from .. import autotune
 from .. import levels as _lv
 from .._mode import interpreting
 from .. import torch_impl
-from ..levels import LevelTables
 
 
 # Column layout of the level tables (see fsq_triton.levels.LevelTables), as kernel constants.
@@ -501,7 +501,7 @@ def decode_triton(indices, values, integers, codebook_size: int, channels_last: 
 # Custom ops: fsq_triton::quantize, fsq_triton::quantize_backward, fsq_triton::indices_to_codes
 # --------------------------------------------------------------------------------------------------
 # Each op runs its Triton launcher on CUDA tensors, and on real CPU tensors when TRITON_INTERPRET=1;
-# otherwise the plain PyTorch path. The op body is a ``triton_op``: Inductor and export trace into it
+# otherwise the kernels' table math in torch ops (the same for every bound, so it traces). The op body is a ``triton_op``: Inductor and export trace into it
 # (seeing the kernel through ``wrap_triton``), and it doubles as the fake implementation (allocation
 # and a traced kernel call; the device branch is static while tracing).
 
@@ -517,7 +517,7 @@ def quantize(
     """FSQ forward on the feature view ``z (b, c*d, n)`` -> ``(out (b, c*d, n) in z's dtype, indices (b, n, c) int32)``."""
     if _runs_triton(z):
         return forward_triton(z, values, integers, num_codebooks, channels_last)
-    out, indices = torch_impl.quantize(z, _tables_of(values, integers), num_codebooks)
+    out, indices = torch_impl.quantize_by_tables(z, values, integers, num_codebooks)
     return _in_layout(out, channels_last), indices
 
 
@@ -541,15 +541,8 @@ def indices_to_codes(
     """Codes of ``indices (b, n, c)`` on the feature view ``(b, c*d, n)``; NaN codes for indices out of range."""
     if _runs_triton(indices):
         return decode_triton(indices, values, integers, codebook_size, channels_last, dtype)
-    codes = torch_impl.indices_to_codes(indices, _tables_of(values, integers), codebook_size, dtype)
+    codes = torch_impl.indices_to_codes_by_tables(indices, values, integers, codebook_size, dtype)
     return _in_layout(codes, channels_last)
-
-
-def _tables_of(values: torch.Tensor, integers: torch.Tensor) -> LevelTables:
-    """:class:`LevelTables` of the op's tensors for the PyTorch fallback, with the bound they were calibrated for
-    (read from the table on the host: the fallback runs on CPU; a fake tensor's shapes do not depend on it)."""
-    bound = "tanh_shift" if _is_fake(values) else _lv.bound_of(values)
-    return LevelTables(values, integers, bound=bound)
 
 
 def _in_layout(feature: torch.Tensor, channels_last: bool) -> torch.Tensor:

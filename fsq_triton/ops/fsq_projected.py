@@ -42,7 +42,6 @@ from .fsq import (
     _launch,
     _needs_int64,
     _runs_triton,
-    _tables_of,
     _token_axes,
     cast_rne,
     cdiv,
@@ -58,9 +57,10 @@ from .fsq import (
 def _project_out_store(
     codes, w_out_ptr, b_out_ptr, out_row, nn, n_ok, ee, e_ok, DIM: tl.constexpr, stride_oc, stride_on,
     E: tl.constexpr, BLOCK_K: tl.constexpr, IEEE_DOT: tl.constexpr, DOT_IN_F32: tl.constexpr,
-    OFFSET_64: tl.constexpr,
+    OFFSET_64: tl.constexpr, HAS_B_OUT: tl.constexpr,
 ):
-    """out[n, k] = sum_e codes[n, e] * W_out[k, e] + b_out[k], written chunk by chunk of ``BLOCK_K`` features."""
+    """out[n, k] = sum_e codes[n, e] * W_out[k, e] (+ b_out[k] with ``HAS_B_OUT``), written chunk by chunk of
+    ``BLOCK_K`` features."""
     codes = cast_rne(codes, w_out_ptr.dtype.element_ty)
     if DOT_IN_F32:  # exact: products of half-precision values are exact in float32
         codes = codes.to(tl.float32)
@@ -74,7 +74,8 @@ def _project_out_store(
             o = tl.dot(codes, w, input_precision="ieee")
         else:
             o = tl.dot(codes, w)
-        o += tl.load(b_out_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_B_OUT:  # no bias (projection_has_bias=False): nothing read
+            o += tl.load(b_out_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
         if OFFSET_64:
             kk = kk.to(tl.int64)
         tl.store(out_row + kk[None, :] * stride_oc + nn[:, None] * stride_on,
@@ -91,6 +92,7 @@ def _fsq_projected_forward_kernel(
     C: tl.constexpr, D: tl.constexpr, E_PAD: tl.constexpr, MAX_LEVEL: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SAVE_H: tl.constexpr, IEEE_DOT: tl.constexpr, DOT_IN_F32: tl.constexpr, OFFSET_64: tl.constexpr,
+    HAS_B_IN: tl.constexpr, HAS_B_OUT: tl.constexpr,
 ):
     """project_in -> FSQ -> project_out for ``BLOCK_N`` tokens of one batch row.
 
@@ -101,7 +103,8 @@ def _fsq_projected_forward_kernel(
         out   = code W_out^T + b_out                                        (dim,)
     Memory traffic per token: read ``dim`` elements of ``x``, write ``dim`` of ``out`` (2 B each in
     bfloat16, 4 B in float32), 4 B of index per codebook, and ``4 e`` B of ``h`` when saved for the
-    backward; the weights (``2 * dim * e`` elements) are read by every program from L2.
+    backward; the weights (``2 * dim * e`` elements) are read by every program from L2. Without a bias
+    (``HAS_B_IN``/``HAS_B_OUT`` False, vqp's ``projection_has_bias=False``) the term is dropped and nothing is read.
     """
     b, n_start = tile_origin(num_n_blocks, BLOCK_N, OFFSET_64)
     E: tl.constexpr = C * D
@@ -130,7 +133,9 @@ def _fsq_projected_forward_kernel(
             acc = tl.dot(x, w, acc, input_precision="ieee")
         else:
             acc = tl.dot(x, w, acc)
-    h = acc + tl.load(b_in_ptr + ee, mask=e_ok, other=0.0).to(tl.float32)[None, :]
+    h = acc
+    if HAS_B_IN:
+        h = acc + tl.load(b_in_ptr + ee, mask=e_ok, other=0.0).to(tl.float32)[None, :]
     h = cast_rne(h, w_in_ptr.dtype.element_ty).to(tl.float32)
 
     # FSQ on h: count the calibrated thresholds (NaN padding never counts), look the code up
@@ -153,7 +158,7 @@ def _fsq_projected_forward_kernel(
         tl.store(idx_ptr + ((b * N + nn) * C + c), tl.where(book_nan, -1, index), mask=n_ok)
 
     _project_out_store(code, w_out_ptr, b_out_ptr, out_ptr + b * stride_ob, nn, n_ok, ee, e_ok, DIM,
-                       stride_oc, stride_on, E, BLOCK_K, IEEE_DOT, DOT_IN_F32, OFFSET_64)
+                       stride_oc, stride_on, E, BLOCK_K, IEEE_DOT, DOT_IN_F32, OFFSET_64, HAS_B_OUT)
 
 
 @triton.jit
@@ -163,7 +168,7 @@ def _fsq_projected_decode_kernel(
     stride_ob, stride_oc, stride_on,
     C: tl.constexpr, D: tl.constexpr, E_PAD: tl.constexpr, MAX_LEVEL: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE_DOT: tl.constexpr, DOT_IN_F32: tl.constexpr,
-    OFFSET_64: tl.constexpr,
+    OFFSET_64: tl.constexpr, HAS_B_OUT: tl.constexpr,
 ):
     """Decode with ``project_out`` fused: token indices ``(b, n, c)`` -> features ``(b, dim, n)``.
 
@@ -192,7 +197,7 @@ def _fsq_projected_decode_kernel(
     code = tl.where(valid | ~tile_ok, code, float("nan"))
 
     _project_out_store(code, w_out_ptr, b_out_ptr, out_ptr + b * stride_ob, nn, n_ok, ee, e_ok, DIM,
-                       stride_oc, stride_on, E, BLOCK_K, IEEE_DOT, DOT_IN_F32, OFFSET_64)
+                       stride_oc, stride_on, E, BLOCK_K, IEEE_DOT, DOT_IN_F32, OFFSET_64, HAS_B_OUT)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -231,7 +236,8 @@ def forward_projected_triton(x, w_in, b_in, w_out, b_out, values, integers, num_
             tokens, nblocks, dim, *sx, *so,
             C=num_codebooks, D=d, E_PAD=e_pad, MAX_LEVEL=max_level,
             BLOCK_N=block_n, BLOCK_K=block_k, SAVE_H=save_h, IEEE_DOT=x.dtype == torch.float32,
-            DOT_IN_F32=interpreting(), OFFSET_64=offset_64, num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
+            DOT_IN_F32=interpreting(), OFFSET_64=offset_64, HAS_B_IN=b_in.numel() > 0, HAS_B_OUT=b_out.numel() > 0,
+            num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
         )
 
     _configured_launch("projected_forward", x, rows * tokens, block_k, x.dtype, channels_last, launch)
@@ -259,7 +265,8 @@ def decode_projected_triton(indices, w_out, b_out, values, integers, codebook_si
             tokens, nblocks, dim, codebook_size, *so,
             C=c, D=d, E_PAD=e_pad, MAX_LEVEL=max_level,
             BLOCK_N=block_n, BLOCK_K=block_k, IEEE_DOT=w_out.dtype == torch.float32,
-            DOT_IN_F32=interpreting(), OFFSET_64=offset_64, num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
+            DOT_IN_F32=interpreting(), OFFSET_64=offset_64, HAS_B_OUT=b_out.numel() > 0,
+            num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
         )
 
     _configured_launch("projected_decode", out, rows * tokens, block_k, w_out.dtype, channels_last, launch)
@@ -276,6 +283,11 @@ def _tokens(feature: torch.Tensor) -> torch.Tensor:
     return feature.transpose(1, 2)
 
 
+def bias_or_none(bias: torch.Tensor) -> torch.Tensor | None:
+    """The ops take an empty tensor for "no bias" (a projection without one): None for ``F.linear``."""
+    return bias if bias.numel() > 0 else None
+
+
 @torch.library.triton_op("fsq_triton::quantize_projected", mutates_args=())
 def quantize_projected(
     x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, w_out: torch.Tensor, b_out: torch.Tensor,
@@ -288,9 +300,9 @@ def quantize_projected(
     """
     if _runs_triton(x):
         return forward_projected_triton(x, w_in, b_in, w_out, b_out, values, integers, num_codebooks, channels_last, save_h)
-    h = F.linear(_tokens(x), w_in, b_in)                                   # (b, n, e), the weights' dtype
-    codes, indices = torch_impl.quantize(_tokens(h), _tables_of(values, integers), num_codebooks)
-    out = F.linear(_tokens(codes), w_out, b_out)                             # (b, n, dim)
+    h = F.linear(_tokens(x), w_in, bias_or_none(b_in))                     # (b, n, e), the weights' dtype
+    codes, indices = torch_impl.quantize_by_tables(_tokens(h), values, integers, num_codebooks)
+    out = F.linear(_tokens(codes), w_out, bias_or_none(b_out))               # (b, n, dim)
     out_feature = _empty_feature(x.shape, x.device, channels_last, x.dtype).copy_(_tokens(out))
     saved = h.float() if save_h else torch.empty((0,), dtype=torch.float32, device=x.device)
     return out_feature, indices, saved
@@ -304,8 +316,8 @@ def indices_to_codes_projected(
     """Decode ``indices (b, n, c)`` and ``project_out`` in one pass -> ``(b, dim, n)`` in the weights' dtype."""
     if _runs_triton(indices):
         return decode_projected_triton(indices, w_out, b_out, values, integers, codebook_size, channels_last)
-    codes = torch_impl.indices_to_codes(indices, _tables_of(values, integers), codebook_size, w_out.dtype)
-    out = F.linear(_tokens(codes), w_out, b_out)
+    codes = torch_impl.indices_to_codes_by_tables(indices, values, integers, codebook_size, w_out.dtype)
+    out = F.linear(_tokens(codes), w_out, bias_or_none(b_out))
     b, n, _ = indices.shape
     return _empty_feature((b, w_out.shape[0], n), indices.device, channels_last, w_out.dtype).copy_(_tokens(out))
 
