@@ -56,7 +56,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 # --------------------------------------------------------------------------------------------------
-# An independent reference of the FSQ math (SPEC.md), in plain torch ops
+# An independent reference of the FSQ math (docs/semantics.md), in plain torch ops
 # --------------------------------------------------------------------------------------------------
 
 
