@@ -249,7 +249,15 @@ def _build_tables(levels: tuple[int, ...], device: torch.device, bound: str = "t
     lv_of = lv[chan]
 
     def level_at_least(z):
-        return bound_level(z, bound, lv_of) >= target
+        if bound in ("tanh_shift", "clamp_shift"):
+            # the constants as the reference computes them, on the (d,) levels tensor, then gathered: atanh of a
+            # longer tensor takes another (vectorised) path on the CPU, which can differ by an ulp
+            x = z + shift[chan]
+            bounded = x.tanh() if bound == "tanh_shift" else torch.clamp(x, min=-1.0, max=1.0)
+            level = (bounded * half_l[chan] - offset[chan]).round() + half_width[chan]
+        else:  # no transcendental constant: elementwise IEEE ops, the same on any tensor
+            level = bound_level(z, bound, lv_of)
+        return level >= target
 
     thresholds = _bisect_first_true(level_at_least, chan.numel(), device)
     thresholds = torch.where(valid, thresholds, float("nan")).reshape(d, max_level - 1)
