@@ -163,15 +163,23 @@ def bound_constants(levels: torch.Tensor, bound: str, eps: float = EPS):
     return half_l, offset, shift, half_width
 
 
-def bound_level(z: torch.Tensor, bound: str, levels: torch.Tensor) -> torch.Tensor:
-    """The integer level (as float) of ``z`` under ``bound``, by vqp 1.32's own ops (``levels`` int32, broadcast)."""
+def bound_level(z: torch.Tensor, bound: str, levels: torch.Tensor, channel: torch.Tensor | None = None) -> torch.Tensor:
+    """The integer level (as float) of ``z`` under ``bound``, by vqp 1.32's own ops (``levels`` int32, broadcast).
+
+    ``channel`` (optional, broadcast against ``z``): the channel whose constants apply to each element. The constants
+    are then computed on the ``(d,)`` levels tensor and gathered, as the reference computes them: ``atanh`` of a
+    longer tensor takes another (vectorised) CPU path, which can differ by an ulp.
+    """
+    def per_element(t):
+        return t if channel is None else t[channel]
+
     if bound in ("tanh_shift", "clamp_shift"):
-        half_l, offset, shift, half_width = bound_constants(levels, bound)
+        half_l, offset, shift, half_width = (per_element(t) for t in bound_constants(levels, bound))
         x = z + shift
         bounded = x.tanh() if bound == "tanh_shift" else torch.clamp(x, min=-1.0, max=1.0)
         return (bounded * half_l - offset).round() + half_width
     bounded = z.tanh() if bound == "sym_tanh" else torch.clamp(z, min=-1.0, max=1.0)
-    return (((levels - 1) * (bounded + 1) / 2.0) + 0.5).floor()
+    return (((per_element(levels) - 1) * (bounded + 1) / 2.0) + 0.5).floor()
 
 
 def bound_code(level: torch.Tensor, bound: str, levels: torch.Tensor) -> torch.Tensor:
@@ -246,18 +254,9 @@ def _build_tables(levels: tuple[int, ...], device: torch.device, bound: str = "t
     valid = k_flat < lv[chan]
     # Padding predicates (k >= L_j) would never turn True; ask for level 1 and overwrite them with NaN.
     target = torch.where(valid, k_flat, torch.ones_like(k_flat))
-    lv_of = lv[chan]
 
     def level_at_least(z):
-        if bound in ("tanh_shift", "clamp_shift"):
-            # the constants as the reference computes them, on the (d,) levels tensor, then gathered: atanh of a
-            # longer tensor takes another (vectorised) path on the CPU, which can differ by an ulp
-            x = z + shift[chan]
-            bounded = x.tanh() if bound == "tanh_shift" else torch.clamp(x, min=-1.0, max=1.0)
-            level = (bounded * half_l[chan] - offset[chan]).round() + half_width[chan]
-        else:  # no transcendental constant: elementwise IEEE ops, the same on any tensor
-            level = bound_level(z, bound, lv_of)
-        return level >= target
+        return bound_level(z, bound, lv, chan) >= target
 
     thresholds = _bisect_first_true(level_at_least, chan.numel(), device)
     thresholds = torch.where(valid, thresholds, float("nan")).reshape(d, max_level - 1)

@@ -56,13 +56,14 @@ def stage_scales(levels: tuple[int, ...], num_quantizers: int, semantics: str) -
     return torch.stack([levels_tensor.float() ** -ind for ind in range(num_quantizers)])
 
 
-def stage_level(z: torch.Tensor, kind: str, lv: torch.Tensor) -> torch.Tensor:
+def stage_level(z: torch.Tensor, kind: str, lv: torch.Tensor, channel: torch.Tensor | None = None) -> torch.Tensor:
     """The stage quantizer's integer level (as float) of ``z`` (already divided by the stage scale), vqp's ops.
 
-    ``lv`` is the int32 levels tensor broadcast against ``z``'s last dim (or gathered per element). The plain FSQ's
-    bounds of the same names (:func:`fsq_triton.levels.bound_level`).
+    ``lv`` is the int32 levels tensor broadcast against ``z``'s last dim, or the ``(d,)`` levels with ``channel``
+    naming each element's channel (constants computed on ``(d,)`` and gathered, as vqp computes them). The plain
+    FSQ's bounds of the same names (:func:`fsq_triton.levels.bound_level`).
     """
-    return bound_level(z, kind, lv)
+    return bound_level(z, kind, lv, channel)
 
 
 def stage_code(level: torch.Tensor, kind: str, lv: torch.Tensor) -> torch.Tensor:
@@ -118,10 +119,9 @@ def _build(levels: tuple[int, ...], num_quantizers: int, semantics: str, kind: s
     valid = k < lv[chan]
     target = torch.where(valid, k, torch.ones_like(k))  # padding predicates ask for level 1, then become NaN
     scale_of = scales[stage, chan]
-    lv_of = lv[chan]
 
     def level_at_least(r):
-        return stage_level(r / scale_of, kind, lv_of) >= target
+        return stage_level(r / scale_of, kind, lv, chan) >= target
 
     thresholds = _bisect_first_true(level_at_least, n_pred, device)
     thresholds = torch.where(valid, thresholds, float("nan")).reshape(q, d, max_level - 1)
