@@ -163,3 +163,28 @@ def assert_bitwise_equal(a, b, msg=""):
 
 def codebook_size(levels):
     return math.prod(levels)
+
+
+def run_gloo_workers(worker, nprocs=2, limit_s=120):
+    """Run ``worker(rank, nprocs, port, out_dir)`` in ``nprocs`` spawned processes on a free loopback port, and
+    return what each rank wrote to ``out_dir/rank{r}.json``. A hang (a collective that never completes) fails the
+    test after ``limit_s`` seconds instead of blocking the suite."""
+    import json
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as out_dir:
+        context = mp.start_processes(worker, args=(nprocs, port, out_dir), nprocs=nprocs, join=False, start_method="spawn")
+        for _ in range(limit_s):
+            if context.join(timeout=1):
+                break
+        else:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{nprocs} gloo workers did not finish in {limit_s} s (hang)")
+        return [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(nprocs)]

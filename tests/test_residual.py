@@ -7,14 +7,13 @@ fused kernels under Triton's CPU interpreter. Shapes stay tiny (interpreter).
 
 import json
 import os
-import socket
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import interpreting
+from conftest import interpreting, run_gloo_workers
 
 import fsq_triton
 from fsq_triton import GroupedResidualFSQ, ResidualFSQ
@@ -291,28 +290,10 @@ def _ddp_worker(rank, world_size, port, out_dir):
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(kept))
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_ranks_draw_the_same_cut_without_hanging():
     """2 gloo processes with different local RNG states draw the same cut every step (the seed is all-reduced), and an
     extra no-grad forward on one rank runs no collective, so nothing hangs."""
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory() as out_dir:
-        context = mp.start_processes(_ddp_worker, args=(2, _free_port(), out_dir), nprocs=2, join=False,
-                                     start_method="spawn")
-        for _ in range(120):  # at most ~2 minutes: a hang fails the test instead of blocking the suite
-            if context.join(timeout=1):
-                break
-        else:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("DDP workers did not finish (hang)")
-        kept = [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(2)]
+    kept = run_gloo_workers(_ddp_worker)
     assert kept[0] == kept[1]
     assert len(set(kept[0])) > 1
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import interpreting
+from conftest import interpreting, run_gloo_workers
 
 from fsq_triton import FSQ
 from fsq_triton.levels import BOUNDS, bound_kind, bound_level, level_tables
@@ -335,25 +335,7 @@ def _usage_worker(rank, world_size, port, out_dir):
 
 
 def test_track_usage_all_reduce_across_ranks():
-    import json
-    import socket
-    import tempfile
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as out_dir:
-        context = mp.start_processes(_usage_worker, args=(2, port, out_dir), nprocs=2, join=False, start_method="spawn")
-        for _ in range(120):
-            if context.join(timeout=1):
-                break
-        else:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("DDP workers did not finish (hang)")
-        results = [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(2)]
+    results = run_gloo_workers(_usage_worker)
     local = [torch.tensor(r["local"]) for r in results]
     for r in results:
         assert torch.equal(torch.tensor(r["total"]), local[0] + local[1])
