@@ -291,21 +291,33 @@ def _build_tables(levels: tuple[int, ...], device: torch.device, bound: str = "t
 _TABLES: dict[tuple[tuple[int, ...], str, str], LevelTables] = {}
 
 
+def calibration_device(device: torch.device | str) -> torch.device:
+    """``device`` as calibrations are cached by: a bare ``cuda`` names the current GPU."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def cached_calibration(cache: dict, key: tuple, what: str, device: torch.device, build):
+    """``cache[key]``, built by ``build()`` on a miss. A miss while torch.compile traces is an error: calibration
+    runs eager bisection, which must happen once, outside the traced graph."""
+    tables = cache.get(key)
+    if tables is None:
+        if torch.compiler.is_compiling():
+            raise RuntimeError(
+                f"fsq_triton: the {what} are not calibrated on {device} yet; move the module there (.to(device)) "
+                "or run it once eagerly there before torch.compile traces it"
+            )
+        tables = cache[key] = build()
+    return tables
+
+
 def level_tables(levels: tuple[int, ...], device: torch.device | str, bound: str = "tanh_shift") -> LevelTables:
     """The calibrated :class:`LevelTables` of ``levels`` and ``bound`` (:data:`BOUNDS`) on ``device``, built once
     per process and cached."""
     if bound not in BOUNDS:
         raise ValueError(f"bound must be one of {BOUNDS}, found {bound!r}")
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    key = (tuple(levels), str(device), bound)
-    tables = _TABLES.get(key)
-    if tables is None:
-        if torch.compiler.is_compiling():
-            raise RuntimeError(
-                f"fsq_triton: the level tables of levels {list(levels)} are not calibrated on {device} yet; "
-                "move the FSQ module there (.to(device)) or run it once eagerly there before torch.compile traces it"
-            )
-        tables = _TABLES[key] = _build_tables(tuple(levels), device, bound)
-    return tables
+    device = calibration_device(device)
+    return cached_calibration(_TABLES, (tuple(levels), str(device), bound), f"level tables of levels {list(levels)}",
+                              device, lambda: _build_tables(tuple(levels), device, bound))

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .levels import _bisect_first_true, _reference_constants, basis_of, bound_code, bound_level
+from .levels import calibration_device, cached_calibration, _bisect_first_true, _reference_constants, basis_of, bound_code, bound_level
 
 STAGE_KINDS = ("tanh_shift", "sym_tanh", "sym_clamp")
 
@@ -169,18 +169,12 @@ def residual_tables(
 
     ``soft_clamp``: the soft clamp value as float32-representable Python floats (one, or one per channel), or None.
     """
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = calibration_device(device)
     soft_key = None if soft_clamp is None else tuple(float(v) for v in soft_clamp)
     key = (tuple(levels), int(num_quantizers), semantics, kind, soft_key, str(device))
-    tables = _TABLES.get(key)
-    if tables is None:
-        if torch.compiler.is_compiling():
-            raise RuntimeError(
-                f"fsq_triton: the residual tables of levels {list(levels)} are not calibrated on {device} yet; "
-                "move the module there (.to(device)) or run it once eagerly before torch.compile traces it"
-            )
+
+    def build():
         soft = None if soft_key is None else torch.tensor(soft_key, dtype=torch.float32)
-        tables = _TABLES[key] = _build(tuple(levels), int(num_quantizers), semantics, kind, soft, device)
-    return tables
+        return _build(tuple(levels), int(num_quantizers), semantics, kind, soft, device)
+
+    return cached_calibration(_TABLES, key, f"residual tables of levels {list(levels)}", device, build)
