@@ -94,6 +94,21 @@ def stage_step(r, srow, d_ok, MAX_LEVEL: tl.constexpr):
 
 
 @triton.jit
+def _group_tile(N, num_n_blocks, G: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr,
+                BLOCK_N: tl.constexpr, OFFSET_64: tl.constexpr):
+    """This program's (group, channel, token) tile: its origin, the index vectors, each element's channel and the mask."""
+    b, n_start = tile_origin(num_n_blocks, BLOCK_N, OFFSET_64)
+    gg = tl.arange(0, G_PAD)[:, None, None]              # group
+    dd = tl.arange(0, D_PAD)[None, :, None]              # channel within the group
+    nn = n_start + tl.arange(0, BLOCK_N)[None, None, :]  # token
+    chan = gg * D + dd
+    if OFFSET_64:
+        chan = chan.to(tl.int64)
+    d_ok = dd < D
+    return b, n_start, gg, dd, nn, chan, d_ok, (gg < G) & d_ok & (nn < N)
+
+
+@triton.jit
 def _residual_forward_kernel(
     x_ptr, out_ptr, idx_ptr, stage_ptr, chan_ptr, basis_ptr,
     N, num_n_blocks, num_active,
@@ -125,16 +140,7 @@ def _residual_forward_kernel(
     float32), and ``4 * q`` B of int32 indices per ``d`` elements; the tables (``q * d`` rows of a few dozen
     floats) stay in cache.
     """
-    b, n_start = tile_origin(num_n_blocks, BLOCK_N, OFFSET_64)
-
-    gg = tl.arange(0, G_PAD)[:, None, None]            # group
-    dd = tl.arange(0, D_PAD)[None, :, None]            # channel within the group
-    nn = n_start + tl.arange(0, BLOCK_N)[None, None, :]  # token
-    chan = gg * D + dd
-    if OFFSET_64:
-        chan = chan.to(tl.int64)
-    d_ok = dd < D
-    mask = (gg < G) & d_ok & (nn < N)
+    b, n_start, gg, dd, nn, chan, d_ok, mask = _group_tile(N, num_n_blocks, G, D, G_PAD, D_PAD, BLOCK_N, OFFSET_64)
 
     x = tl.load(x_ptr + (b * stride_xb + chan * stride_xc + nn * stride_xn), mask=mask, other=0.0).to(tl.float32)
     chans = chan_ptr + dd * CHAN_COLS
@@ -192,16 +198,7 @@ def _residual_backward_kernel(
 
     Memory traffic per element: read ``g`` (4 B) and ``x`` (4 B float32, 2 B half), write ``dx`` (``x``'s size).
     """
-    b, n_start = tile_origin(num_n_blocks, BLOCK_N, OFFSET_64)
-
-    gg = tl.arange(0, G_PAD)[:, None, None]
-    dd = tl.arange(0, D_PAD)[None, :, None]
-    nn = n_start + tl.arange(0, BLOCK_N)[None, None, :]
-    chan = gg * D + dd
-    if OFFSET_64:
-        chan = chan.to(tl.int64)
-    d_ok = dd < D
-    mask = (gg < G) & d_ok & (nn < N)
+    b, n_start, gg, dd, nn, chan, d_ok, mask = _group_tile(N, num_n_blocks, G, D, G_PAD, D_PAD, BLOCK_N, OFFSET_64)
 
     g = tl.load(g_ptr + (b * stride_gb + chan * stride_gc + nn * stride_gn), mask=mask, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + (b * stride_xb + chan * stride_xc + nn * stride_xn), mask=mask, other=0.0).to(tl.float32)
