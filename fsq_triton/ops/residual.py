@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .. import residual_levels as _rl
-from .fsq import _is_fake, _needs_int64, cast_rne, device_guard, interpreting, tile_origin
+from .fsq import _is_fake, _launch, _needs_int64, cast_rne, device_guard, interpreting, tile_origin
 from .fsq import cdiv as _cdiv
 from .fsq import next_pow2 as _pow2
 
@@ -239,12 +239,6 @@ def _residual_backward_kernel(
 KINDS = {kind: i for i, kind in enumerate(_rl.STAGE_KINDS)}
 
 
-def _kernel(kernel):
-    """The kernel as torch.compile must see it (``wrap_triton``) on CUDA; called directly under the interpreter,
-    where torch 2.11 refuses ``wrap_triton``."""
-    return kernel if interpreting() else torch.library.wrap_triton(kernel)
-
-
 def _token_axes(b: int, n: int, *tensors: torch.Tensor):
     """(rows, tokens per row, each tensor's (batch, channel, token) strides): when every tensor's batch stride is ``n``
     times its token stride (channel-last contiguous), the batch folds into the token axis, so short sequences still
@@ -275,7 +269,7 @@ def forward_triton(x, stages, channels, basis, groups: int, num_active: int, sof
     g_pad, d_pad, block = _geometry(tokens, groups, d)
     nblocks = _cdiv(tokens, block)
     with device_guard(x):
-        _kernel(_residual_forward_kernel)[(rows * nblocks,)](
+        _launch(_residual_forward_kernel, x)[(rows * nblocks,)](
             x, out, indices, stages, channels, basis,
             tokens, nblocks, num_active,
             *sx, *so, indices.stride(0), si[0], si[2],
@@ -298,7 +292,7 @@ def backward_triton(grad_out, x, stages, channels, groups: int, num_active: int,
     g_pad, d_pad, block = _geometry(tokens, groups, d)
     nblocks = _cdiv(tokens, block)
     with device_guard(x):
-        _kernel(_residual_backward_kernel)[(rows * nblocks,)](
+        _launch(_residual_backward_kernel, x)[(rows * nblocks,)](
             grad_out, x, grad_x, stages, channels,
             tokens, nblocks, num_active,
             *sg, *sx, *sd,
