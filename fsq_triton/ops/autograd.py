@@ -44,18 +44,37 @@ _ops = torch.ops.fsq_triton
 
 
 def op_or_launcher(op, launcher, *tensors: torch.Tensor):
-    """The custom op while torch.compile or export trace (they must see the op), or when a tensor is a
-    torch.func wrapper (the op's registered rules apply), else its Triton launcher.
+    """The custom op while torch.compile or export trace (they must see the op), when a tensor is a
+    torch.func wrapper or a fake tensor (the op's registered rules apply), or while a dispatch mode is active
+    (a FlopCounterMode or DebugMode sees the op); else its Triton launcher.
 
     Eager calls skip the custom-op dispatcher layers (tens of microseconds, the whole cost of a tiny
     input) and run the same launcher the op would run.
     """
     if torch.compiler.is_compiling() or not fsq._runs_triton(tensors[0]):  # (the tensors share a device)
         return op
+    if torch._C._len_torch_dispatch_stack() > 0:
+        return op
     for t in tensors:
-        if _is_fake(t) or torch._C._functorch.is_functorch_wrapped_tensor(t):
+        if t is None:
+            continue
+        if type(t) not in _PLAIN_TENSORS or torch._C._functorch.is_functorch_wrapped_tensor(t):
             return op
     return launcher
+
+
+# A fake tensor is a subclass (so is any other tensor subclass: its own __torch_dispatch__ must see the op);
+# torch.func's wrappers are plain ``torch.Tensor``s, told apart by ``is_functorch_wrapped_tensor``.
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def _needs_no_autograd(*tensors: torch.Tensor | None) -> bool:
+    """Whether a call records nothing for autograd: no input can carry a gradient (grad mode off, or none
+    requires one) and no forward-mode AD level is open. Then the eager entry points skip the autograd.Function
+    (whose ``apply`` binds its arguments with ``inspect.signature``, a large part of a tiny call's host time)."""
+    if torch.autograd.forward_ad._current_level >= 0:
+        return False
+    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)
 
 
 def _tokens(feature: torch.Tensor) -> torch.Tensor:
@@ -419,6 +438,8 @@ def apply_quantize(z, values, integers, num_codebooks: int, channels_last: bool)
     """Differentiable fused quantizer on the feature view: ``(codes (b, e, n), indices (b, n, c) int32)``."""
     if torch.jit.is_tracing():
         return _ops.quantize(z, values, integers, num_codebooks, channels_last)
+    if _needs_no_autograd(z) and op_or_launcher(_ops.quantize, forward_triton, z) is forward_triton:
+        return forward_triton(z, values, integers, num_codebooks, channels_last)
     return _apply(FSQFunction, _Quantize)(z, values, integers, num_codebooks, channels_last)
 
 
@@ -431,6 +452,10 @@ def apply_quantize_projected(x, w_in, b_in, w_out, b_out, values, integers, num_
     args = (x, w_in, b_in, w_out, b_out, values, integers, num_codebooks, channels_last, save_h)
     if torch.jit.is_tracing():
         out, indices, _ = _ops.quantize_projected(*args)
+    elif not save_h and _needs_no_autograd(x, w_in, b_in, w_out, b_out) and op_or_launcher(
+        _ops.quantize_projected, forward_projected_triton, x, w_in, b_in, w_out, b_out
+    ) is forward_projected_triton:
+        out, indices, _ = forward_projected_triton(*args)
     else:
         out, indices, _ = _apply(FSQProjectedFunction, _QuantizeProjected)(*args)
     return out, indices
