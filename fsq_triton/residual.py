@@ -98,8 +98,12 @@ class ResidualFSQ(nn.Module):
     ``return_all_codes`` the scaled codes ``(q, b, n, d)`` (channel-first: ``(q, b, *spatial, d)``).
     """
 
-    # The soft clamp's tanh inside the kernel (one pass over x); False applies it with torch ops before the kernel.
-    soft_clamp_in_kernel: bool = True
+    # Where the soft clamp's tanh runs: True inside the kernel (one pass over x), False in torch ops before the
+    # kernel (one more pass), None (the default) inside the kernel only under Triton's interpreter, where it is
+    # torch.tanh itself. On CUDA, libdevice's tanhf is not torch's CUDA tanh bit for bit: measured on an H200
+    # (torch 2.11, triton 3.6, 2026-11-28; bench/results/2026-11-28-h200/run2/residual.json) the fused soft clamp
+    # moved 612,934 of 40M indices of 8x[8,5,5,5] against vqp, the torch-op soft clamp none.
+    soft_clamp_in_kernel: bool | None = None
 
     def __init__(
         self,
@@ -415,11 +419,17 @@ class ResidualFSQ(nn.Module):
         return ops.ResidualFSQFunction.apply(feature, tables.stages, tables.channels, tables.basis, groups, num_active,
                                              kind, mode, channels_last)
 
+    def _soft_clamp_runs_in_kernel(self, device: torch.device) -> bool:
+        """``soft_clamp_in_kernel``, whose default (None) is: in the kernel except on CUDA (see the attribute)."""
+        in_kernel = self.soft_clamp_in_kernel
+        return device.type != "cuda" if in_kernel is None else bool(in_kernel)
+
     def _use_fused(self, x: torch.Tensor):
         """``(ops, soft clamp mode, x)`` for the fused kernel, or ``(None, None, x)`` for the torch path.
 
-        With ``soft_clamp_in_kernel`` off, the soft clamp runs here in torch ops (one more pass over ``x``) and the
-        kernel gets the clamped values: the switch for a device whose ``tanh`` in Triton differs from torch's.
+        Where the soft clamp runs outside the kernel (``soft_clamp_in_kernel``: False, or None on CUDA), it runs
+        here in torch ops (one more pass over ``x``) and the kernel gets the clamped values, so the indices are
+        vqp's bit for bit on a device whose ``tanh`` in Triton differs from torch's.
         """
         ops = self._triton_ops(x)
         if ops is None:
@@ -429,7 +439,7 @@ class ResidualFSQ(nn.Module):
             # float64 (vqp quantizes it in float64), a scalar soft clamp in half precision, or a module cast to half
             # precision (.half(), .to(bfloat16): vqp's scales buffer follows, and its stages then compute in half)
             return None, None, x
-        if mode != 0 and not self.soft_clamp_in_kernel:
+        if mode != 0 and not self._soft_clamp_runs_in_kernel(x.device):
             c = self.soft_clamp_input_value
             x, mode = (x / c).tanh() * c, 0
         return ops, mode, x

@@ -531,6 +531,20 @@ def test_soft_clamp_outside_the_kernel_gives_the_same_results(grouped, monkeypat
     torch.testing.assert_close(results[0][2], results[1][2], rtol=1e-5, atol=1e-6)
 
 
+def test_soft_clamp_runs_in_torch_ops_on_cuda_by_default(monkeypatch):
+    """The default (None) keeps the soft clamp out of the kernel on CUDA, where libdevice's tanhf differs from
+    torch's (measured on an H200, 2026-11-28), and in it elsewhere (the interpreter's tanh is torch.tanh);
+    True and False force either."""
+    module = ResidualFSQ(levels=[8, 5, 5, 5], num_quantizers=2)
+    assert ResidualFSQ.soft_clamp_in_kernel is None
+    assert not module._soft_clamp_runs_in_kernel(torch.device("cuda", 0))
+    assert module._soft_clamp_runs_in_kernel(torch.device("cpu"))
+    for forced in (True, False):
+        monkeypatch.setattr(ResidualFSQ, "soft_clamp_in_kernel", forced)
+        assert module._soft_clamp_runs_in_kernel(torch.device("cuda", 0)) is forced
+        assert module._soft_clamp_runs_in_kernel(torch.device("cpu")) is forced
+
+
 @needs_vqp
 def test_float64_input_and_float64_soft_clamp_take_vqps_precision(backend):
     """Inputs vqp quantizes in float64 (a float64 input, or a float64 soft clamp tensor) match it there too."""
