@@ -48,7 +48,8 @@ def _bench(args: argparse.Namespace) -> int:
         return 2
     from .bench import harness
 
-    return harness.run(quick=args.quick, device=args.device, out_dir=args.out, smoke=args.smoke, threads=args.threads)
+    return harness.run(quick=args.quick, device=args.device, out_dir=args.out, smoke=args.smoke, threads=args.threads,
+                       compiled=not args.no_compile)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,9 +68,15 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--out", default="bench-results", help="folder for results.json, results.md and results.png")
     bench.add_argument("--threads", type=_positive_int, default=None,
                        help="PyTorch CPU threads for a CPU run (default 1: steadier figures on a busy machine)")
+    bench.add_argument("--no-compile", action="store_true",
+                       help="leave out the rows that torch.compile builds (fsq_triton compiled, torch.compile of the "
+                            "reference) and the ResidualFSQ cases (their rows include vqp under torch.compile): "
+                            "on a GPU most of a --quick run's time is those compiles")
 
     tune = sub.add_parser("autotune", help="tune the kernels' launch configurations on this GPU and cache them")
-    tune.add_argument("--quick", action="store_true", help="fewer shapes and configurations")
+    tune.add_argument("--quick", action="store_true",
+                      help="4 small shapes, each kernel timed over at most 3 configurations (4 warps with 256 or 1024 tokens a "
+                           "program, and the default) instead of its whole space")
     tune.add_argument("--reset", action="store_true", help="clear this GPU's cached configurations first")
 
     demo = sub.add_parser("demo", help="quantize a video latent on whatever device is here")

@@ -7,7 +7,8 @@ the padded channel tile, the dtype and the layout. The answer comes from, in ord
 1. a configuration forced by :func:`forced_config` (tests use it to run every configuration);
 2. the tuner, when tuning is on (``FSQ_TRITON_AUTOTUNE=1``, or ``python -m fsq_triton autotune``)
    and this class has no cached result (or a re-tune is forced): it times every configuration of
-   the kernel's space with ``triton.testing.do_bench`` on the real arguments and keeps the fastest;
+   the kernel's space with ``triton.testing.do_bench`` on the real arguments and keeps the fastest
+   (``autotune --quick`` times only :func:`quick_space`: a few configurations and the default);
 3. the cache of earlier tuning on this GPU model and Triton version, a JSON file under
    ``$FSQ_TRITON_CACHE_DIR`` (default ``$XDG_CACHE_HOME/fsq_triton`` or ``~/.cache/fsq_triton``),
    read once per process; a corrupt or foreign file is ignored with a warning;
@@ -45,12 +46,21 @@ _DEVICE_CACHES: dict[torch.device, dict[str, dict]] = {}  # the same dicts by de
 _FORCED: list[dict] = []
 _RETUNE: list[bool] = []
 _TUNED_LOG: list[dict] = []  # what the tuner chose in this process, for the command line report
+_QUICK: list[bool] = []  # inside quick_tuning(): the tuner times quick_space(), not the whole space
 
 # The space each kernel is tuned over: tokens per program x warps (tiles capped at 16K elements).
 BLOCK_NS = (64, 128, 256, 512, 1024, 2048)
 NUM_WARPS = (2, 4, 8, 16)
 NUM_STAGES = (2, 3, 4)
 MAX_TILE = 16384
+# ``autotune --quick``: 4 warps and 256 or 1024 tokens a program, beside the default (BLOCK_N 1024, 8 warps for the
+# quick shapes' 8-channel tiles). Measured on an H200 (triton 3.6, 2026-11-28, bench/results/2026-11-28-h200/run2/
+# sweep.json, the 32x6x32x128x128 video): the fastest forward was 256/4 in float32 and 1024/4 in bfloat16, and 256/4
+# came within 1% of the fastest backward (256/8); 512/4 was never the fastest. Each configuration costs a Triton
+# compile (about 0.5 s on that machine: the full space of one quick shape, 3 kernels x 23 configurations, took 35 s).
+QUICK_BLOCK_NS = (256, 1024)
+QUICK_NUM_WARPS = (4,)
+QUICK_NUM_STAGES = (3,)  # the pipelined kernels: Triton's default depth
 
 
 def config_space(channel_tile: int, pipelined: bool = False) -> list[dict]:
@@ -71,6 +81,22 @@ def config_space(channel_tile: int, pipelined: bool = False) -> list[dict]:
                 else:
                     space.append({"BLOCK_N": block_n, "num_warps": warps})
     return space
+
+
+def quick_space(space: list[dict], default: dict) -> list[dict]:
+    """The configurations ``autotune --quick`` times: those of ``space`` with :data:`QUICK_BLOCK_NS` tokens a program
+    and :data:`QUICK_NUM_WARPS` warps (pipelined kernels: :data:`QUICK_NUM_STAGES`), then the default.
+
+    A wide channel tile that leaves none of them keeps the two largest 4-warp tiles of ``space`` instead.
+    """
+    def stages_ok(cfg):
+        return cfg.get("num_stages", QUICK_NUM_STAGES[0]) in QUICK_NUM_STAGES
+
+    quick = [cfg for cfg in space
+             if cfg["BLOCK_N"] in QUICK_BLOCK_NS and cfg["num_warps"] in QUICK_NUM_WARPS and stages_ok(cfg)]
+    if not quick:
+        quick = [cfg for cfg in space if cfg["num_warps"] in QUICK_NUM_WARPS and stages_ok(cfg)][-2:]
+    return [cfg for cfg in quick if cfg != default] + [default]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -226,6 +252,16 @@ def retuning() -> Iterator[None]:
         _RETUNE.pop()
 
 
+@contextlib.contextmanager
+def quick_tuning() -> Iterator[None]:
+    """Every tuning inside times only :func:`quick_space` (``python -m fsq_triton autotune --quick``)."""
+    _QUICK.append(True)
+    try:
+        yield
+    finally:
+        _QUICK.pop()
+
+
 def _tuning_enabled() -> bool:
     return bool(_RETUNE) or env_flag("FSQ_TRITON_AUTOTUNE")
 
@@ -244,7 +280,7 @@ def launch_config(kernel: str, key: str, default: dict, run: Callable[[dict], No
         return default
     cached = _cached(probe.device).get(key)
     if _tuning_enabled() and (cached is None or _RETUNE) and not _is_traced(probe) and not _capturing():
-        return _tune(kernel, key, default, run, probe, space())
+        return _tune(kernel, key, default, run, probe, quick_space(space(), default) if _QUICK else space())
     return cached or default
 
 
@@ -307,7 +343,10 @@ def standard_workloads(quick: bool) -> list[dict]:
 
 
 def main(quick: bool = False, reset: bool = False) -> int:
-    """Tune the standard shapes on this GPU; print each choice and its gain over the default. Exit status 2 without a GPU."""
+    """Tune the standard shapes on this GPU; print each choice and its gain over the default. Exit status 2 without a GPU.
+
+    ``quick``: the four small shapes of :func:`standard_workloads`, each kernel timed over :func:`quick_space` only.
+    """
     if not torch.cuda.is_available() or interpreting():
         print("fsq_triton autotune needs a CUDA GPU (and TRITON_INTERPRET unset): nothing to tune here.", file=sys.stderr)
         return 2
@@ -326,7 +365,7 @@ def main(quick: bool = False, reset: bool = False) -> int:
     for w in bar:
         fsq = FSQ(w["levels"], num_codebooks=w.get("num_codebooks", 1)).to(device)
         z = torch.randn(w["shape"], device=device, dtype=w["dtype"], requires_grad=True)
-        with retuning():
+        with retuning(), quick_tuning() if quick else contextlib.nullcontext():
             out, indices = fsq(z)
             out.backward(torch.randn_like(out))
             fsq.indices_to_codes(indices)

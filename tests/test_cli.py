@@ -112,3 +112,61 @@ def test_bench_smoke_writes_its_three_files_from_another_folder(tmp_path):
     markdown = (out / "results.md").read_text()
     assert markdown.startswith("# FSQ benchmark") and "| image 2x5x8x8 float32 | inference |" in markdown
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_no_compile_reaches_the_harness(monkeypatch):
+    from fsq_triton.bench import harness
+
+    calls = []
+    monkeypatch.setattr(harness, "run", lambda **kwargs: calls.append(kwargs) or 0)
+    assert main(["bench", "--quick", "--no-compile", "--device", "cpu"]) == 0
+    assert main(["bench", "--quick", "--device", "cpu"]) == 0
+    assert [call["compiled"] for call in calls] == [False, True] and calls[0]["quick"]
+
+
+# ----------------------------------------------------------------------------------------------- autotune --quick
+
+def test_autotune_quick_space_is_a_few_configurations_and_the_default():
+    from fsq_triton import autotune
+
+    # the quick shapes' kernels all launch with 8-channel tiles and more than 1024 tokens: default BLOCK_N 1024, 8 warps
+    default = autotune.default_config(8, 65536)
+    assert autotune.quick_space(autotune.config_space(8), default) == [
+        {"BLOCK_N": 256, "num_warps": 4}, {"BLOCK_N": 1024, "num_warps": 4}, {"BLOCK_N": 1024, "num_warps": 8}]
+    for tile in (4, 8, 16, 64, 128, 256, 1024):
+        for pipelined in (False, True):
+            for tokens in (100, 65536):
+                space, default = autotune.config_space(tile, pipelined), autotune.default_config(tile, tokens)
+                quick = autotune.quick_space(space, default)
+                assert 1 <= len(quick) <= 3 and quick[-1] == default, (tile, pipelined, tokens, quick)
+                assert all(cfg in space for cfg in quick[:-1]) and len(quick) >= min(2, len(space) + 1)
+                assert all(autotune.config_problem(cfg) is None for cfg in quick)
+
+
+def test_autotune_quick_tunes_over_the_quick_space_only(monkeypatch):
+    """The wiring, without a GPU: a launch that tunes under quick_tuning() hands the tuner the quick space."""
+    from fsq_triton import autotune
+
+    class Probe:  # what launch_config reads of a launch's tensor: its device
+        device = torch.device("cuda", 0)
+
+    timed = []
+    monkeypatch.setattr(autotune, "_cached", lambda device: {})
+    monkeypatch.setattr(autotune, "_is_traced", lambda probe: False)
+    monkeypatch.setattr(autotune, "_capturing", lambda: False)
+    monkeypatch.setattr(autotune, "_tune", lambda kernel, key, default, run, probe, space: timed.append(space) or default)
+    default = autotune.default_config(8, 65536)
+    space = lambda: autotune.config_space(8)  # noqa: E731
+    with autotune.retuning():
+        autotune.launch_config("forward", "k", default, None, Probe(), space)
+        with autotune.quick_tuning():
+            autotune.launch_config("forward", "k", default, None, Probe(), space)
+        autotune.launch_config("forward", "k", default, None, Probe(), space)
+    assert [len(s) for s in timed] == [len(autotune.config_space(8)), 3, len(autotune.config_space(8))]
+    assert len(timed[0]) > 20  # the full space of an 8-channel tile: 23 configurations
+
+
+def test_autotune_quick_help_says_what_it_tunes(capsys):
+    with pytest.raises(SystemExit):
+        main(["autotune", "--help"])
+    assert "at most 3 configurations" in " ".join(capsys.readouterr().out.split())

@@ -1,6 +1,6 @@
 """Speed of ``fsq_triton.FSQ`` next to the reference FSQ, vector-quantize-pytorch and torch.compile.
 
-Run ``python -m fsq_triton bench [--quick | --smoke] [--device cuda|cpu] [--out DIR]``, which calls :func:`run`
+Run ``python -m fsq_triton bench [--quick | --smoke] [--device cuda|cpu] [--out DIR] [--no-compile]``, which calls :func:`run`
 (it needs the ``bench`` extra: ``pip install "fsq_triton[bench]"``).
 Every workload is timed in three modes, for every implementation, in one process:
 
@@ -10,7 +10,9 @@ Every workload is timed in three modes, for every implementation, in one process
 
 Implementations: ``fsq_triton`` (``fsq_triton.FSQ``, default backend), ``reference``
 (:class:`fsq_triton.bench.reference.ReferenceFSQ`, eager), ``vqp`` (``vector_quantize_pytorch.FSQ``, when importable) and
-``torch.compile`` (of the reference, on CUDA only). All share the reference's projection weights.
+``torch.compile`` (of the reference, on CUDA only). All share the reference's projection weights. ``--no-compile``
+leaves out every row that Inductor compiles (``torch.compile`` and ``fsq_triton compiled``; the ResidualFSQ cases,
+whose rows include vqp under ``torch.compile``, are left out whole): most of a ``--quick`` run's time on a GPU.
 
 The *bandwidth bound* of a case is the time to move the bytes it cannot avoid (see
 :meth:`Workload.bytes_moved`) at the device's copy bandwidth, measured in the same run; ``% of
@@ -64,6 +66,8 @@ SIZES = ("full", "quick", "smoke")
 # work that multiplies the medians (measured: --quick took 100 s with 2 threads and 24 s with 1 on 2 busy cores).
 CPU_THREADS = 1
 CPU_THREADS_WHY = "one thread by default, so that other work on the machine cannot stall a worker thread and multiply a median"
+NO_COMPILE_NOTE = ("--no-compile: no torch.compile rows (neither the reference's nor fsq_triton compiled), and no "
+                   "ResidualFSQ cases (their rows include vqp under torch.compile)")
 INTERPRETER_NOTE = "CPU run under TRITON_INTERPRET=1: fsq_triton runs its kernels in Triton's interpreter (not a speed figure)"
 
 
@@ -217,10 +221,11 @@ def _prepared(module: nn.Module, state: dict, dtype: torch.dtype, device: torch.
     return module.to(device)
 
 
-def build_impls(wl: Workload, device: torch.device) -> tuple[list[Impl], list[str]]:
-    """The implementations that can run ``wl`` on ``device`` (reference first), and notes on those that cannot."""
+def build_impls(wl: Workload, device: torch.device, compiled: bool = True) -> tuple[list[Impl], list[str]]:
+    """The implementations that can run ``wl`` on ``device`` (reference first), and notes on those that cannot;
+    ``compiled=False``: without the ``torch.compile`` and ``fsq_triton compiled`` rows."""
     if wl.options:
-        return _build_option_impls(wl, device)
+        return _build_option_impls(wl, device, compiled)
     notes = []
     torch.manual_seed(0)
     reference = ReferenceFSQ(wl.levels, dim=wl.dim, num_codebooks=wl.num_codebooks)
@@ -257,7 +262,7 @@ def build_impls(wl: Workload, device: torch.device) -> tuple[list[Impl], list[st
                 vqp_notes.append(f"vqp quantizes {_dtype_name(wl.dtype)} in float32 internally")
             impls.append(Impl("vqp", vqp, wl.dtype, vqp, vqp.indices_to_codes, vqp_notes))
 
-    if device.type == "cuda":
+    if device.type == "cuda" and compiled:
         torch.compiler.reset()  # a fresh cache per case: recompilations across cases would hit dynamo's limit
         impls.append(Impl(
             "torch.compile", reference, ref_dtype,
@@ -272,7 +277,7 @@ def build_impls(wl: Workload, device: torch.device) -> tuple[list[Impl], list[st
     return impls, notes
 
 
-def _build_option_impls(wl: Workload, device: torch.device) -> tuple[list[Impl], list[str]]:
+def _build_option_impls(wl: Workload, device: torch.device, compiled: bool = True) -> tuple[list[Impl], list[str]]:
     """A case with vqp options: vqp built with them (first: the indices are compared with its), then fsq_triton;
     the reference, which has no such options, is left out with a note."""
     options = dict(wl.options)
@@ -293,7 +298,7 @@ def _build_option_impls(wl: Workload, device: torch.device) -> tuple[list[Impl],
         impls.append(Impl("vqp", vqp, wl.dtype, vqp, vqp.indices_to_codes, vqp_notes))
     ours = _prepared(ours, state, wl.dtype, device)
     impls.append(Impl("fsq_triton", ours, wl.dtype, ours, ours.indices_to_codes))
-    if device.type == "cuda":
+    if device.type == "cuda" and compiled:
         torch.compiler.reset()
         impls.append(Impl(
             "fsq_triton compiled", ours, wl.dtype,
@@ -457,7 +462,8 @@ def memory_shortfall(wl: Workload, device: torch.device) -> str | None:
     return None
 
 
-def measure_case(wl: Workload, device: torch.device, timer: Timer, bandwidth_gbs: float, progress: tqdm) -> dict:
+def measure_case(wl: Workload, device: torch.device, timer: Timer, bandwidth_gbs: float, progress: tqdm,
+                 compiled: bool = True) -> dict:
     """Every implementation in every mode on ``wl``: the case's entry of results.json."""
     case = {
         "name": wl.name, "label": wl.label, "shape": list(wl.shape), "levels": list(wl.levels),
@@ -472,7 +478,7 @@ def measure_case(wl: Workload, device: torch.device, timer: Timer, bandwidth_gbs
     if case["skipped"]:
         return case
 
-    impls, notes = build_impls(wl, device)
+    impls, notes = build_impls(wl, device, compiled)
     case["notes"] += notes + [note for impl in impls for note in impl.notes]
     z, grads, indices = make_inputs(wl, device)
     reference = impls[0]
@@ -725,12 +731,14 @@ def write_results(out: Path, env: dict, notes: list[str], cases: list[dict]) -> 
     return impls, results
 
 
-def run(quick: bool, device: str | None, out_dir: str, smoke: bool = False, threads: int | None = None) -> int:
+def run(quick: bool, device: str | None, out_dir: str, smoke: bool = False, threads: int | None = None,
+        compiled: bool = True) -> int:
     """Benchmark every workload, print the table, write results.json, results.md and results.png to ``out_dir``.
 
     ``quick``: a few small cases; ``smoke``: one tiny case of each kind and two repeats, which checks that
     everything runs and writes its files (not a measurement). ``threads``: PyTorch's CPU threads for a CPU
-    run (default :data:`CPU_THREADS`). Returns the exit status (2: no such device).
+    run (default :data:`CPU_THREADS`). ``compiled=False`` (``--no-compile``): no row that Inductor compiles, and
+    no ResidualFSQ cases (their rows include vqp under torch.compile). Returns the exit status (2: no such device).
     """
     size = "smoke" if smoke else "quick" if quick else "full"
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -753,6 +761,8 @@ def run(quick: bool, device: str | None, out_dir: str, smoke: bool = False, thre
         notes.append("--quick: small cases, few repeats")
     elif size == "smoke":
         notes.append("--smoke: tiny cases, two repeats: a check that everything runs, not a measurement")
+    if not compiled:
+        notes.append(NO_COMPILE_NOTE)
     for note in notes:
         print(note)
 
@@ -764,12 +774,13 @@ def run(quick: bool, device: str | None, out_dir: str, smoke: bool = False, thre
     progress = tqdm(workloads(size, device.type), desc="cases", unit="case")
     for wl in progress:
         progress.set_description(wl.label)
-        cases.append(measure_case(wl, device, timer, bandwidth, progress))
+        cases.append(measure_case(wl, device, timer, bandwidth, progress, compiled))
         # rewritten after every case, so that a run cut short (a time limit, a crash) leaves what it measured
         impls, results = write_results(out, env, notes, cases)
     from . import residual_cases  # here, not at the top: it imports this module
 
-    for case in residual_cases.measure_cases(size, device, timer, bandwidth, progress):  # ResidualFSQ against vqp's
+    residual = residual_cases.measure_cases(size, device, timer, bandwidth, progress) if compiled else ()
+    for case in residual:  # ResidualFSQ against vqp's
         cases.append(case)
         impls, results = write_results(out, env, notes, cases)
     progress.close()
