@@ -4,26 +4,34 @@ Run it first in a GPU window (about 15 minutes, machine start included), from th
 checkout, with torch and triton installed (the lent GPU machines: Python 3.12, torch 2.11, triton 3.6, no
 package index). The package runs from this checkout; nothing is installed except the peer below.
 
-Steps, in order of importance, each in its own process under its own time limit (seconds):
+Steps, in order of importance, each in its own process under its own time limit (seconds). Expected: the
+first H200 run (torch 2.11, triton 3.6, 2026-11-28, bench/results/2026-11-28-h200/) where a step finished there,
+else an estimate from what it measured:
 
 | step | what | expected | limit |
 | --- | --- | --- | --- |
-| a | environment (GPU, driver, torch, triton) and the copy bandwidth (1 GiB copy) | 10 | 30 |
-| b | correctness: indices and ``out`` bit for bit against the reference module op for op on the same GPU (video 32x6x32x128x128 float32 and bfloat16, every calibrated threshold and its neighbours for 8 level sets in 2 layouts, projections float32/bfloat16/float16, decode, gradients): mismatch counts | 60 | 90 |
-| c | core speed: forward float32, forward bfloat16, forward+backward float32 as % of the copy bandwidth and against the reference, ``torch.compile`` of it, vqp, fsq_triton compiled | 45 | 70 |
-| d | projections x 64x4096x1024 bfloat16 (bound, vqp, reference, forward+backward); the tiny call 64x5x32x32 against one elementwise launch, compiled and eager | 45 | 70 |
-| e | ``pytest -m gpu`` (the GPU tests), each test under its own limit (60 s, ``bench/pytest_time_limit.py``) | 60 | 90 |
-| f | ``python -m fsq_triton autotune --quick --reset``, then a second process that must not re-tune | 25 | 40 |
-| r | ResidualFSQ (issue 12): index parity with vqp on 100M elements, speed against vqp eager and compiled (``scripts/residual_gpu_check.py``, when present) | 30 | 45 |
-| g | ``python -m fsq_triton bench --quick`` | 60 | what is left (>= 45) |
-| | total | 335 | 480 (8 minutes) |
+| a | environment (GPU, driver, torch, triton) and the copy bandwidth (1 GiB copy) | 5 (measured 4.7) | 20 |
+| b | correctness: indices and ``out`` bit for bit against the reference module op for op on the same GPU (video 32x6x32x128x128 float32 and bfloat16, every calibrated threshold and its neighbours for 8 level sets in 2 layouts, projections float32/bfloat16/float16, decode, gradients): mismatch counts | 35 (34.4) | 55 |
+| c | core speed: forward float32, forward bfloat16, forward+backward float32 as % of the copy bandwidth and against the reference, ``torch.compile`` of it, vqp, fsq_triton compiled | 37 (34.9; 37.1 rerun) | 50 |
+| d | projections x 64x4096x1024 bfloat16 (bound, vqp, reference, forward+backward); the tiny call 64x5x32x32 against one elementwise launch, compiled and eager | 36 (33.6; 36.3 rerun) | 50 |
+| e | ``pytest -m gpu``, every GPU test function with at most 2 of its parametrizations (64 of 195 tests), each test under its own limit (60 s), no test started in the last 15 s (``bench/pytest_time_limit.py``) | 70 (estimate) | 120 |
+| f | ``python -m fsq_triton autotune --quick --reset`` (at most 3 configurations a kernel), then a second process that must not re-tune | 30 (estimate) | 40 |
+| r | ResidualFSQ (issue 12): index parity with vqp on 20M elements, speed against vqp eager and compiled (``scripts/residual_gpu_check.py``, one JSON line a result) | 70 (under 75 alone) | 85 |
+| g | ``python -m fsq_triton bench --quick --no-compile`` | 40 (estimate) | what is left (>= 60) |
+| | total | 323 | 480 (8 minutes) |
 
-The limits add up to 480 s and the driver never gives a step more than what is left of the 480 s
-(``--budget``), so the steps end within 8 minutes; installing the peers before them and writing the outputs
-after each take a few seconds more. The
-expected times are estimates (no step has run on a GPU yet): Triton compiles of the kernels (a few seconds
-each, cached on disk for the later steps), Inductor compiles in c, d and g (5-15 s each), the do_bench
-repeats (about 0.3 s a figure). Steps c and d time the default launch configurations (autotune runs in f).
+The limits add up to 480 s (20 + 55 + 50 + 50 + 120 + 40 + 85 = 420, and g gets the 60 s left, or more when
+the steps before it end early), and the driver never gives a step more than what is left of the 480 s
+(``--budget``), so the steps end within 8 minutes; installing the peers before them and writing the outputs after
+each take a few seconds more. The estimates, from the first run's logs: e ran 83 of the 195 GPU tests in its 90 s
+(1.08 s a test, pytest's start included), so 64 tests take about 64 x 1.08 = 69 s, about 70; more if the compile tests
+that run did not reach cost more than the average (``--test-sample 0`` runs all 195: 3.5 minutes or more); f's
+full search took 35 s for the first of its 4 shapes (3 kernels x 23 configurations, about 0.5 s each), and
+--quick times 3 a kernel: 4 shapes x 9 x 0.5 s = 18 s, plus two process starts (about 5 s each); r ran 20M elements in under 75 s
+on its own (100M did not finish in 45 s); g's 7 FSQ cases took 101 s, 79 s of it the first calls of the compiled
+rows (the first-call table of its results.md), so without them (steps c and d time them) and without the
+ResidualFSQ cases (step r has them) about 22 s, after a start of about 10 s. Steps c and d time
+the default launch configurations (autotune runs in f).
 
 Output in ``$OUT`` (or ``--out``; default ``gpu-results``), rewritten as soon as each step ends, so a run cut
 short still brings back what it got; four files, one folder:
@@ -66,6 +74,10 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 BUDGET_S = 480.0
 TEST_TIME_LIMIT_S = 60
+# step e runs every GPU test function with at most this many of its parametrizations (bench/pytest_time_limit.py):
+# 64 of the 195 GPU tests (2026-11-28). All 195 did not fit: 83 ran in the 90 s of the first H200 run.
+TEST_SAMPLE = 2
+TEST_DEADLINE_MARGIN_S = 15  # step e starts no test in the last 15 s of its limit, so pytest ends by itself
 # the second process of step f: on-the-fly tuning on, it loads step f's cache and must tune nothing it holds
 SECOND_PROCESS = """
 import json, os
@@ -91,22 +103,23 @@ class Step:
 
 
 STEPS = (
-    Step("a", "environment", "environment and copy bandwidth", 10, 30),
-    Step("b", "correctness", "bit-for-bit correctness against the reference", 60, 90),
-    Step("c", "core", "core speed targets", 45, 70),
-    Step("d", "projections", "projections, tiny call, compiled vs eager", 45, 70),
-    Step("e", "gpu-tests", "GPU tests (pytest -m gpu)", 60, 90),
-    Step("f", "autotune", "autotune --quick, and a second process that must not re-tune", 25, 40),
-    Step("r", "residual", "ResidualFSQ: parity with vqp, speed (scripts/residual_gpu_check.py)", 30, 45),
-    Step("g", "bench", "python -m fsq_triton bench --quick", 60, None),
+    Step("a", "environment", "environment and copy bandwidth", 5, 20),
+    Step("b", "correctness", "bit-for-bit correctness against the reference", 35, 55),
+    Step("c", "core", "core speed targets", 37, 50),
+    Step("d", "projections", "projections, tiny call, compiled vs eager", 36, 50),
+    Step("e", "gpu-tests", f"GPU tests (pytest -m gpu, at most {TEST_SAMPLE} parametrizations a test)", 70, 120),
+    Step("f", "autotune", "autotune --quick, and a second process that must not re-tune", 30, 40),
+    Step("r", "residual", "ResidualFSQ: parity with vqp, speed (scripts/residual_gpu_check.py)", 70, 85),
+    Step("g", "bench", "python -m fsq_triton bench --quick --no-compile", 40, None),
 )
 
 
 class Run:
     """One run of the check: the work folder (logs, step JSON), the output folder, and what each step found."""
 
-    def __init__(self, out: Path, cpu: bool, budget_s: float, wheels: Path):
+    def __init__(self, out: Path, cpu: bool, budget_s: float, wheels: Path, test_sample: int = TEST_SAMPLE):
         self.out, self.cpu, self.budget_s, self.wheels = out, cpu, budget_s, wheels
+        self.test_sample = test_sample
         self.out.mkdir(parents=True, exist_ok=True)
         self.work = Path(tempfile.mkdtemp(prefix="fsq-gpu-check-"))
         (self.work / "logs").mkdir()
@@ -213,7 +226,8 @@ class Run:
 
     def step_gpu_tests(self, step: Step, entry: dict, limit: float) -> None:
         junit = self.work / "gpu-tests.xml"
-        env = dict(self.env, FSQ_TRITON_TEST_TIME_LIMIT=str(TEST_TIME_LIMIT_S))
+        env = dict(self.env, FSQ_TRITON_TEST_TIME_LIMIT=str(TEST_TIME_LIMIT_S), FSQ_TRITON_TEST_SAMPLE=str(self.test_sample),
+                   FSQ_TRITON_TEST_DEADLINE=str(time.time() + limit - min(TEST_DEADLINE_MARGIN_S, limit / 4)))
         env["PYTHONPATH"] = os.pathsep.join([str(BENCH), env["PYTHONPATH"]])
         command = [self.python, "-m", "pytest", "-m", "gpu", "-v", "-rfEs", "-p", "no:cacheprovider",
                    "-p", "pytest_time_limit", "-o", f"faulthandler_timeout={TEST_TIME_LIMIT_S + 15}",
@@ -232,8 +246,16 @@ class Run:
                 failed.append(f"{name}: {message}" if message else name)
             elif outcome == "skipped":
                 skip_reasons[message or "skipped"] = skip_reasons.get(message or "skipped", 0) + 1
+        sampled = re.search(r"^sample: kept (\d+) of (\d+) tests",
+                            (self.work / "logs" / "e-gpu-tests.log").read_text(errors="replace"), re.M)
         entry["result"] = {**counts, "failed_tests": failed, "skip_reasons": skip_reasons,
-                           "per_test_limit_s": TEST_TIME_LIMIT_S, "source": "junit" if junit.is_file() else "log"}
+                           "per_test_limit_s": TEST_TIME_LIMIT_S, "source": "junit" if junit.is_file() else "log",
+                           "sample": {"per_test_function": self.test_sample or None,
+                                      "selected": int(sampled[1]) if sampled else None,
+                                      "gpu_tests": int(sampled[2]) if sampled else None}}
+        late = sum(n for reason, n in skip_reasons.items() if reason.startswith("out of time"))
+        if late and entry["status"] == "ok":
+            entry["reason"] = f"{late} tests not started: out of time ({TEST_DEADLINE_MARGIN_S} s before the limit)"
         if entry["status"] == "ok" and counts["tests"] and counts["skipped"] == counts["tests"]:
             entry.update(status="skipped", reason="every GPU test skipped: " + "; ".join(skip_reasons))
 
@@ -267,18 +289,20 @@ class Run:
         log = self.work / "logs" / "r-residual.log"
         rc, seconds = self.run_command([self.python, str(script), *size], log.name, limit, env)
         self._status(entry, rc, seconds, limit)
-        text = log.read_text()
-        start = text.rfind("\n{\n")  # the script prints its report as one indented JSON object at the end
-        if start >= 0:
-            try:
-                notes = ["CPU check: the residual modules' PyTorch path on 512 elements"] if self.cpu else []
-                entry["result"] = {"report": json.loads(text[start:]), "notes": notes}
-            except json.JSONDecodeError:
-                entry["result"] = None
+        report = residual_report(log)  # one JSON line a result, printed as each is measured: a cut run keeps them
+        if report:
+            notes = ["CPU check: the residual modules' PyTorch path on 512 elements"] if self.cpu else []
+            if entry["status"] == "timed out":
+                notes.append("cut at its limit: the results printed before the cut are kept "
+                             f"({len(report.get('parity', []))} parity rows, speed rows: "
+                             f"{', '.join((report.get('speed') or {}).get('rows', {})) or 'none'})")
+            entry["result"] = {"report": report, "notes": notes}
 
     def step_bench(self, step: Step, entry: dict, limit: float) -> None:
         bench_out = self.work / "bench"
-        size = ["--smoke", "--device", "cpu"] if self.cpu else ["--quick"]
+        # --no-compile: the Inductor compiles were most of the 197 s that --quick was cut at (H200, 2026-11-28);
+        # steps c and d time the compiled rows
+        size = ["--smoke", "--device", "cpu", "--no-compile"] if self.cpu else ["--quick", "--no-compile"]
         # the CPU check times fsq_triton's PyTorch path here (the interpreter's bench is tests/test_cli.py's)
         env = dict(self.env, TRITON_INTERPRET="0")
         rc, seconds = self.run_command([self.python, "-m", "fsq_triton", "bench", *size, "--out", str(bench_out)],
@@ -305,6 +329,30 @@ class Run:
                 if path.is_file() and path.relative_to(self.work).parts[0] != "site":  # not the installed peers
                     tar.add(path, arcname=str(Path("logs") / path.relative_to(self.work)))
         tmp.replace(self.out / "logs.tar.gz")
+
+
+def residual_report(log: Path) -> dict | None:
+    """scripts/residual_gpu_check.py's report from its JSON lines in ``log`` (``{"environment": ...}``, one
+    ``{"parity": ...}`` per semantics, ``{"speed": ...}`` after each timed row, the last the most complete);
+    None when it printed none."""
+    report: dict = {}
+    for line in log.read_text(errors="replace").splitlines() if log.is_file() else []:
+        if not line.startswith("{"):
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by the kill
+            continue
+        if not isinstance(item, dict) or len(item) != 1:
+            continue
+        (kind, value), = item.items()
+        if kind == "environment" and isinstance(value, dict):
+            report.update(value)
+        elif kind == "parity":
+            report.setdefault("parity", []).append(value)
+        elif kind == "speed":
+            report["speed"] = value
+    return report or None
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -425,9 +473,11 @@ def targets(results: dict, judged: bool) -> list[dict]:
             lambda v, r=ref, k=comp: f"{v:.2f}x ({k:.3f} vs {r:.3f} {unit})")
     tests = (results["steps"].get("e") or {}).get("result")
     tests_ok = tests and tests["tests"] - tests["skipped"] > 0
+    sample = (tests or {}).get("sample") or {}
+    of = f" (a sample: {sample['selected']} of the {sample['gpu_tests']} GPU tests)" if sample.get("selected") else ""
     add("GPU tests (pytest -m gpu)", "0 failed, 0 errors", "e",
         (tests["failed"] + tests["errors"]) if tests_ok else None, lambda v: v == 0,
-        lambda v, t=tests: f"{t['passed']} passed, {t['failed']} failed, {t['errors']} errors, {t['skipped']} skipped")
+        lambda v, t=tests: f"{t['passed']} passed, {t['failed']} failed, {t['errors']} errors, {t['skipped']} skipped{of}")
     report = ((results["steps"].get("r") or {}).get("result") or {}).get("report") or {}
     current = next((row for row in report.get("parity", []) if row.get("semantics") == "current"), {})
     speed = report.get("speed") or {}
@@ -527,6 +577,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wheels", default=str(ROOT / ".gpu-wheels"), help="folder of peer wheels (default .gpu-wheels/)")
     parser.add_argument("--steps", default="".join(step.letter for step in STEPS),
                         help="which steps to run, e.g. abc (default: all, in order)")
+    parser.add_argument("--test-sample", type=int, default=TEST_SAMPLE,
+                        help=f"step e: at most this many parametrizations of each GPU test function (default {TEST_SAMPLE}; "
+                             "0: every GPU test, 3.5 minutes or more: raise --budget)")
     args = parser.parse_args(argv)
     if not args.cpu:
         import torch
@@ -534,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             print("gpu_check.py needs a CUDA GPU; --cpu runs the plumbing check without one", file=sys.stderr)
             return 2
-    run = Run(Path(args.out), args.cpu, args.budget, Path(args.wheels))
+    run = Run(Path(args.out), args.cpu, args.budget, Path(args.wheels), args.test_sample)
     try:
         run.install_peers()
         run.start = time.monotonic()  # the budget is the steps' (installing the peers takes a few seconds before)

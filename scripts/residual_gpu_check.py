@@ -1,16 +1,29 @@
-"""The residual FSQ GPU check: index parity with vqp on 100M elements, and the issue's speed targets, as one JSON.
+"""The residual FSQ GPU check: index parity with vqp on 20M elements, and the issue's speed targets, as JSON lines.
 
     python scripts/residual_gpu_check.py                      # on a CUDA machine with vector-quantize-pytorch
+    python scripts/residual_gpu_check.py --elements 100000000 --out residual.json   # more elements, the report in a file
     python scripts/residual_gpu_check.py --elements 65536 --device cpu   # a dry run of the plumbing
+
+Each result is printed as soon as it is measured, one JSON object a line, flushed: ``{"environment": ...}``, then
+``{"parity": ...}`` for each semantics, then ``{"speed": ...}`` after each implementation is timed (each line holds
+every row timed so far and the ratios they allow, so the last one is the whole speed result). A run cut short (the
+GPU check's time limit) keeps the lines it printed. ``--out FILE`` also rewrites the assembled report there (one
+indented JSON object: the environment's keys, ``parity``, ``speed``) after each line.
+
+The default of 20M elements finished in under 75 s on an H200 (torch 2.11, triton 3.6, 2026-11-28), Python's start and
+the compiles included; 100M did not finish in the GPU check's 45 s. ``torch.compile`` of vqp is timed last, so a cut
+loses that row first.
 
 For each semantics (``current`` against the installed vqp, which must be >= 1.26; ``pre-1.26`` only counts
 fsq_triton's kernel against its own torch path, which replays vqp 1.25.2's ops), on ``ResidualFSQ(levels=[8, 5, 5, 5],
 num_quantizers=8)``:
 
-- ``index_mismatches``: indices of the fused kernel that differ from vqp's over ``--elements`` float32 inputs
+- ``index_mismatches``: indices of the fused kernel (the soft clamp where ``ResidualFSQ.soft_clamp_in_kernel``'s
+  default puts it: in torch ops on CUDA) that differ from vqp's over ``--elements`` (default 20M) float32 inputs
   (``randn * 1.5``, in chunks), plus the largest difference of the quantized output; and the same count with the soft
-  clamp applied in torch ops (``ResidualFSQ.soft_clamp_in_kernel = False``): if only the first is non-zero, Triton's
-  ``tanh`` differs from torch's on this device;
+  clamp forced into the kernel (``soft_clamp_in_kernel = True``: ``..._soft_clamp_in_kernel``) and into torch ops
+  (``False``: ``..._soft_clamp_in_torch``): if only the first of those is non-zero, Triton's ``tanh`` differs from
+  torch's on this device;
 - ``grad_max_abs_diff``: the input gradient against autograd through vqp, on the first chunk;
 - timings (median of CUDA-event repeats after an L2 flush) of forward and forward+backward for fsq_triton, vqp eager and
   ``torch.compile`` of vqp, and the bandwidth bound of one forward pass (read ``x``, write the quantized sum and the
@@ -24,10 +37,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -74,7 +89,8 @@ def parity(semantics: str, elements: int, device, vqp):
     generator = torch.Generator(device=device).manual_seed(0)
     chunk_tokens = 1 << 22
     tokens = elements // len(LEVELS)
-    mismatches, mismatches_outside, max_diff, done = 0, 0, 0.0, 0
+    mismatches, max_diff, done = 0, 0.0, 0
+    forced = {True: 0, False: 0}  # soft_clamp_in_kernel forced on and off
     while done < tokens:
         n = min(chunk_tokens, tokens - done)
         x = torch.randn(1, n, len(LEVELS), generator=generator, device=device) * 1.5
@@ -82,11 +98,15 @@ def parity(semantics: str, elements: int, device, vqp):
             q_ours, i_ours = ours(x)
             q_ref, i_ref = oracle(x)
         mismatches += int((i_ours != i_ref).sum())
-        if semantics == "current":  # the same with the soft clamp in torch ops (ResidualFSQ.soft_clamp_in_kernel)
-            fsq_triton.ResidualFSQ.soft_clamp_in_kernel = False
-            with torch.no_grad():
-                mismatches_outside += int((ours(x)[1] != i_ref).sum())
-            fsq_triton.ResidualFSQ.soft_clamp_in_kernel = True
+        if semantics == "current":  # the same with the soft clamp forced into the kernel, and into torch ops
+            default = fsq_triton.ResidualFSQ.soft_clamp_in_kernel
+            try:
+                for inside in forced:
+                    fsq_triton.ResidualFSQ.soft_clamp_in_kernel = inside
+                    with torch.no_grad():
+                        forced[inside] += int((ours(x)[1] != i_ref).sum())
+            finally:
+                fsq_triton.ResidualFSQ.soft_clamp_in_kernel = default
         max_diff = max(max_diff, float((q_ours - q_ref).abs().max()))
         if done == 0:
             xo, xr = x[:, :65536].clone().requires_grad_(True), x[:, :65536].clone().requires_grad_(True)
@@ -96,11 +116,13 @@ def parity(semantics: str, elements: int, device, vqp):
             grad_diff = float((xo.grad - xr.grad).abs().max())
         done += n
     return {"semantics": semantics, "elements": tokens * len(LEVELS), "index_mismatches": mismatches,
-            "index_mismatches_soft_clamp_in_torch": mismatches_outside,
+            "index_mismatches_soft_clamp_in_kernel": forced[True], "index_mismatches_soft_clamp_in_torch": forced[False],
             "quantized_max_abs_diff": max_diff, "grad_max_abs_diff": grad_diff}
 
 
-def speed(elements: int, device, vqp, bandwidth_gbs: float):
+def speed(elements: int, device, vqp, bandwidth_gbs: float, on_row: Callable[[dict], None] | None = None):
+    """Timings of fsq_triton, vqp eager and vqp under torch.compile (the slowest to set up, last); ``on_row(result)``
+    after each one, with the rows so far and the ratios they allow."""
     tokens = elements // len(LEVELS)
     x = torch.randn(1, tokens, len(LEVELS), device=device)
     grad = torch.randn_like(x)
@@ -112,6 +134,9 @@ def speed(elements: int, device, vqp, bandwidth_gbs: float):
         if device.type == "cuda":
             rows["vqp torch.compile"] = torch.compile(reference, dynamic=False)
     out = {}
+    bound_bytes = tokens * len(LEVELS) * 4 * 2 + tokens * STAGES * 4
+    result = {"elements": tokens * len(LEVELS), "copy_bandwidth_gbs": bandwidth_gbs,
+              "forward_bound_ms": bound_bytes / (bandwidth_gbs * 1e9) * 1e3, "rows": out}
     for name, module in rows.items():
         def forward():
             with torch.no_grad():
@@ -124,23 +149,44 @@ def speed(elements: int, device, vqp, bandwidth_gbs: float):
             module(leaf)[0].backward(grad)
 
         out[name] = {"forward_ms": _time_ms(forward, device), "forward_backward_ms": _time_ms(training, device)}
-    bound_bytes = tokens * len(LEVELS) * 4 * 2 + tokens * STAGES * 4
-    result = {"elements": tokens * len(LEVELS), "copy_bandwidth_gbs": bandwidth_gbs,
-              "forward_bound_ms": bound_bytes / (bandwidth_gbs * 1e9) * 1e3, "rows": out}
-    ours_ms = out["fsq_triton"]
-    result["forward_over_bound"] = ours_ms["forward_ms"] / result["forward_bound_ms"]
-    for name in ("vqp eager", "vqp torch.compile"):
-        if name in out:
-            result[f"forward_speedup_vs_{name}"] = out[name]["forward_ms"] / ours_ms["forward_ms"]
-            result[f"forward_backward_speedup_vs_{name}"] = out[name]["forward_backward_ms"] / ours_ms["forward_backward_ms"]
+        ours_ms = out["fsq_triton"]
+        result["forward_over_bound"] = ours_ms["forward_ms"] / result["forward_bound_ms"]
+        for other in ("vqp eager", "vqp torch.compile"):
+            if other in out:
+                result[f"forward_speedup_vs_{other}"] = out[other]["forward_ms"] / ours_ms["forward_ms"]
+                result[f"forward_backward_speedup_vs_{other}"] = out[other]["forward_backward_ms"] / ours_ms["forward_backward_ms"]
+        if on_row is not None:
+            on_row(result)
     return result
+
+
+class Report:
+    """The report, assembled from the lines as they are printed (and rewritten to ``--out`` after each)."""
+
+    def __init__(self, path: str | None):
+        self.path = Path(path) if path else None
+        self.data: dict = {}
+
+    def emit(self, kind: str, value: dict) -> None:
+        print(json.dumps({kind: value}), flush=True)
+        if kind == "environment":
+            self.data.update(value)
+        elif kind == "parity":
+            self.data.setdefault("parity", []).append(value)
+        else:
+            self.data[kind] = value
+        if self.path is not None:
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text(json.dumps(self.data, indent=2) + "\n")
+            os.replace(tmp, self.path)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--elements", type=int, default=100_000_000)
+    parser.add_argument("--elements", type=int, default=20_000_000, help="elements of the parity check (default 20M)")
     parser.add_argument("--speed-elements", type=int, default=None, help="elements of the timed input (default: --elements)")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--out", default=None, help="also write the assembled report (one JSON object) to this file")
     args = parser.parse_args()
     device = torch.device(args.device)
     try:
@@ -151,14 +197,16 @@ def main() -> int:
               "torch": torch.__version__, "vqp": getattr(vqp, "__version__", None) if vqp else None}
     try:
         from importlib.metadata import version
-        report["vqp"] = version("vector-quantize-pytorch")
+        report["vqp"] = version("vector-quantize-pytorch") if vqp else None
         import triton
         report["triton"] = triton.__version__
     except Exception:  # noqa: BLE001 (versions are informative only)
         pass
-    report["parity"] = [parity(s, args.elements, device, vqp) for s in (["current"] if vqp else []) + ["pre-1.26"]]
-    report["speed"] = speed(args.speed_elements or args.elements, device, vqp, _copy_gbs(device))
-    print(json.dumps(report, indent=2))
+    out = Report(args.out)
+    out.emit("environment", report)
+    for semantics in (["current"] if vqp else []) + ["pre-1.26"]:
+        out.emit("parity", parity(semantics, args.elements, device, vqp))
+    speed(args.speed_elements or args.elements, device, vqp, _copy_gbs(device), on_row=lambda row: out.emit("speed", row))
     return 0
 
 

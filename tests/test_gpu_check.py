@@ -43,6 +43,8 @@ def test_gpu_check_cpu_plumbing(tmp_path):
         assert 0 < entry["seconds"] <= entry["limit_s"], (letter, entry)
     assert sum(entry["limit_s"] for entry in steps.values()) <= 480 + 1e-6 or steps["g"]["limit_s"] < 480
     assert "needs a CUDA GPU" in steps["e"]["reason"] and steps["e"]["result"]["skipped"] > 0
+    sample = steps["e"]["result"]["sample"]  # at most 2 parametrizations of each GPU test function
+    assert sample["per_test_function"] == 2 and 0 < sample["selected"] == steps["e"]["result"]["tests"] < sample["gpu_tests"]
     assert "autotune needs a CUDA GPU" in steps["f"]["reason"]
 
     # a: environment and bandwidth; b: mismatch counts, all zero on the CPU; c, d: the timed rows
@@ -67,6 +69,8 @@ def test_gpu_check_cpu_plumbing(tmp_path):
     assert any("CUDA only" in note for note in steps["c"]["result"]["notes"])
     assert {row["case"].split()[0] for row in steps["d"]["result"]["rows"]} == {"projections", "tiny"}
     assert steps["g"]["result"]["rows"] and all(row["error"] is None for row in steps["g"]["result"]["rows"])
+    assert any(note.startswith("--no-compile") for note in steps["g"]["result"]["notes"])
+    assert not [row for row in steps["g"]["result"]["rows"] if row["case"].startswith(("residual", "grouped"))]
     residual = steps["r"]["result"]["report"]  # scripts/residual_gpu_check.py's report, on its CPU path
     assert [row["semantics"] for row in residual["parity"]] == ["current", "pre-1.26"]
     assert all(row["index_mismatches"] == 0 for row in residual["parity"])
@@ -77,6 +81,8 @@ def test_gpu_check_cpu_plumbing(tmp_path):
     summary = (out / "summary.md").read_text()
     assert summary.startswith("# GPU check") and "No target is judged" in summary
     assert "| target | goal | measured | met |" in summary and "## Correctness (step b): mismatch counts" in summary
+    headings = [line for line in summary.splitlines() if line.startswith("## ")]
+    assert len(headings) == len(set(headings)), headings
 
     with tarfile.open(out / "logs.tar.gz") as tar:
         names = set(tar.getnames())
@@ -224,3 +230,86 @@ def test_targets_are_judged_from_gpu_shaped_rows():
     results["steps"]["d"]["result"]["rows"][0]["vqp"] = "vector-quantize-pytorch is not importable here"
     vqp_rows = [t for t in gpu_check.targets(results, judged=True) if "vqp" in t["target"] and t["step"] == "d"]
     assert len(vqp_rows) == 2 and all(t["met"] is None and "not importable" in t["measured"] for t in vqp_rows)
+
+
+def test_time_limit_plugin_samples_parametrizations_and_stops_at_its_deadline(tmp_path):
+    (tmp_path / "test_many.py").write_text(
+        "import pytest\n\n@pytest.mark.parametrize('k', range(7))\ndef test_p(k):\n    pass\n\n"
+        "@pytest.mark.parametrize('k', range(2))\ndef test_q(k):\n    pass\n\ndef test_single():\n    pass\n")
+    base = {**__import__("os").environ, "PYTHONPATH": str(ROOT / "bench")}
+
+    def pytest_run(**env):
+        return subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-p", "pytest_time_limit",
+                               "test_many.py"], cwd=tmp_path, env={**base, **env}, capture_output=True, text=True,
+                              timeout=60)
+
+    done = pytest_run(FSQ_TRITON_TEST_SAMPLE="3")
+    assert done.returncode == 0, done.stdout
+    ran = [line.split(" ")[0].split("::")[1] for line in done.stdout.splitlines() if " PASSED" in line]
+    assert ran == ["test_p[0]", "test_p[3]", "test_p[6]", "test_q[0]", "test_q[1]", "test_single"]  # first, middle, last
+    assert "sample: kept 6 of 10 tests (at most 3 parametrizations of each test function" in done.stdout
+    assert "4 deselected" in done.stdout
+    done = pytest_run(FSQ_TRITON_TEST_SAMPLE="1", FSQ_TRITON_TEST_DEADLINE=str(time.time() - 1))
+    assert done.returncode == 0 and "3 skipped" in done.stdout, done.stdout
+    assert done.stdout.count("SKIPPED (out of time") == 3
+    gpu_check = _gpu_check_module()
+    log = tmp_path / "e.log"
+    log.write_text(done.stdout)
+    assert {outcome for _, outcome, _ in gpu_check.log_outcomes(log)} == {"skipped"}
+
+
+RESIDUAL_STUB = """
+import json, time
+print(json.dumps({"environment": {"device": "stub GPU", "torch": "2.x"}}), flush=True)
+print(json.dumps({"parity": {"semantics": "current", "elements": 20000000, "index_mismatches": 0}}), flush=True)
+print(json.dumps({"speed": {"rows": {"fsq_triton": {"forward_ms": 0.5}}, "forward_over_bound": 1.2}}), flush=True)
+print(json.dumps({"speed": {"rows": {"fsq_triton": {"forward_ms": 0.5}, "vqp eager": {"forward_ms": 6.0}},
+                            "forward_over_bound": 1.2, "forward_speedup_vs_vqp eager": 12.0}}), flush=True)
+print('{"speed": {"rows": {"fsq_tri', end="", flush=True)  # cut in the middle of a line
+time.sleep(120)  # torch.compile of vqp, past the limit
+"""
+
+
+def test_residual_step_cut_at_its_limit_keeps_the_lines_it_printed(tmp_path, monkeypatch):
+    gpu_check = _gpu_check_module()
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "residual_gpu_check.py").write_text(RESIDUAL_STUB)
+    monkeypatch.setattr(gpu_check, "ROOT", tmp_path)
+    run = gpu_check.Run(tmp_path / "out", cpu=False, budget_s=100, wheels=tmp_path / "no-wheels")
+    try:
+        run.step(gpu_check.Step("r", "residual", "stub", expected_s=1, limit_s=5))
+    finally:
+        shutil.rmtree(run.work, ignore_errors=True)
+    entry = run.results["steps"]["r"]
+    assert entry["status"] == "timed out"
+    report = entry["result"]["report"]
+    assert report["device"] == "stub GPU" and [row["semantics"] for row in report["parity"]] == ["current"]
+    assert list(report["speed"]["rows"]) == ["fsq_triton", "vqp eager"]  # the last complete speed line
+    assert "speed rows: fsq_triton, vqp eager" in entry["result"]["notes"][-1]
+    judged = {t["target"]: t for t in run.results["targets"]}
+    assert judged["ResidualFSQ index mismatches against vqp (current semantics, fused kernel)"]["met"] is True
+    assert judged["ResidualFSQ 8x[8,5,5,5] forward speedup vs vqp eager"]["measured"] == "12.00x"
+    assert judged["ResidualFSQ 8x[8,5,5,5] forward speedup vs vqp torch.compile"]["met"] is None
+
+
+def test_summary_has_each_section_once_when_steps_are_run_again(tmp_path):
+    """A step that runs again (or an output rewritten after each step) replaces its rows and sections, never adds."""
+    gpu_check = _gpu_check_module()
+    run2 = json.loads((ROOT / "bench" / "results" / "2026-11-28-h200" / "run2" / "results.json").read_text())
+    run = gpu_check.Run(tmp_path / "out", cpu=False, budget_s=480, wheels=tmp_path / "no-wheels")
+    try:
+        run.results.update(peers=run2["peers"])
+        for _ in range(3):  # steps c and d recorded again, the outputs rewritten each time
+            for letter in "cd":
+                run.results["steps"][letter] = json.loads(json.dumps(run2["steps"][letter]))
+                run.write()
+    finally:
+        shutil.rmtree(run.work, ignore_errors=True)
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    headings = [line for line in summary.splitlines() if line.startswith("## ")]
+    assert headings == ["## Steps", "## Targets", "## Core speed (step c)", "## Projections and the tiny call (step d)"]
+    assert summary.count("- video 32x6x32x128x128 float32 forward:") == 1
+    assert summary.count("| c | core speed targets |") == 1
+    # the committed run-2 summary is what this code writes from its results.json: each section once there too
+    committed = (ROOT / "bench" / "results" / "2026-11-28-h200" / "run2" / "summary.md").read_text()
+    assert gpu_check.summary_markdown(run2) == committed
