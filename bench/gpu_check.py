@@ -11,16 +11,17 @@ else an estimate from what it measured:
 | step | what | expected | limit |
 | --- | --- | --- | --- |
 | a | environment (GPU, driver, torch, triton) and the copy bandwidth (1 GiB copy) | 5 (measured 4.7) | 20 |
-| b | correctness: indices and ``out`` bit for bit against the reference module op for op on the same GPU (video 32x6x32x128x128 float32 and bfloat16, every calibrated threshold and its neighbours for 8 level sets in 2 layouts, projections float32/bfloat16/float16, decode, gradients): mismatch counts | 35 (34.4) | 55 |
-| c | core speed: forward float32, forward bfloat16, forward+backward float32 as % of the copy bandwidth and against the reference, ``torch.compile`` of it, vqp, fsq_triton compiled | 37 (34.9; 37.1 rerun) | 50 |
-| d | projections x 64x4096x1024 bfloat16 (bound, vqp, reference, forward+backward); the tiny call 64x5x32x32 against one elementwise launch, compiled and eager | 36 (33.6; 36.3 rerun) | 50 |
-| e | ``pytest -m gpu``, every GPU test function with at most 2 of its parametrizations (64 of 195 tests), each test under its own limit (60 s), no test started in the last 15 s (``bench/pytest_time_limit.py``) | 70 (estimate) | 120 |
+| b | correctness: indices and ``out`` bit for bit against the reference module op for op on the same GPU (video 32x6x32x128x128 float32 and bfloat16, every calibrated threshold and its neighbours for 8 level sets in 2 layouts, projections float32/bfloat16/float16, decode, gradients): mismatch counts | 35 (34.4) | 50 |
+| c | core speed: forward float32, forward bfloat16, forward+backward float32 as % of the copy bandwidth and against the reference, ``torch.compile`` of it, vqp, fsq_triton compiled | 37 (34.9; 37.1 rerun) | 45 |
+| d | projections x 64x4096x1024 bfloat16 (bound, vqp, reference, forward+backward); the tiny call 64x5x32x32 against one elementwise launch, compiled and eager | 36 (33.6; 36.3 rerun) | 45 |
+| p | Nsight Compute (``ncu --clock-control none``, sections SpeedOfLight, Occupancy, LaunchStats, WarpStateStats, ComputeWorkloadAnalysis) over ``bench/profile_kernels.py``: the float32 forward at the old and the new default configuration, the bfloat16 forward, the backward and the residual forward, each launched twice; one row of counters a launch (duration, DRAM and SM throughput, issue slots, occupancy, registers, the top stall reasons) | 40 (estimate) | 60 |
+| e | ``pytest -m gpu``, every GPU test function with at most 2 of its parametrizations (64 of 195 tests), each test under its own limit (60 s), no test started in the last 15 s (``bench/pytest_time_limit.py``) | 70 (estimate) | 90 |
 | f | ``python -m fsq_triton autotune --quick --reset`` (at most 3 configurations a kernel), then a second process that must not re-tune | 30 (estimate) | 40 |
 | r | ResidualFSQ (issue 12): index parity with vqp on 20M elements, speed against vqp eager and compiled (``scripts/residual_gpu_check.py``, one JSON line a result) | 70 (under 75 alone) | 85 |
-| g | ``python -m fsq_triton bench --quick --no-compile`` | 40 (estimate) | what is left (>= 60) |
-| | total | 323 | 480 (8 minutes) |
+| g | ``python -m fsq_triton bench --quick --no-compile`` | 40 (estimate) | what is left (>= 45) |
+| | total | 363 | 480 (8 minutes) |
 
-The limits add up to 480 s (20 + 55 + 50 + 50 + 120 + 40 + 85 = 420, and g gets the 60 s left, or more when
+The limits add up to 480 s (20 + 50 + 45 + 45 + 60 + 90 + 40 + 85 = 435, and g gets the 45 s left, or more when
 the steps before it end early), and the driver never gives a step more than what is left of the 480 s
 (``--budget``), so the steps end within 8 minutes; installing the peers before them and writing the outputs after
 each take a few seconds more. The estimates, from the first run's logs: e ran 83 of the 195 GPU tests in its 90 s
@@ -30,7 +31,9 @@ full search took 35 s for the first of its 4 shapes (3 kernels x 23 configuratio
 --quick times 3 a kernel: 4 shapes x 9 x 0.5 s = 18 s, plus two process starts (about 5 s each); r ran 20M elements in under 75 s
 on its own (100M did not finish in 45 s); g's 7 FSQ cases took 101 s, 79 s of it the first calls of the compiled
 rows (the first-call table of its results.md), so without them (steps c and d time them) and without the
-ResidualFSQ cases (step r has them) about 22 s, after a start of about 10 s. Steps c and d time
+ResidualFSQ cases (step r has them) about 22 s, after a start of about 10 s; p (ncu has not run here yet) replays each
+of its 10 launches once per pass of its 5 sections (a few dozen passes of a 0.1-0.7 ms kernel) after 5 Triton
+compiles and 1.5 GB of inputs: about 40 s. Steps c and d time
 the default launch configurations (autotune runs in f).
 
 Output in ``$OUT`` (or ``--out``; default ``gpu-results``), rewritten as soon as each step ends, so a run cut
@@ -104,10 +107,11 @@ class Step:
 
 STEPS = (
     Step("a", "environment", "environment and copy bandwidth", 5, 20),
-    Step("b", "correctness", "bit-for-bit correctness against the reference", 35, 55),
-    Step("c", "core", "core speed targets", 37, 50),
-    Step("d", "projections", "projections, tiny call, compiled vs eager", 36, 50),
-    Step("e", "gpu-tests", f"GPU tests (pytest -m gpu, at most {TEST_SAMPLE} parametrizations a test)", 70, 120),
+    Step("b", "correctness", "bit-for-bit correctness against the reference", 35, 50),
+    Step("c", "core", "core speed targets", 37, 45),
+    Step("d", "projections", "projections, tiny call, compiled vs eager", 36, 45),
+    Step("p", "profile", "Nsight Compute counters of the kernels that missed their targets (bench/profile_kernels.py)", 40, 60),
+    Step("e", "gpu-tests", f"GPU tests (pytest -m gpu, at most {TEST_SAMPLE} parametrizations a test)", 70, 90),
     Step("f", "autotune", "autotune --quick, and a second process that must not re-tune", 30, 40),
     Step("r", "residual", "ResidualFSQ: parity with vqp, speed (scripts/residual_gpu_check.py)", 70, 85),
     Step("g", "bench", "python -m fsq_triton bench --quick --no-compile", 40, None),
@@ -224,6 +228,28 @@ class Run:
 
     step_environment = step_correctness = step_core = step_projections = _measuring_step
 
+    def step_profile(self, step: Step, entry: dict, limit: float) -> None:
+        """ncu over bench/profile_kernels.py: one row of counters a kernel launch (the raw page, selected columns)."""
+        script, order, raw = BENCH / "profile_kernels.py", self.work / "profile-order.json", self.work / "ncu-raw.csv"
+        if self.cpu:  # the launches on tiny CPU tensors under the interpreter; no counters without a GPU
+            rc, seconds = self.run_command([self.python, str(script), "--cpu", "--order", str(order)], "p-profile.log", limit)
+            self._status(entry, rc, seconds, limit)
+            entry["result"] = {"rows": [], "notes": ["CPU check: the profiled launches ran under the interpreter; "
+                                                     "ncu needs a GPU, so there are no counters"]}
+            return
+        ncu = shutil.which("ncu") or next((str(p) for p in (Path("/usr/local/cuda/bin/ncu"),) if p.is_file()), None)
+        if ncu is None:
+            entry.update(status="skipped", reason="ncu is not on PATH (nor /usr/local/cuda/bin/ncu)")
+            return
+        command = [ncu, "--clock-control", "none", "--target-processes", "all", "-k", "regex:_fsq_|_residual_",
+                   *[arg for section in NCU_SECTIONS for arg in ("--section", section)],
+                   "--csv", "--page", "raw", "--log-file", str(raw), self.python, str(script), "--order", str(order)]
+        rc, seconds = self.run_command(command, "p-profile.log", limit)
+        self._status(entry, rc, seconds, limit)
+        names = json.loads(order.read_text()) if order.is_file() else []
+        rows = ncu_rows(raw, names)
+        entry["result"] = {"rows": rows, "notes": [] if rows else ["ncu wrote no rows: see p-profile.log in logs.tar.gz"]}
+
     def step_gpu_tests(self, step: Step, entry: dict, limit: float) -> None:
         junit = self.work / "gpu-tests.xml"
         env = dict(self.env, FSQ_TRITON_TEST_TIME_LIMIT=str(TEST_TIME_LIMIT_S), FSQ_TRITON_TEST_SAMPLE=str(self.test_sample),
@@ -329,6 +355,56 @@ class Run:
                 if path.is_file() and path.relative_to(self.work).parts[0] != "site":  # not the installed peers
                     tar.add(path, arcname=str(Path("logs") / path.relative_to(self.work)))
         tmp.replace(self.out / "logs.tar.gz")
+
+
+# Step p: the sections ncu collects (their metrics land on the raw page), and the columns the summary keeps.
+NCU_SECTIONS = ("SpeedOfLight", "Occupancy", "LaunchStats", "WarpStateStats", "ComputeWorkloadAnalysis")
+NCU_COLUMNS = {
+    "gpu__time_duration.sum": "duration",
+    "dram__throughput.avg.pct_of_peak_sustained_elapsed": "dram_pct",
+    "sm__throughput.avg.pct_of_peak_sustained_elapsed": "sm_pct",
+    "smsp__issue_active.avg.pct_of_peak_sustained_active": "issue_active_pct",
+    "sm__warps_active.avg.pct_of_peak_sustained_active": "achieved_occupancy_pct",
+    "launch__registers_per_thread": "registers",
+    "launch__grid_size": "grid",
+    "launch__block_size": "block",
+}
+NCU_STALL_PREFIX = "smsp__average_warps_issue_stalled_"
+NCU_STALL_SUFFIX = "_per_issue_active.ratio"
+
+
+def ncu_rows(raw: Path, names: list[str]) -> list[dict]:
+    """One dict a profiled launch from ncu's ``--csv --page raw`` file: the NCU_COLUMNS that are present, with
+    their units, and the three largest stall reasons (warps stalled per issued instruction); ``names`` (the
+    launch order bench/profile_kernels.py wrote) names the rows when the counts agree."""
+    import csv
+
+    if not raw.is_file():
+        return []
+    lines = raw.read_text(errors="replace").splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith('"ID"')), None)
+    if start is None:
+        return []
+    table = list(csv.reader(lines[start:]))
+    header, units, data = table[0], table[1], [row for row in table[2:] if len(row) == len(table[0])]
+    rows = []
+    for i, values in enumerate(data):
+        cells = dict(zip(header, values))
+        row = {"launch": names[i] if len(names) == len(data) else cells.get("Kernel Name", "?")}
+        for metric, key in NCU_COLUMNS.items():
+            if metric in cells:
+                unit = units[header.index(metric)]
+                row[key] = f"{cells[metric]} {unit}".strip()
+        stalls = []
+        for metric, value in cells.items():
+            if metric.startswith(NCU_STALL_PREFIX) and metric.endswith(NCU_STALL_SUFFIX):
+                try:
+                    stalls.append((float(value.replace(",", "")), metric[len(NCU_STALL_PREFIX):-len(NCU_STALL_SUFFIX)]))
+                except ValueError:
+                    pass
+        row["top_stalls"] = ", ".join(f"{name} {value:.2f}" for value, name in sorted(stalls, reverse=True)[:3])
+        rows.append(row)
+    return rows
 
 
 def residual_report(log: Path) -> dict | None:
@@ -553,6 +629,11 @@ def summary_markdown(results: dict) -> str:
         lines += [f"- {name}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in row.items())
                   for name, row in (speed.get("rows") or {}).items()]
         lines += [f"- {k}: {_fmt(v)}" for k, v in speed.items() if k != "rows"]
+    profile = _rows(results, "p")
+    if profile:
+        lines += ["", "## Profile (step p): ncu counters a launch", ""]
+        keys = ["launch", *NCU_COLUMNS.values(), "top_stalls"]
+        lines += _table(keys, [[_fmt(row.get(k)) for k in keys] for row in profile])
     for letter, title in (("c", "Core speed (step c)"), ("d", "Projections and the tiny call (step d)")):
         rows = _rows(results, letter)
         if rows:

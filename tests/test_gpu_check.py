@@ -35,7 +35,7 @@ def test_gpu_check_cpu_plumbing(tmp_path):
     assert "no wheels in" in results["peers"]["wheels"]
 
     steps = results["steps"]
-    assert list(steps) == list("abcdefrg")
+    assert list(steps) == list("abcdpefrg")
     for letter, entry in steps.items():
         assert entry["status"] in ("ok", "skipped"), (letter, entry)
         if entry["status"] == "skipped":
@@ -46,6 +46,7 @@ def test_gpu_check_cpu_plumbing(tmp_path):
     sample = steps["e"]["result"]["sample"]  # at most 2 parametrizations of each GPU test function
     assert sample["per_test_function"] == 2 and 0 < sample["selected"] == steps["e"]["result"]["tests"] < sample["gpu_tests"]
     assert "autotune needs a CUDA GPU" in steps["f"]["reason"]
+    assert steps["p"]["status"] == "ok" and "no counters" in steps["p"]["result"]["notes"][0]  # the launches ran
 
     # a: environment and bandwidth; b: mismatch counts, all zero on the CPU; c, d: the timed rows
     env, bandwidth = steps["a"]["result"]["rows"]
@@ -86,9 +87,11 @@ def test_gpu_check_cpu_plumbing(tmp_path):
 
     with tarfile.open(out / "logs.tar.gz") as tar:
         names = set(tar.getnames())
-    for log in ("a-environment", "b-correctness", "c-core", "d-projections", "e-gpu-tests", "f-autotune", "g-bench"):
+    for log in ("a-environment", "b-correctness", "c-core", "d-projections", "p-profile", "e-gpu-tests", "f-autotune",
+                "g-bench"):
         assert f"logs/logs/{log}.log" in names, sorted(names)
     assert "logs/correctness.json" in names and "logs/bench/results.md" in names
+    assert "logs/profile-order.json" in names  # bench/profile_kernels.py's launch order, which names ncu's rows
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -313,3 +316,34 @@ def test_summary_has_each_section_once_when_steps_are_run_again(tmp_path):
     # the committed run-2 summary is what this code writes from its results.json: each section once there too
     committed = (ROOT / "bench" / "results" / "2026-11-28-h200" / "run2" / "summary.md").read_text()
     assert gpu_check.summary_markdown(run2) == committed
+
+
+NCU_RAW = """==PROF== Connected to process 1
+"ID","Process ID","Kernel Name","gpu__time_duration.sum","dram__throughput.avg.pct_of_peak_sustained_elapsed","launch__registers_per_thread","smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio","smsp__average_warps_issue_stalled_wait_per_issue_active.ratio","smsp__average_warps_issue_stalled_lg_throttle_per_issue_active.ratio","smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio"
+"","","","usecond","%","register/thread","ratio","ratio","ratio","ratio"
+"0","7","_fsq_forward_kernel","365.12","55.10","96","3.50","0.80","1.20","0"
+"1","7","_fsq_forward_kernel","284.90","71.90","96","2.10","0.70","0.40","0"
+"""
+
+
+def test_ncu_raw_page_becomes_one_row_a_launch(tmp_path):
+    """Step p's parser: the kept columns with their units, the three largest stall reasons, rows named by the
+    launch order when the counts agree (else by the kernel's name)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu_check
+
+    raw = tmp_path / "ncu-raw.csv"
+    raw.write_text(NCU_RAW)
+    rows = gpu_check.ncu_rows(raw, ["forward A [compile]", "forward A [profiled]"])
+    assert [row["launch"] for row in rows] == ["forward A [compile]", "forward A [profiled]"]
+    assert rows[1]["duration"] == "284.90 usecond" and rows[1]["dram_pct"] == "71.90 %" and rows[1]["registers"] == "96 register/thread"
+    assert rows[0]["top_stalls"] == "long_scoreboard 3.50, lg_throttle 1.20, wait 0.80"
+    assert [row["launch"] for row in gpu_check.ncu_rows(raw, ["only one name"])] == ["_fsq_forward_kernel"] * 2
+    assert gpu_check.ncu_rows(tmp_path / "missing.csv", []) == []
+    (tmp_path / "empty.csv").write_text("==ERROR== the application returned an error\n")
+    assert gpu_check.ncu_rows(tmp_path / "empty.csv", []) == []
+    summary = gpu_check.summary_markdown({"mode": "gpu", "date": "d", "command": "c", "elapsed_s": 1.0, "budget_s": 480,
+                                          "peers": {}, "targets": [], "steps": {"p": {
+                                              "what": "profile", "status": "ok", "reason": None, "seconds": 1.0,
+                                              "limit_s": 60, "expected_s": 40, "result": {"rows": rows}}}})
+    assert "## Profile (step p): ncu counters a launch" in summary and "| forward A [profiled] | 284.90 usecond" in summary
