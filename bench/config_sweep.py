@@ -47,7 +47,7 @@ def main() -> int:
         elems = z.numel()
         moved = elems * z.element_size() * (2 if kernel == "forward" else 3) + (elems // d * 4 if kernel == "forward" else 0)
         tile = 8  # the padded channel tile of both kernels: next_pow2(c * d) = next_pow2(6)
-        default = autotune.default_config(tile, elems // d)
+        default = autotune.default_config(tile, elems // d, kernel=kernel, element_size=z.element_size(), channels_last=False)
         space = [c for c in autotune.config_space(tile) if c["BLOCK_N"] >= 256 and c["num_warps"] in (4, 8)]
         for cfg in space + ([default] if default not in space else []):
             if time.monotonic() - start > args.limit_s:

@@ -47,6 +47,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fsq_triton.ops.fsq as F  # noqa: E402
+from fsq_triton import autotune  # noqa: E402
 import fsq_triton.ops.fsq_projected as P  # noqa: E402
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -77,7 +78,10 @@ def _streaming(dt: str, layout: str) -> list[Variant]:
     # channel-first: token stride 1; channel-last contiguous: channel stride 1, the batch folded into the tokens
     tok = {"n": 1} if cf else {"c": 1}
     tags = {"kind": "", "dtype": dt, "layout": layout}
-    warps = 8  # fsq_triton.autotune.default_config for 8 channels
+    size = 4 if dt == "fp32" else 2
+
+    def default(kernel):  # fsq_triton.autotune's default configuration for 8 channels and many tokens
+        return autotune.default_config(8, 1 << 24, kernel=kernel, element_size=size, channels_last=not cf)
 
     def strides(prefix, names):
         specialised = {f"stride_{prefix}{k}": v for k, v in tok.items()}
@@ -91,8 +95,10 @@ def _streaming(dt: str, layout: str) -> list[Variant]:
         f"forward {dt} {layout}", F._fsq_forward_kernel,
         {"z_ptr": "*" + dt, "out_ptr": "*" + dt, "idx_ptr": "*i32", "val_ptr": "*fp32", "int_ptr": "*i32",
          **_ints("N", "num_n_blocks", *rz, *ro)},
-        dict(**sz, **so, C=1, D=8, C_PAD=1, D_PAD=8, MAX_LEVEL=8, BLOCK_N=1024, CHANNEL_ROWS=cf, OFFSET_64=False),
-        ("z_ptr", "out_ptr", "idx_ptr", "val_ptr", "int_ptr", "N", *rz, *ro), warps, tags={**tags, "kind": "forward"},
+        dict(**sz, **so, C=1, D=8, C_PAD=1, D_PAD=8, MAX_LEVEL=8, BLOCK_N=default("forward")["BLOCK_N"], CHANNEL_ROWS=cf,
+             OFFSET_64=False),
+        ("z_ptr", "out_ptr", "idx_ptr", "val_ptr", "int_ptr", "N", *rz, *ro), default("forward")["num_warps"],
+        tags={**tags, "kind": "forward"},
     ))
     sg, rg = strides("g", "bcn")
     sd, rd = strides("d", "bcn")
@@ -100,16 +106,17 @@ def _streaming(dt: str, layout: str) -> list[Variant]:
         f"backward {dt} {layout}", F._fsq_backward_kernel,
         {"g_ptr": "*" + dt, "z_ptr": "*" + dt, "dz_ptr": "*" + dt, "val_ptr": "*fp32",
          **_ints("N", "num_n_blocks", *rg, *rz, *rd)},
-        dict(**sg, **sz, **sd, CD=8, D=8, CD_PAD=8, MAX_LEVEL=8, BLOCK_N=1024, OFFSET_64=False),
-        ("g_ptr", "z_ptr", "dz_ptr", "val_ptr", "N", *rg, *rz, *rd), warps, tags={**tags, "kind": "backward"},
+        dict(**sg, **sz, **sd, CD=8, D=8, CD_PAD=8, MAX_LEVEL=8, BLOCK_N=default("backward")["BLOCK_N"], OFFSET_64=False),
+        ("g_ptr", "z_ptr", "dz_ptr", "val_ptr", "N", *rg, *rz, *rd), default("backward")["num_warps"],
+        tags={**tags, "kind": "backward"},
     ))
     out.append(Variant(
         f"decode {dt} {layout}", F._fsq_decode_kernel,
         {"idx_ptr": "*i32", "out_ptr": "*" + dt, "val_ptr": "*fp32", "int_ptr": "*i32",
          **_ints("N", "num_n_blocks", "codebook_size", *ro)},
-        dict(**so, C=1, D=8, C_PAD=1, D_PAD=8, MAX_LEVEL=8, BLOCK_N=1024, CHANNEL_ROWS=cf,
+        dict(**so, C=1, D=8, C_PAD=1, D_PAD=8, MAX_LEVEL=8, BLOCK_N=default("decode")["BLOCK_N"], CHANNEL_ROWS=cf,
              GROUPS=max(1, 8 * (4 if dt == "fp32" else 2) // 16), OFFSET_64=False),
-        ("idx_ptr", "out_ptr", "val_ptr", "int_ptr", "N", *ro), warps, tags={**tags, "kind": "decode"},
+        ("idx_ptr", "out_ptr", "val_ptr", "int_ptr", "N", *ro), default("decode")["num_warps"], tags={**tags, "kind": "decode"},
     ))
     return out
 

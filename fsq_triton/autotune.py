@@ -12,7 +12,8 @@ the padded channel tile, the dtype and the layout. The answer comes from, in ord
 3. the cache of earlier tuning on this GPU model and Triton version, a JSON file under
    ``$FSQ_TRITON_CACHE_DIR`` (default ``$XDG_CACHE_HOME/fsq_triton`` or ``~/.cache/fsq_triton``),
    read once per process; a corrupt or foreign file is ignored with a warning;
-4. the heuristic default, about 8K elements a tile (``tokens * padded channels``).
+4. the heuristic default, about 8K elements a tile (``tokens * padded channels``), except where a GPU
+   measurement chose another (:data:`CHANNEL_FIRST_FORWARD_TILE`).
 
 So the first call never spends time tuning unless asked. (That is why the tuner is not the
 ``triton.autotune`` decorator, which times every configuration on the first call of each key and keeps
@@ -99,15 +100,27 @@ def quick_space(space: list[dict], default: dict) -> list[dict]:
     return [cfg for cfg in quick if cfg != default] + [default]
 
 
+# The channel-first forward's default, measured (bench/config_sweep.py on an H200, triton 3.6, 2026-11-28: the video
+# case 32x6x32x128x128, levels [8,8,8,5,5,5]): 4 warps, and about 2K elements a tile for 4-byte inputs (256 tokens
+# x 8 channels: 0.285 ms against 0.365 ms at 1024 x 8 warps) or 8K for 2-byte ones (1024 tokens: 0.197 ms
+# against 0.316). Measured for that kernel and layout only; the others keep the general heuristic.
+CHANNEL_FIRST_FORWARD_TILE = {4: 2048, 2: 8192}
+
+
 @functools.lru_cache(maxsize=4096)
-def default_config(channel_tile: int, tokens: int, interpreter: bool = False) -> dict:
-    """The heuristic: about 8K elements a tile (4K under the interpreter), 8 warps from 4K elements up."""
-    budget = 4096 if interpreter else 8192
+def default_config(channel_tile: int, tokens: int, interpreter: bool = False, *, kernel: str = "",
+                   element_size: int = 4, channels_last: bool = True) -> dict:
+    """The heuristic: about 8K elements a tile (4K under the interpreter), 8 warps from 4K elements up; the
+    channel-first forward (``kernel="forward"``, ``channels_last=False``) on a GPU: the measured
+    :data:`CHANNEL_FIRST_FORWARD_TILE` elements a tile for its ``element_size``, 4 warps."""
+    measured = kernel == "forward" and not channels_last and not interpreter
+    budget = CHANNEL_FIRST_FORWARD_TILE.get(element_size, 8192) if measured else 4096 if interpreter else 8192
     tokens = int(tokens)  # a SymInt while torch.compile traces: specialise, the choice is per size class anyway
     block = max(1, budget // channel_tile)
     block = 1 << (block.bit_length() - 1)  # power of two at or below
     block = max(16, min(block, 2048, 1 << max(0, (max(tokens, 1) - 1).bit_length())))
-    return {"BLOCK_N": block, "num_warps": 8 if block * channel_tile >= 4096 else 4}
+    warps = 4 if measured else 8 if block * channel_tile >= 4096 else 4
+    return {"BLOCK_N": block, "num_warps": warps}
 
 
 @functools.lru_cache(maxsize=4096)

@@ -11,6 +11,14 @@ runs Triton's interpreter, whose kernels cannot be compiled. The goals asserted 
   2-byte dtypes (their channel-first rows hold 4 tokens a thread, 64-bit accesses, so that the int32 index
   row shares their layout; a warp still moves whole 256-byte segments);
 - the bfloat16 projections on tensor cores.
+
+The channel-first forward is compiled at its measured default configuration (``autotune.CHANNEL_FIRST_FORWARD_TILE``,
+chosen by timing on an H200 with triton 3.6, 2026-11-28), which trades two of these goals for measured speed:
+float32 at 256 tokens and 4 warps holds 2 tokens a thread (64-bit rows; 0.285 ms against 0.365 ms with 128-bit
+rows at 1024 tokens and 8 warps), and 2-byte inputs at 1024 tokens and 4 warps hold 8 (128-bit rows), so the
+int32 index row changes layout through 4 KB of shared memory with one barrier (0.197 ms against 0.316 ms); on
+triton 3.9 that variant also spills 8 bytes (none on 3.6, where it was timed). These exceptions are asserted
+exactly, so any other shared memory, barrier or spill still fails.
 """
 
 import json
@@ -42,21 +50,31 @@ def test_json_lines_have_the_fields(rows):
         assert FIELDS <= row.keys(), row
 
 
+# measured-default exceptions (see the module docstring): kernel name -> the most it may use
+INDEX_ROW_CONVERSION = {"shared_bytes": 4096, "barriers": 1, "spill_bytes": 8}
+CHANNEL_FIRST_2_BYTE_FORWARD = ("forward bf16 channel-first", "forward fp16 channel-first")
+
+
 def test_no_kernel_spills(rows):
     for name, row in rows.items():
-        assert row["spill_bytes"] == 0, f"{name} spills: {row}"
+        allowed = INDEX_ROW_CONVERSION["spill_bytes"] if name in CHANNEL_FIRST_2_BYTE_FORWARD else 0
+        assert row["spill_bytes"] <= allowed, f"{name} spills: {row}"
         assert row["registers"] <= 255, name
 
 
 @pytest.mark.parametrize("kind,dtype,layout", STREAMING)
 def test_streaming_kernel_is_lean(rows, kind, dtype, layout):
     row = rows[f"{kind} {dtype} {layout}"]
-    assert row["shared_bytes"] == 0, row
-    assert row["barriers"] == 0, row
+    converts_index_row = row["name"] in CHANNEL_FIRST_2_BYTE_FORWARD
+    assert row["shared_bytes"] == (INDEX_ROW_CONVERSION["shared_bytes"] if converts_index_row else 0), row
+    assert row["barriers"] == (INDEX_ROW_CONVERSION["barriers"] if converts_index_row else 0), row
     assert row["blocks_per_sm"] >= 2, row
-    wide_rows = dtype == "fp32" or layout == "channel-last" or kind == "backward"
+    narrow_forward = kind == "forward" and layout == "channel-first" and dtype == "fp32"  # 2 tokens a thread
+    wide_rows = (dtype == "fp32" and not narrow_forward) or layout == "channel-last" or kind == "backward" or converts_index_row
     if kind != "decode" and wide_rows:
         assert row["ldg128"] > 0, row
+    if narrow_forward:
+        assert row["ldg128"] == 0 and row["num_warps"] == 4, row
     if wide_rows:
         assert row["stg128"] > 0, row
 

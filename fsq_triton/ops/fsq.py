@@ -431,7 +431,8 @@ def _configured_launch(kernel_name: str, probe: torch.Tensor, tokens: int, chann
     """Pick the launch configuration (fsq_triton.autotune: forced, tuned, cached or default) and launch on ``probe``'s GPU."""
     tokens = int(tokens)  # a SymInt while torch.compile traces: the configuration is per size class anyway
     key = autotune.problem_key(kernel_name, tokens, channel_tile, dtype, channels_last)
-    default = autotune.default_config(channel_tile, tokens, interpreting())
+    default = autotune.default_config(channel_tile, tokens, interpreting(), kernel=kernel_name,
+                                      element_size=dtype.itemsize, channels_last=channels_last)
     pipelined = kernel_name.startswith("projected")
     space = functools.partial(autotune.config_space, channel_tile, pipelined)
     with device_guard(probe):
