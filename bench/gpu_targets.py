@@ -16,7 +16,7 @@ c. ``core``: forward float32, forward bfloat16, forward+backward float32 on the 
    bandwidth, and ratios to the reference, ``torch.compile`` of the reference, vector-quantize-pytorch, and
    fsq_triton under ``torch.compile``;
 d. ``projections``: x 64x4096x1024 bfloat16, levels [8,5,5,5] (bound, vqp, reference in float32,
-   forward+backward); the tiny call 64x5x32x32 against one elementwise PyTorch launch, compiled and eager.
+   forward+backward); the tiny call 64x5x32x32 against one elementwise PyTorch launch, compiled, eager and replayed from a CUDA graph.
 
 Timing on CUDA: ``triton.testing.do_bench`` (CUDA events, median, L2 flushed before every repeat) for the
 bandwidth figures; back-to-back calls timed with events for the launch-bound tiny call. ``--cpu`` is the
@@ -209,6 +209,21 @@ def vqp_class():
     except ImportError as err:
         return None, f"vector-quantize-pytorch is not importable here ({err}): no vqp rows"
     return VqpFSQ, None
+
+
+def cuda_graph_replay(fn: Callable[[], object]) -> Callable[[], None]:
+    """``fn`` captured in a CUDA graph (after warm-up calls on a side stream, as torch.cuda.graphs asks); returns
+    the graph's ``replay``: the same kernels on the same buffers, with no Python or launch work a call."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def compiled(module_or_fn, ctx: Context, **kwargs):
@@ -506,7 +521,17 @@ def step_projections(ctx: Context) -> None:
         if fsq_compiled is not None:
             row["fsq_triton_compiled_us"] = ctx.per_call_us(lambda: fsq_compiled(z))
             row["torch_compile_reference_us"] = ctx.per_call_us(lambda: reference_compiled(z))
+        if dev.type == "cuda":  # the launch cost a captured call pays: one CUDA graph replay a call
+            for name, fn in (("fsq_triton", lambda: fsq(z)), ("reference", lambda: reference(z))):
+                try:
+                    row[f"{name}_cuda_graph_us"] = ctx.per_call_us(cuda_graph_replay(fn))
+                except Exception as exc:  # noqa: BLE001 - a capture that fails is reported, not fatal
+                    row[f"{name}_cuda_graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        else:
+            ctx.note("the CUDA-graph rows of the tiny call are timed on CUDA only")
     row["x_elementwise_launch"] = row["fsq_triton_us"] / row["elementwise_launch_us"]
+    if "fsq_triton_cuda_graph_us" in row:
+        row["cuda_graph_x_elementwise_launch"] = row["fsq_triton_cuda_graph_us"] / row["elementwise_launch_us"]
     ctx.record(row)
 
 

@@ -68,6 +68,7 @@ def test_gpu_check_cpu_plumbing(tmp_path):
     assert [row["case"].split(" ", 2)[2] for row in core] == ["float32 forward", "bfloat16 forward", "float32 forward+backward"]
     assert all(row["fsq_triton_ms"] > 0 and row["pct_of_bound"] > 0 for row in core)
     assert any("CUDA only" in note for note in steps["c"]["result"]["notes"])
+    assert any("CUDA-graph rows" in note for note in steps["d"]["result"]["notes"])
     assert {row["case"].split()[0] for row in steps["d"]["result"]["rows"]} == {"projections", "tiny"}
     assert steps["g"]["result"]["rows"] and all(row["error"] is None for row in steps["g"]["result"]["rows"])
     assert any(note.startswith("--no-compile") for note in steps["g"]["result"]["notes"])
@@ -194,7 +195,8 @@ def test_targets_are_judged_from_gpu_shaped_rows():
         "d": ok([{"case": "projections x 64x4096x1024 bfloat16", "fsq_triton_ms": 0.3, "bound_ms": 0.25, "x_bound": 1.2,
                   "speedup_vs_vqp": 2.5, "speedup_vs_reference_float32": 2.0, "fwd_bwd_speedup_vs_vqp": 1.6},
                  {"case": "tiny call 64x5x32x32", "fsq_triton_us": 12.0, "elementwise_launch_us": 5.0,
-                  "x_elementwise_launch": 2.4, "fsq_triton_compiled_us": 8.0, "torch_compile_reference_us": 20.0}]),
+                  "x_elementwise_launch": 2.4, "fsq_triton_compiled_us": 8.0, "torch_compile_reference_us": 20.0,
+                  "fsq_triton_cuda_graph_us": 6.0, "reference_cuda_graph_us": 9.0, "cuda_graph_x_elementwise_launch": 1.2}]),
         "e": {"status": "failed", "reason": "some GPU tests failed", "result": {
             "tests": 10, "passed": 8, "failed": 1, "errors": 0, "skipped": 1}},
         "f": {"status": "ok", "reason": None, "result": {"second_process": {"retuned": 0, "entries": 5}}},
@@ -213,11 +215,13 @@ def test_targets_are_judged_from_gpu_shaped_rows():
     assert index_target["met"] is False
     assert index_target["measured"] == "0 over 2 checks; 1 could not run; 1 skipped (levels refused)"
     del results["steps"]["b"]["result"]["rows"][-2:]
-    expected = [True, False, True, False, True, True, True, False, True, False, True, True, True, True, False,
+    expected = [True, False, True, False, True, True, True, False, True, False, True, True, True, True, True, False,
                 True, True, True, False, True, True]
     assert list(met.values()) == expected, met
     assert judged["video bfloat16 forward: % of the copy bandwidth"]["measured"].startswith("80.0% (0.150 ms")
     assert judged["GPU tests (pytest -m gpu)"]["measured"] == "8 passed, 1 failed, 0 errors, 1 skipped"
+    graph = judged["tiny call replayed from a CUDA graph: time over one elementwise PyTorch launch"]
+    assert graph["measured"] == "1.20x (6.0 us vs 5.0 us; the reference's graph 9 us)" and graph["met"] is True
     results.update(mode="gpu", date="2026-11-28", command="python bench/gpu_check.py", budget_s=480, elapsed_s=300,
                    peers={"wheels": "installed", "vector_quantize_pytorch": "1.32.0"},
                    targets=list(judged.values()))
