@@ -246,33 +246,28 @@ def clear_cache(device: torch.device) -> Path:
 
 
 @contextlib.contextmanager
-def forced_config(config: dict) -> Iterator[None]:
+def _pushed(stack: list, value) -> Iterator[None]:
+    """``value`` on top of ``stack`` for the duration of the ``with`` block (the switches below nest)."""
+    stack.append(value)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def forced_config(config: dict) -> contextlib.AbstractContextManager[None]:
     """Every launch inside uses ``config`` (for tests that run the whole space)."""
-    _FORCED.append(config)
-    try:
-        yield
-    finally:
-        _FORCED.pop()
+    return _pushed(_FORCED, config)
 
 
-@contextlib.contextmanager
-def retuning() -> Iterator[None]:
+def retuning() -> contextlib.AbstractContextManager[None]:
     """Every launch inside is tuned (again) and the result persisted: what ``python -m fsq_triton autotune`` does."""
-    _RETUNE.append(True)
-    try:
-        yield
-    finally:
-        _RETUNE.pop()
+    return _pushed(_RETUNE, True)
 
 
-@contextlib.contextmanager
-def quick_tuning() -> Iterator[None]:
+def quick_tuning() -> contextlib.AbstractContextManager[None]:
     """Every tuning inside times only :func:`quick_space` (``python -m fsq_triton autotune --quick``)."""
-    _QUICK.append(True)
-    try:
-        yield
-    finally:
-        _QUICK.pop()
+    return _pushed(_QUICK, True)
 
 
 def _tuning_enabled() -> bool:
