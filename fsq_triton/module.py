@@ -115,7 +115,7 @@ class FSQ(nn.Module):
             ``indices_to_codes`` returns channel-first codes too (vqp's ``channel_first``).
         projection_has_bias: whether ``project_in``/``project_out`` have a bias.
         return_indices: ``False``: ``forward`` returns ``(out, None)``, no ``implicit_codebook`` is built, and
-            codebooks past int32 are allowed.
+            codebooks past int32 are allowed: the forward kernel neither reduces nor stores the indices.
         preserve_symmetry: the symmetric grid ``2 / (L - 1) * floor((L - 1) * (tanh(z) + 1) / 2 + 0.5) - 1``
             (vqp's ``symmetry_preserving_bound``). vqp refuses a level of 2 without it; fsq_triton accepts one, as
             the reference does (its codes are -1 and 0).
@@ -128,7 +128,10 @@ class FSQ(nn.Module):
             or ``"torch"`` (the PyTorch path).
         track_usage: count the codes every forward produces (on the device, no host sync):
             :meth:`codebook_usage` (counts, fraction used, perplexity; all-reduced over DDP ranks on request),
-            :meth:`reset_usage`. Codebooks up to 2**20 codes.
+            :meth:`reset_usage`. Codebooks up to 2**20 codes (a larger one is a ``ValueError``); with or without
+            ``return_indices``. On the Triton path the forward kernel adds the counts itself (int64 atomics into
+            ``usage_counts``: no extra pass, no host sync, also under torch.compile and in CUDA graphs); the fused
+            projections and the PyTorch path add them with one ``index_add_`` after the quantizer.
 
     Each bound (``preserve_symmetry`` x ``bound_hard_clamp``) is a calibration of the same level tables
     (:data:`fsq_triton.levels.BOUNDS`): the forward kernel is the same for all four and evaluates no ``tanh``.
@@ -231,8 +234,6 @@ class FSQ(nn.Module):
                 self.register_buffer("_implicit_codebook_like", torch.empty(0), persistent=False)
         self.track_usage = track_usage
         if track_usage:
-            if not return_indices:
-                raise ValueError("track_usage=True counts the indices, so it needs return_indices=True")
             if self.codebook_size > USAGE_CODEBOOK_LIMIT:
                 raise ValueError(
                     f"track_usage=True keeps a count per code: codebook_size {self.codebook_size} of levels {list(levels)} "
@@ -326,15 +327,30 @@ class FSQ(nn.Module):
         return None
 
     def _quantize_feature(
-        self, feature: torch.Tensor, channels_last: bool, num_codebooks: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(b, c*d, n) -> codes (b, c*d, n) in feature's dtype, indices (b, n, c) int32; differentiable."""
+        self, feature: torch.Tensor, channels_last: bool, num_codebooks: int | None = None, forward: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(b, c*d, n) -> codes (b, c*d, n) in feature's dtype, indices (b, n, c) int32; differentiable.
+
+        ``forward=True`` (the module's forward, not :meth:`quantize`): the options apply. Without
+        ``return_indices`` the indices are None (the kernel neither reduces nor stores them), and with
+        ``track_usage`` the codes are counted into ``usage_counts`` (by the kernel itself on the Triton path).
+        """
         c = self.num_codebooks if num_codebooks is None else num_codebooks
         tables = level_tables(self.levels, feature.device, self.bound_kind)
         ops = self._triton_ops(feature)
+        write_indices = self.return_indices or not forward
+        usage = self.usage_counts if forward and self.track_usage else None
         if ops is not None:
-            return ops.apply_quantize(feature, tables.values, tables.integers, c, channels_last)
-        return torch_impl.quantize(feature, tables, c)
+            if usage is not None and usage.device != feature.device:
+                raise RuntimeError(
+                    f"usage_counts is on {usage.device} and the input on {feature.device}: move the module with .to()"
+                )
+            codes, indices = ops.apply_quantize(feature, tables.values, tables.integers, c, channels_last, write_indices, usage)
+            return codes, indices if write_indices else None
+        codes, indices = torch_impl.quantize(feature, tables, c)
+        if usage is not None:
+            self._count_usage(indices)
+        return codes, indices if write_indices else None
 
     def _fuses_projections(self) -> bool:
         """Whether the fused kernels may stand in for ``project_in``/``project_out``: both plain ``nn.Linear``."""
@@ -508,7 +524,7 @@ class FSQ(nn.Module):
         dtype = h.dtype
         if self.orthogonal_rotation:  # in float32, as vqp's float32 buffer makes it
             h = rearrange(rearrange(h.float(), "b n (c d) -> b n c d", c=c) @ self.orthogonal_rot.float(), "b n c d -> b n (c d)")
-        codes, indices = self._quantize_feature(h.transpose(1, 2), channels_last=True)
+        codes, indices = self._quantize_feature(h.transpose(1, 2), channels_last=True, forward=True)
         codes = codes.transpose(1, 2)
         if self._noise_active():
             codes = self._apply_noise(codes.float())
@@ -546,8 +562,10 @@ class FSQ(nn.Module):
                         feature, *self._projection_params(), tables.values, tables.integers,
                         self.num_codebooks, not is_img_or_video,
                     )
+                    if self.track_usage:  # the fused projected kernel writes indices but counts nothing
+                        self._count_usage(indices)
                     out = out.reshape(b, self.dim, *spatial) if is_img_or_video else out.transpose(1, 2)
-                    return out.to(z.dtype), indices
+                    return out.to(z.dtype), indices if self.return_indices else None
             x = rearrange(z, "b d ... -> b (...) d") if is_img_or_video else z
             h = self.project_in(x.to(dtype))                                      # (b, n, e)
             if h.ndim != 3 or h.shape[-1] != self.effective_codebook_dim:
@@ -568,7 +586,8 @@ class FSQ(nn.Module):
     @torch.no_grad()
     def _count_usage(self, indices: torch.Tensor) -> None:
         """Add the (b, n, c) indices to ``usage_counts`` (c, codebook_size) on the device: one ``index_add_`` of the
-        indices (4 B per token and codebook), no host sync; a NaN token's index -1 adds nothing."""
+        indices (4 B per token and codebook), no host sync; a NaN token's index -1 adds nothing. (The PyTorch path
+        and the fused projections; the plain Triton forward kernel counts in place itself.)"""
         c, size = self.num_codebooks, self.codebook_size
         flat = indices.reshape(-1, c)
         valid = flat >= 0
@@ -621,15 +640,13 @@ class FSQ(nn.Module):
         if self._calls_projections() or self.orthogonal_rotation or self._noise_active():
             out, indices = self._forward_projected(z, is_img_or_video)
         elif is_img_or_video:
-            codes, indices = self._quantize_feature(z.flatten(2), channels_last=False)
+            codes, indices = self._quantize_feature(z.flatten(2), channels_last=False, forward=True)
             out = codes.reshape(z.shape)
         else:
-            codes, indices = self._quantize_feature(z.transpose(1, 2), channels_last=True)
+            codes, indices = self._quantize_feature(z.transpose(1, 2), channels_last=True, forward=True)
             out = codes.transpose(1, 2)
 
-        if self.track_usage:
-            self._count_usage(indices)
-        if not self.return_indices:
+        if indices is None:  # return_indices=False (usage, if tracked, was counted with the codes)
             return out, None
         indices = indices.reshape(b, *spatial, self.num_codebooks)
         if not self.keep_num_codebooks_dim:

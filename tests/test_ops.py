@@ -54,6 +54,17 @@ def test_opcheck_quantizer_ops(levels, num_codebooks, dtype, channels_last):
         ops.quantize.default,
         (z.detach().clone().requires_grad_(True), tables.values, tables.integers, num_codebooks, channels_last),
     )
+    # without indices (an empty (0,) int32 result), and counting into a usage histogram (a mutating op)
+    torch.library.opcheck(ops.quantize.default, (z, tables.values, tables.integers, num_codebooks, channels_last, False))
+    size = 1
+    for level in levels:
+        size *= level
+    for write_indices in (True, False):
+        usage = torch.zeros(num_codebooks, size, dtype=torch.int64)
+        torch.library.opcheck(
+            ops.quantize_counted.default,
+            (z, tables.values, tables.integers, num_codebooks, channels_last, write_indices, usage),
+        )
     grad_out = feature(2, e, 13, channels_last, dtype, gen)
     torch.library.opcheck(ops.quantize_backward.default, (grad_out, z, tables.values, channels_last))
     size = 1
@@ -197,6 +208,29 @@ def test_small_blocks_and_tails(block_n, channels_last):
     expected = torch_impl.quantize_backward(grad_out, z, tables.values[:, COL_SHIFT], tables.values[:, COL_GRAD_SCALE])
     torch.testing.assert_close(grad, expected, rtol=0, atol=1e-6)
     assert_bitwise_equal(codes, torch_impl.indices_to_codes(indices_in, tables, size), "codes")
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_quantize_flags_match_torch_impl(channels_last):
+    """``write_indices=False`` (no index reduced or stored: an empty (0,) result) and ``quantize_counted`` (the kernel
+    adds each token's code to the histogram in place) against the PyTorch path, with NaN tokens."""
+    levels, c = (8, 5, 3), 2
+    tables = level_tables(levels, "cpu")
+    gen = torch.Generator().manual_seed(5)
+    z = feature(2, c * len(levels), 37, channels_last, torch.float32, gen)
+    z[0, 1, 3] = z[1, 4, 0] = float("nan")
+    ref_out, ref_idx = torch_impl.quantize(z, tables, c)
+    out, indices = ops.quantize(z, tables.values, tables.integers, c, channels_last, False)
+    assert_bitwise_equal(out, ref_out, "out")
+    assert indices.shape == (0,) and indices.dtype == torch.int32
+    assert_layout(out, channels_last)
+    expected = torch.stack([torch.bincount(ref_idx[..., k][ref_idx[..., k] >= 0].long(), minlength=120) for k in range(c)])
+    for write_indices in (True, False):
+        usage = torch.full((c, 120), 3, dtype=torch.int64)  # counts add to what is there
+        out, indices = ops.quantize_counted(z, tables.values, tables.integers, c, channels_last, write_indices, usage)
+        assert_bitwise_equal(out, ref_out, "out")
+        assert torch.equal(indices, ref_idx) if write_indices else indices.shape == (0,)
+        assert torch.equal(usage, expected + 3)
 
 
 def test_ops_do_not_alias_or_mutate_inputs():

@@ -176,6 +176,7 @@ def test_return_indices_false_allows_codebooks_past_int32(backend):
     assert indices is None
     expected, _ = FSQ(levels, return_indices=False, backend="torch")(z)
     assert torch.equal(out, expected)
+    assert not hasattr(fsq, "implicit_codebook")  # vqp builds none without indices either
 
 
 def test_indices_to_level_indices():
@@ -302,8 +303,7 @@ def test_track_usage_bad_use():
     with pytest.raises(ValueError, match="past the limit of 2\\*\\*20"):
         FSQ([32, 32, 32, 33], track_usage=True)
     FSQ([32, 32, 32, 32], track_usage=True, backend="torch")  # exactly 2**20 codes is allowed
-    with pytest.raises(ValueError, match="needs return_indices=True"):
-        FSQ([8, 5], return_indices=False, track_usage=True)
+    assert FSQ([8, 5], return_indices=False, track_usage=True).track_usage  # counted without returning indices
     with pytest.raises(RuntimeError, match="track_usage=True"):
         FSQ([8, 5]).codebook_usage()
     assert "usage_counts" not in FSQ([8, 5], track_usage=True).state_dict()  # vqp's state_dict loads strictly

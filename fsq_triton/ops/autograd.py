@@ -175,12 +175,16 @@ class QuantizeBackwardFunction(_QuantizeBackward):
 
 class _Quantize(torch.autograd.Function):
     @staticmethod
-    def forward(z, values, integers, num_codebooks: int, channels_last: bool):
-        return op_or_launcher(_ops.quantize, forward_triton, z)(z, values, integers, num_codebooks, channels_last)
+    def forward(z, values, integers, num_codebooks: int, channels_last: bool, write_indices: bool = True, usage=None):
+        if usage is None:
+            quantize_fn = op_or_launcher(_ops.quantize, forward_triton, z)
+            return quantize_fn(z, values, integers, num_codebooks, channels_last, write_indices)
+        quantize_fn = op_or_launcher(_ops.quantize_counted, forward_triton, z)
+        return quantize_fn(z, values, integers, num_codebooks, channels_last, write_indices, usage)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        z, values, _integers, _num_codebooks, channels_last = inputs
+        z, values, _integers, _num_codebooks, channels_last, _write_indices, _usage = inputs
         ctx.save_for_backward(z, values)
         ctx.save_for_forward(z, values)
         ctx.channels_last = channels_last
@@ -193,27 +197,34 @@ class _Quantize(torch.autograd.Function):
             grad_z = _apply(QuantizeBackwardFunction, _QuantizeBackward)(grad_out, z, values, ctx.channels_last)
         else:
             grad_z = op_or_launcher(_ops.quantize_backward, backward_triton, grad_out, z)(grad_out, z, values, ctx.channels_last)
-        return grad_z, None, None, None, None
+        return grad_z, None, None, None, None, None, None
 
     @staticmethod
-    def vmap(info, in_dims, z, values, integers, num_codebooks, channels_last):
-        if in_dims[0] is None or in_dims[1] is not None or in_dims[2] is not None:
-            _unsupported_vmap("the level tables", in_dims)
-        out, indices = FSQFunction.apply(_fold(z, in_dims[0], info.batch_size), values, integers, num_codebooks, channels_last)
+    def vmap(info, in_dims, z, values, integers, num_codebooks, channels_last, write_indices, usage):
+        if in_dims[0] is None or any(dim is not None for dim in (in_dims[1], in_dims[2], in_dims[6])):
+            _unsupported_vmap("the level tables or the usage counts", in_dims)
+        out, indices = FSQFunction.apply(
+            _fold(z, in_dims[0], info.batch_size), values, integers, num_codebooks, channels_last, write_indices, usage
+        )
+        if not write_indices:  # the empty (0,) stand-in has no batch
+            return (_unfold(out, info.batch_size), indices), (0, None)
         return (_unfold(out, info.batch_size), _unfold(indices, info.batch_size)), (0, 0)
 
 
 class FSQFunction(_Quantize):
-    """``(out, indices) = FSQFunction.apply(z, values, integers, num_codebooks, channels_last)`` on the feature view.
+    """``(out, indices) = FSQFunction.apply(z, values, integers, num_codebooks, channels_last, write_indices=True,
+    usage=None)`` on the feature view.
 
-    Forward runs the fused quantizer (``fsq_triton::quantize``, or its launcher directly in eager mode);
+    Forward runs the fused quantizer (``fsq_triton::quantize``, or with ``usage`` the mutating
+    ``fsq_triton::quantize_counted``, which adds the codes to that histogram in the same kernel; or their
+    launcher directly in eager mode); ``write_indices=False`` gives an empty ``(0,)`` ``indices``;
     backward runs ``quantize_backward`` from the saved input alone (the straight-through estimator: rounding
     passes the gradient, the tanh bound scales it), differentiable again under ``create_graph``.
     ``indices`` is not differentiable. Supports ``torch.func`` (grad, vmap, jvp) and forward-mode AD.
     """
 
     @staticmethod
-    def jvp(ctx, z_t, _values_t, _integers_t, _num_codebooks_t, _channels_last_t):
+    def jvp(ctx, z_t, _values_t, _integers_t, _num_codebooks_t, _channels_last_t, *_):
         z, values = ctx.saved_tensors
         return QuantizeBackwardFunction.apply(z_t, z, values, ctx.channels_last), None
 
@@ -434,13 +445,17 @@ def _apply(eager: type[torch.autograd.Function], traceable: type[torch.autograd.
     return traceable.apply if torch.compiler.is_compiling() else eager.apply
 
 
-def apply_quantize(z, values, integers, num_codebooks: int, channels_last: bool):
-    """Differentiable fused quantizer on the feature view: ``(codes (b, e, n), indices (b, n, c) int32)``."""
+def apply_quantize(z, values, integers, num_codebooks: int, channels_last: bool, write_indices: bool = True, usage=None):
+    """Differentiable fused quantizer on the feature view: ``(codes (b, e, n), indices (b, n, c) int32)``.
+
+    ``write_indices=False``: ``indices`` is an empty ``(0,)`` tensor (the kernel neither reduces nor stores them).
+    ``usage``: a ``(c, codebook_size)`` int64 histogram the kernel adds each token's code to, in place."""
+    args = (z, values, integers, num_codebooks, channels_last, write_indices)
     if torch.jit.is_tracing():
-        return _ops.quantize(z, values, integers, num_codebooks, channels_last)
+        return _ops.quantize(*args) if usage is None else _ops.quantize_counted(*args, usage)
     if _needs_no_autograd(z) and op_or_launcher(_ops.quantize, forward_triton, z) is forward_triton:
-        return forward_triton(z, values, integers, num_codebooks, channels_last)
-    return _apply(FSQFunction, _Quantize)(z, values, integers, num_codebooks, channels_last)
+        return forward_triton(*args, usage)
+    return _apply(FSQFunction, _Quantize)(*args, usage)
 
 
 def apply_quantize_projected(x, w_in, b_in, w_out, b_out, values, integers, num_codebooks: int, channels_last: bool):
@@ -478,7 +493,7 @@ def apply_indices_to_codes_projected(indices, w_out, b_out, values, integers, co
 
 
 def _quantize_setup(ctx, inputs, output):
-    z, values, _integers, _num_codebooks, channels_last = inputs
+    z, values, _integers, _num_codebooks, channels_last, _write_indices = inputs
     ctx.save_for_backward(z, values)
     ctx.channels_last = channels_last
     ctx.mark_non_differentiable(output[1])
@@ -486,7 +501,7 @@ def _quantize_setup(ctx, inputs, output):
 
 def _quantize_grad(ctx, grad_out, _grad_indices):
     z, values = ctx.saved_tensors
-    return _ops.quantize_backward(grad_out, z, values, ctx.channels_last), None, None, None, None
+    return _ops.quantize_backward(grad_out, z, values, ctx.channels_last), None, None, None, None, None
 
 
 def _quantize_backward_setup(ctx, inputs, output):

@@ -1,6 +1,9 @@
 """Fused FSQ: Triton kernels, their launchers and the ``torch.library`` custom ops.
 
-Read top to bottom: the three kernels (forward, backward, decode), the launch heuristics, the custom
+Read top to bottom: the three kernels (forward, backward, decode; the forward's tile, ``forward_tile``, has two
+entry points: ``_fsq_forward_kernel``, the default launch with indices and no counts, and
+``_fsq_forward_flags_kernel``, whose ``WRITE_INDICES``/``TRACK_USAGE`` flags serve ``return_indices=False`` and
+``track_usage=True``), the launch heuristics, the custom
 ops in the ``fsq_triton`` namespace (a Triton implementation for CUDA; for CPU, unless ``TRITON_INTERPRET=1``
 asks for the kernels there, the kernels' table math in torch ops, ``torch_impl.quantize_by_tables``, which serves
 every bound without reading the tables on the host; and shape-only fake implementations).
@@ -133,23 +136,71 @@ def _fsq_forward_kernel(
     C: tl.constexpr, D: tl.constexpr, C_PAD: tl.constexpr, D_PAD: tl.constexpr,
     MAX_LEVEL: tl.constexpr, BLOCK_N: tl.constexpr, CHANNEL_ROWS: tl.constexpr, OFFSET_64: tl.constexpr,
 ):
+    """FSQ forward, the default launch: ``out`` and the int32 indices, no usage counts.
+
+    :func:`forward_tile` with ``WRITE_INDICES=True, TRACK_USAGE=False`` (its docstring states the math and
+    the traffic); :func:`_fsq_forward_flags_kernel` is the same tile with the two flags free.
+    """
+    forward_tile(
+        z_ptr, out_ptr, idx_ptr, idx_ptr, val_ptr, int_ptr, N, num_n_blocks, 0,
+        stride_zb, stride_zc, stride_zn, stride_ob, stride_oc, stride_on,
+        C, D, C_PAD, D_PAD, MAX_LEVEL, BLOCK_N, CHANNEL_ROWS, OFFSET_64, True, False, 1,
+    )
+
+
+@triton.jit
+def _fsq_forward_flags_kernel(
+    z_ptr, out_ptr, idx_ptr, hist_ptr, val_ptr, int_ptr,
+    N, num_n_blocks, hist_stride,
+    stride_zb, stride_zc, stride_zn,
+    stride_ob, stride_oc, stride_on,
+    C: tl.constexpr, D: tl.constexpr, C_PAD: tl.constexpr, D_PAD: tl.constexpr,
+    MAX_LEVEL: tl.constexpr, BLOCK_N: tl.constexpr, CHANNEL_ROWS: tl.constexpr, OFFSET_64: tl.constexpr,
+    WRITE_INDICES: tl.constexpr, TRACK_USAGE: tl.constexpr, COUNT_SPLIT: tl.constexpr,
+):
+    """FSQ forward with ``WRITE_INDICES`` / ``TRACK_USAGE`` chosen by the launch: :func:`forward_tile`."""
+    forward_tile(
+        z_ptr, out_ptr, idx_ptr, hist_ptr, val_ptr, int_ptr, N, num_n_blocks, hist_stride,
+        stride_zb, stride_zc, stride_zn, stride_ob, stride_oc, stride_on,
+        C, D, C_PAD, D_PAD, MAX_LEVEL, BLOCK_N, CHANNEL_ROWS, OFFSET_64, WRITE_INDICES, TRACK_USAGE, COUNT_SPLIT,
+    )
+
+
+@triton.jit
+def forward_tile(
+    z_ptr, out_ptr, idx_ptr, hist_ptr, val_ptr, int_ptr,
+    N, num_n_blocks, hist_stride,
+    stride_zb, stride_zc, stride_zn,
+    stride_ob, stride_oc, stride_on,
+    C: tl.constexpr, D: tl.constexpr, C_PAD: tl.constexpr, D_PAD: tl.constexpr,
+    MAX_LEVEL: tl.constexpr, BLOCK_N: tl.constexpr, CHANNEL_ROWS: tl.constexpr, OFFSET_64: tl.constexpr,
+    WRITE_INDICES: tl.constexpr, TRACK_USAGE: tl.constexpr, COUNT_SPLIT: tl.constexpr,
+):
     """FSQ forward, one pass over a tile of ``BLOCK_N`` tokens x all ``c*d`` channels.
 
     Math, per element ``z`` of channel ``j`` (with ``L = L_j``, ``hw = L // 2``):
         level = #{k : z >= thr[j, k]}        (= round(tanh(z + shift) * half_l - offset) + hw; NaN padding never counts)
         out   = codes[j, level]              (= (level - hw) / hw, IEEE division, selected from the table)
         out   = NaN where z is NaN
-    per token and codebook: index = sum_j level_j * basis_j, or -1 if any channel is NaN.
+    per token and codebook ``c``: index = sum_j level_j * basis_j, or -1 if any channel is NaN;
+        ``WRITE_INDICES``: indices[token, c] = index      (otherwise neither reduced nor stored: no int32 limit)
+        ``TRACK_USAGE``:   hist[c, index] += 1 (int64, relaxed atomic), for every in-range token whose
+                           channels are all non-NaN (a NaN token counts nowhere)
     The thresholds were calibrated on this device with the reference's own ops, so no ``tanh`` is
     evaluated and the result is the reference's, bit for bit.
 
     ``CHANNEL_ROWS`` (channel-first): channel by channel, a row of ``BLOCK_N`` tokens with the channel's
     constants as scalars. Otherwise (channel-last): ``out`` from a (tokens, codebooks, channels) tile, and the
-    index from the channel rows of the same tokens, re-read from L1 (no reduction across lanes).
+    index from the channel rows of the same tokens, re-read from L1 (no reduction across lanes; skipped
+    when neither flag needs the index).
 
     Memory traffic per element: read ``z`` once from DRAM (4 B float32, 2 B bfloat16/float16; channel-last
-    reads it a second time from L1), write ``out`` once (same size), and 4 B of int32 index per ``d``
-    elements; the per-level tables (a few hundred bytes) stay in cache.
+    reads it a second time from L1 when an index is needed), write ``out`` once (same size); the per-level
+    tables (a few hundred bytes) stay in cache. Per flag:
+        ``WRITE_INDICES``: + 4 B of int32 index written per ``d`` elements (False: 0 B, and no L1 re-read);
+        ``TRACK_USAGE``:   + one 8 B atomic add per ``d`` elements (a read-modify-write of the histogram entry,
+                           resolved in L2: the histogram, 8 B x codebook_size <= 8 MiB per codebook, is read
+                           and written by atomics only, never streamed).
     """
     b, n_start = tile_origin(num_n_blocks, BLOCK_N, OFFSET_64)
     ROW: tl.constexpr = COL_THRESHOLDS + 2 * MAX_LEVEL - 1      # floats per row of the value table
@@ -174,25 +225,58 @@ def _fsq_forward_kernel(
     # rows are contiguous (128-bit accesses) and write `out`; channel-last rows re-read the tile above from L1 for
     # the index only (summing the tile's channels across the lanes that hold them would make the compiler
     # exchange the sums through shared memory).
-    nn = n_start + tl.arange(0, BLOCK_N)
-    n_ok = nn < N
-    if OFFSET_64:
-        stride_zc = stride_zc.to(tl.int64)
-        stride_oc = stride_oc.to(tl.int64)
-    for c in tl.static_range(C):
-        index = tl.zeros((BLOCK_N,), dtype=tl.int32)
-        token_nan = tl.zeros((BLOCK_N,), dtype=tl.int1)
-        for j in tl.static_range(D):
-            z = tl.load(z_ptr + (b * stride_zb + (c * D + j) * stride_zc + nn * stride_zn), mask=n_ok, other=0.0)
-            z = z.to(tl.float32)
-            level, code = quantize_levels(z, val_ptr + j * ROW, None, MAX_LEVEL)
-            is_nan = z != z
-            if CHANNEL_ROWS:
-                tl.store(out_ptr + (b * stride_ob + (c * D + j) * stride_oc + nn * stride_on),
-                         cast_rne(tl.where(is_nan, z, code), out_ptr.dtype.element_ty), mask=n_ok)
-            index += level * tl.load(int_ptr + j * INT_COLS + COL_BASIS)
-            token_nan = token_nan | is_nan
-        tl.store(idx_ptr + ((b * N + nn) * C + c), tl.where(token_nan, -1, index), mask=n_ok)
+    if CHANNEL_ROWS or WRITE_INDICES or TRACK_USAGE:
+        nn = n_start + tl.arange(0, BLOCK_N)
+        n_ok = nn < N
+        if OFFSET_64:
+            stride_zc = stride_zc.to(tl.int64)
+            stride_oc = stride_oc.to(tl.int64)
+            if TRACK_USAGE:
+                hist_stride = hist_stride.to(tl.int64)
+        for c in tl.static_range(C):
+            index = tl.zeros((BLOCK_N,), dtype=tl.int32)
+            token_nan = tl.zeros((BLOCK_N,), dtype=tl.int1)
+            for j in tl.static_range(D):
+                z = tl.load(z_ptr + (b * stride_zb + (c * D + j) * stride_zc + nn * stride_zn), mask=n_ok, other=0.0)
+                z = z.to(tl.float32)
+                level, code = quantize_levels(z, val_ptr + j * ROW, None, MAX_LEVEL)
+                is_nan = z != z
+                if CHANNEL_ROWS:
+                    tl.store(out_ptr + (b * stride_ob + (c * D + j) * stride_oc + nn * stride_on),
+                             cast_rne(tl.where(is_nan, z, code), out_ptr.dtype.element_ty), mask=n_ok)
+                if WRITE_INDICES or TRACK_USAGE:
+                    index += level * tl.load(int_ptr + j * INT_COLS + COL_BASIS)
+                    token_nan = token_nan | is_nan
+            if WRITE_INDICES:
+                tl.store(idx_ptr + ((b * N + nn) * C + c), tl.where(token_nan, -1, index), mask=n_ok)
+            if TRACK_USAGE:
+                count_usage(hist_ptr + c * hist_stride, index, (n_ok & (token_nan == 0)).to(tl.int8), COUNT_SPLIT)
+
+
+@triton.jit
+def halves(x):
+    """``(x[0::2], x[1::2])`` of a 1-d tile (even length), by reshape and split: where a thread holds ``2k``
+    consecutive elements, each half keeps ``k`` of them in the same registers (no data moves)."""
+    return tl.split(tl.reshape(x, (x.shape[0] // 2, 2)))
+
+
+@triton.jit
+def count_usage(row_ptr, index, counted, SPLIT: tl.constexpr):
+    """``row_ptr[index] += 1`` (int64, relaxed atomics) where ``counted`` (int8, nonzero: count); the result is
+    unused (triton 3.9 emits a reduction, ``red``; 3.6 an ``atom`` whose result is dropped).
+
+    The address of an atomic has no known contiguity, so the compiler lays it out one element a thread. Rows
+    that hold ``SPLIT`` consecutive tokens a thread (chosen by the launcher: the 128-bit channel-first rows, or
+    a contiguous int32 index row) would be converted to that layout through shared memory (8 KB and 3 barriers
+    for 1024 tokens); they are halved ``log2(SPLIT)`` times instead (registers only), one atomic per part.
+    """
+    if SPLIT == 1:
+        tl.atomic_add(row_ptr + index, tl.full(index.shape, 1, tl.int64), mask=counted != 0, sem="relaxed")
+    else:
+        index_even, index_odd = halves(index)
+        counted_even, counted_odd = halves(counted)
+        count_usage(row_ptr, index_even, counted_even, SPLIT // 2)
+        count_usage(row_ptr, index_odd, counted_odd, SPLIT // 2)
 
 
 @triton.jit
@@ -439,26 +523,49 @@ def _configured_launch(kernel_name: str, probe: torch.Tensor, tokens: int, chann
         launch(autotune.launch_config(kernel_name, key, default, launch, probe, space))
 
 
-def forward_triton(z, values, integers, num_codebooks: int, channels_last: bool):
-    """Launch the forward kernel: z (b, c*d, n) -> out (b, c*d, n) in z's dtype, indices (b, n, c) int32."""
+def forward_triton(z, values, integers, num_codebooks: int, channels_last: bool, write_indices: bool = True,
+                   usage: torch.Tensor | None = None):
+    """Launch the forward kernel: z (b, c*d, n) -> out (b, c*d, n) in z's dtype, indices (b, n, c) int32.
+
+    ``write_indices=False``: the kernel neither reduces nor stores the indices, and ``indices`` is an empty
+    ``(0,)`` int32 tensor (so any codebook size works). ``usage``: a ``(c, codebook_size)`` int64 contiguous
+    histogram on z's device, to which the kernel adds each counted token's code (in place, no host sync).
+    """
     b, cd, n = z.shape
     d, max_level = integers.shape[0], _lv.max_level_of(values)
     out = _empty_feature(z.shape, z.device, channels_last, z.dtype)
-    indices = torch.empty((b, n, num_codebooks), dtype=torch.int32, device=z.device)
+    if write_indices:
+        indices = torch.empty((b, n, num_codebooks), dtype=torch.int32, device=z.device)
+    else:
+        indices = torch.empty((0,), dtype=torch.int32, device=z.device)  # a pointer the kernel never touches
     if out.numel() == 0:
         return out, indices
     rows, tokens, (sz, so) = _token_axes(z, out)
     c_pad, d_pad = next_pow2(num_codebooks), next_pow2(d)
-    offset_64 = _needs_int64(z, out, indices)
+    offset_64 = _needs_int64(z, out, indices, *(() if usage is None else (usage,)))
+    flags = not write_indices or usage is not None
 
     def launch(cfg):
         nblocks = cdiv(tokens, cfg["BLOCK_N"])
-        _launch(_fsq_forward_kernel, z)[(rows * nblocks,)](
-            z, out, indices, values, integers,
-            tokens, nblocks, *sz, *so,
+        common = dict(
             C=num_codebooks, D=d, C_PAD=c_pad, D_PAD=d_pad, MAX_LEVEL=max_level,
             BLOCK_N=cfg["BLOCK_N"], CHANNEL_ROWS=not channels_last, OFFSET_64=offset_64, num_warps=cfg["num_warps"],
         )
+        if not flags:
+            _launch(_fsq_forward_kernel, z)[(rows * nblocks,)](
+                z, out, indices, values, integers, tokens, nblocks, *sz, *so, **common,
+            )
+        else:
+            hist = indices if usage is None else usage
+            # Consecutive tokens a thread holds in the rows (see count_usage): as many as fill 16 bytes of a
+            # channel-first row, or 4 where a contiguous int32 index row is written (one codebook), at most the
+            # tokens per thread; else 1 (sm_90, triton 3.9 and 3.6: no shared memory for the counts then).
+            vector = 16 // z.element_size() if not channels_last else 4 if write_indices and num_codebooks == 1 else 1
+            split = max(1, min(vector, 8, cfg["BLOCK_N"] // (32 * cfg["num_warps"])))
+            _launch(_fsq_forward_flags_kernel, z)[(rows * nblocks,)](
+                z, out, indices, hist, values, integers, tokens, nblocks, hist.shape[-1], *sz, *so, **common,
+                WRITE_INDICES=write_indices, TRACK_USAGE=usage is not None, COUNT_SPLIT=split,
+            )
 
     _configured_launch("forward", z, rows * tokens, c_pad * d_pad, z.dtype, channels_last, launch)
     return out, indices
@@ -515,7 +622,7 @@ def decode_triton(indices, values, integers, codebook_size: int, channels_last: 
 
 
 # --------------------------------------------------------------------------------------------------
-# Custom ops: fsq_triton::quantize, fsq_triton::quantize_backward, fsq_triton::indices_to_codes
+# Custom ops: fsq_triton::quantize (and quantize_counted), fsq_triton::quantize_backward, fsq_triton::indices_to_codes
 # --------------------------------------------------------------------------------------------------
 # Each op runs its Triton launcher on CUDA tensors, and on real CPU tensors when TRITON_INTERPRET=1;
 # otherwise the kernels' table math in torch ops (the same for every bound, so it traces). The op body is a ``triton_op``: Inductor and export trace into it
@@ -529,13 +636,37 @@ def _runs_triton(t: torch.Tensor) -> bool:
 
 @torch.library.triton_op("fsq_triton::quantize", mutates_args=())
 def quantize(
-    z: torch.Tensor, values: torch.Tensor, integers: torch.Tensor, num_codebooks: int, channels_last: bool
+    z: torch.Tensor, values: torch.Tensor, integers: torch.Tensor, num_codebooks: int, channels_last: bool,
+    write_indices: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """FSQ forward on the feature view ``z (b, c*d, n)`` -> ``(out (b, c*d, n) in z's dtype, indices (b, n, c) int32)``."""
+    """FSQ forward on the feature view ``z (b, c*d, n)`` -> ``(out (b, c*d, n) in z's dtype, indices (b, n, c) int32)``;
+    ``write_indices=False``: ``indices`` is an empty ``(0,)`` int32 tensor (none reduced, none stored)."""
     if _runs_triton(z):
-        return forward_triton(z, values, integers, num_codebooks, channels_last)
+        return forward_triton(z, values, integers, num_codebooks, channels_last, write_indices)
     out, indices = torch_impl.quantize_by_tables(z, values, integers, num_codebooks)
-    return _in_layout(out, channels_last), indices
+    return _in_layout(out, channels_last), _indices_or_empty(indices, write_indices)
+
+
+@torch.library.triton_op("fsq_triton::quantize_counted", mutates_args=("usage",))
+def quantize_counted(
+    z: torch.Tensor, values: torch.Tensor, integers: torch.Tensor, num_codebooks: int, channels_last: bool,
+    write_indices: bool, usage: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize` that also adds each token's code to ``usage (c, codebook_size)`` int64, in place, in the
+    same kernel (a NaN token counts nowhere). A mutating op has no registered autograd: the module reaches it
+    through ``FSQFunction``, whose backward is the same straight-through gradient."""
+    if _runs_triton(z):
+        return forward_triton(z, values, integers, num_codebooks, channels_last, write_indices, usage)
+    out, indices = torch_impl.quantize_by_tables(z, values, integers, num_codebooks)
+    flat = indices.reshape(-1, num_codebooks)
+    slot = flat.clamp(min=0).to(torch.int64) + torch.arange(num_codebooks, device=flat.device) * usage.shape[-1]
+    usage.view(-1).index_add_(0, slot.reshape(-1), (flat >= 0).reshape(-1).to(usage.dtype))
+    return _in_layout(out, channels_last), _indices_or_empty(indices, write_indices)
+
+
+def _indices_or_empty(indices: torch.Tensor, write_indices: bool) -> torch.Tensor:
+    """The op's ``indices`` result (a new tensor), or the empty ``(0,)`` int32 tensor without indices."""
+    return indices if write_indices else indices.new_empty((0,))
 
 
 @torch.library.triton_op("fsq_triton::quantize_backward", mutates_args=())
