@@ -589,6 +589,21 @@ class FSQ(nn.Module):
         indices (4 B per token and codebook), no host sync; a NaN token's index -1 adds nothing. (The PyTorch path
         and the fused projections; the plain Triton forward kernel counts in place itself.)"""
         c, size = self.num_codebooks, self.codebook_size
+        if torch.compiler.is_compiling() or not torch._C._functorch.is_functorch_wrapped_tensor(indices):
+            self._add_counts(indices, c, size)
+            return
+        # Under torch.func (vmap, grad): every sample counts into the one histogram, which is no transform's input
+        # (the transforms refuse an in-place update of a captured tensor), so count outside them.
+        while torch._C._functorch.is_functorch_wrapped_tensor(indices):
+            bdim = torch._C._functorch.maybe_get_bdim(indices)
+            indices = torch._C._functorch.get_unwrapped(indices)
+            indices = indices.movedim(bdim, 0) if bdim is not None and bdim >= 0 else indices
+        from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
+
+        with temporarily_clear_interpreter_stack():
+            self._add_counts(indices, c, size)
+
+    def _add_counts(self, indices: torch.Tensor, c: int, size: int) -> None:
         flat = indices.reshape(-1, c)
         valid = flat >= 0
         slot = flat.clamp(min=0).to(torch.int64) + torch.arange(c, device=flat.device) * size

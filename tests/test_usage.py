@@ -193,6 +193,47 @@ def test_codebooks_past_int32_without_indices(channel_first, backend):
     assert torch.equal(out.nan_to_num(9.0), reference(z)[0].nan_to_num(9.0))
 
 
+def test_codebooks_past_int32_without_indices_with_projections(backend):
+    """With projections (fused on the Triton path): the same outputs as the PyTorch path, no indices."""
+    torch.manual_seed(0)
+    fsq = FSQ([16] * 10, dim=9, return_indices=False, backend=backend)
+    torch.manual_seed(0)
+    reference = FSQ([16] * 10, dim=9, return_indices=False, backend="torch")
+    z = torch.randn(2, 7, 9, generator=torch.Generator().manual_seed(1))
+    out, indices = fsq(z)
+    assert indices is None
+    torch.testing.assert_close(out, reference(z)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_vmap_counts_every_sample(backend):
+    """torch.func.vmap over the module: the vmapped samples fold into the batch, all counted in one histogram."""
+    fsq = FSQ(LEVELS, num_codebooks=2, track_usage=True, backend=backend)
+    z = torch.randn(3, 2, 9, 6, generator=torch.Generator().manual_seed(8))
+    out, indices = torch.func.vmap(fsq)(z)
+    assert indices.shape == (3, 2, 9, 2)
+    assert torch.equal(fsq.usage_counts, bincounts(indices, 2, 60))
+    without = FSQ(LEVELS, num_codebooks=2, track_usage=True, return_indices=False, backend=backend)
+    out_without, none = torch.func.vmap(without, out_dims=(0, None))(z)
+    assert none is None and torch.equal(out_without, out)
+    assert torch.equal(without.usage_counts, fsq.usage_counts)
+
+
+@pytest.mark.parametrize("dim", [None, 7])
+def test_grad_transforms_count_every_sample(dim, backend):
+    """torch.func.vmap(torch.func.grad(...)): counted once per sample (the kernel, or the index_add_ of the PyTorch
+    path and the fused projections, outside the transforms), the gradient as without tracking."""
+    torch.manual_seed(0)
+    fsq = FSQ(LEVELS, dim=dim, num_codebooks=2, track_usage=True, backend=backend)
+    torch.manual_seed(0)
+    plain = FSQ(LEVELS, dim=dim, num_codebooks=2, backend=backend)
+    z = torch.randn(3, 2, 9, fsq.dim, generator=torch.Generator().manual_seed(9))
+    grads = torch.func.vmap(torch.func.grad(lambda x: fsq(x)[0].sum()))(z)
+    expected = torch.func.vmap(torch.func.grad(lambda x: plain(x)[0].sum()))(z)
+    torch.testing.assert_close(grads, expected, rtol=0, atol=0)
+    _, indices = plain(z.reshape(6, 9, fsq.dim))
+    assert torch.equal(fsq.usage_counts, bincounts(indices, 2, 60))
+
+
 def test_forward_kernel_allocates_no_indices():
     """The launcher passes an empty (0,) int32 tensor where the indices would go; the op's fake implementation
     gives the same shape (torch.compile and export see it)."""
@@ -285,3 +326,19 @@ def test_gpu_counts_inside_a_cuda_graph():
     torch.cuda.synchronize()
     _, indices = reference(z)
     assert torch.equal(fsq.usage_counts.cpu(), 3 * bincounts(indices.cpu(), 2, 1000))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("return_indices", [True, False])
+def test_gpu_compiled_counts_with_cuda_graphs(return_indices):
+    """torch.compile(mode="reduce-overhead", fullgraph=True): Inductor's CUDA graphs replay the counting kernel."""
+    torch.compiler.reset()
+    fsq = FSQ([8, 5, 5, 5], num_codebooks=2, track_usage=True, return_indices=return_indices).cuda()
+    compiled = torch.compile(fsq, mode="reduce-overhead", fullgraph=True)
+    z = torch.randn(4, 1000, 8, device="cuda")
+    for _ in range(4):
+        out, indices = compiled(z)
+    torch.cuda.synchronize()
+    _, expected = FSQ([8, 5, 5, 5], num_codebooks=2).cuda()(z)
+    assert (indices is None) != return_indices
+    assert torch.equal(fsq.usage_counts.cpu(), 4 * bincounts(expected.cpu(), 2, 1000))
