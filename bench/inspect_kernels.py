@@ -18,7 +18,9 @@ gives) is available on any machine, for whichever triton is installed (the GPU m
 The variants are what the launchers produce for the common cases (strides specialised as Triton does at
 launch: a stride of 1 becomes a constant, values divisible by 16 are marked so): the streaming kernels
 (forward, backward, decode) in float32, bfloat16 and float16, channel-first (token stride 1) and channel-last
-(channel stride 1, 8 channels), plus the 64-bit-offset forward with large levels and the fused projections.
+(channel stride 1, token strides marked divisible by 16: c*d a multiple of 16), the float32 channel-last ones
+again with a token stride of 8 (8 channels, not divisible by 16), plus the 64-bit-offset forward with large
+levels and the fused projections.
 
 ``--json`` prints one JSON object per line, one per kernel. Run it with the interpreter off (its kernels
 cannot be compiled); ``tests/test_sm90_compile.py`` asserts the goals on this output.
@@ -27,6 +29,7 @@ cannot be compiled); ``tests/test_sm90_compile.py`` asserts the goals on this ou
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -126,6 +129,14 @@ def variants() -> list[Variant]:
     for dt in ("fp32", "bf16", "fp16"):
         for layout in ("channel-first", "channel-last"):
             out += _streaming(dt, layout)
+    # The channel-last rows above mark the token strides divisible by 16, as Triton does at launch when c*d is a
+    # multiple of 16. With 8 channels (token stride 8) Triton cannot mark them, and the compiler no longer knows that a
+    # token's channels are aligned: these rows compile what such a launch runs.
+    for v in _streaming("fp32", "channel-last"):
+        out.append(dataclasses.replace(
+            v, name=f"{v.name}, token stride 8", tags={**v.tags, "kind": v.tags["kind"] + " token-stride-8"},
+            divisible_by_16=tuple(n for n in v.divisible_by_16 if not re.fullmatch(r"stride_[a-z]n", n)),
+        ))
     out.append(Variant(
         "forward fp32, 64-bit offsets, levels 100", F._fsq_forward_kernel,
         {"z_ptr": "*fp32", "out_ptr": "*fp32", "idx_ptr": "*i32", "val_ptr": "*fp32", "int_ptr": "*i32",
