@@ -197,10 +197,12 @@ def forward_tile(
     Memory traffic per element: read ``z`` once from DRAM (4 B float32, 2 B bfloat16/float16; channel-last
     reads it a second time from L1 when an index is needed), write ``out`` once (same size); the per-level
     tables (a few hundred bytes) stay in cache. Per flag:
-        ``WRITE_INDICES``: + 4 B of int32 index written per ``d`` elements (False: 0 B, and no L1 re-read);
-        ``TRACK_USAGE``:   + one 8 B atomic add per ``d`` elements (a read-modify-write of the histogram entry,
-                           resolved in L2: the histogram, 8 B x codebook_size <= 8 MiB per codebook, is read
-                           and written by atomics only, never streamed).
+        ``WRITE_INDICES``: + 4 B of int32 index written per ``d`` elements (4/d B per element; False: none, and
+                           with ``TRACK_USAGE`` also False no index is reduced and channel-last skips the L1 re-read);
+        ``TRACK_USAGE``:   + one 8 B int64 atomic add per ``d`` elements (8/d B per element, a read-modify-write
+                           of one histogram entry, done in L2: the histogram, 8 B x codebook_size <= 8 MiB per
+                           codebook, is touched by atomics only, never streamed or zeroed by this kernel; tokens
+                           of one code contend for its entry, as ``index_add_``'s atomics would).
     """
     b, n_start = tile_origin(num_n_blocks, BLOCK_N, OFFSET_64)
     ROW: tl.constexpr = COL_THRESHOLDS + 2 * MAX_LEVEL - 1      # floats per row of the value table
