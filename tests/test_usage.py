@@ -101,6 +101,23 @@ def test_counts_across_programs_and_partial_blocks(backend):
     assert torch.equal(fsq.usage_counts, 2 * bincounts(indices, c, 240))
 
 
+@pytest.mark.parametrize("channel_first", [False, True])
+def test_counts_with_64_bit_offsets(channel_first, monkeypatch):
+    """The 64-bit-offset variant (taken past 2**31 elements; forced here) counts the same."""
+    if not _triton_runs_here():
+        pytest.skip("needs the Triton path (a GPU, or TRITON_INTERPRET=1)")
+    from fsq_triton.ops import fsq as fsq_ops
+
+    monkeypatch.setattr(fsq_ops, "_needs_int64", lambda *tensors: True)
+    fsq = FSQ(LEVELS, num_codebooks=2, track_usage=True, channel_first=channel_first, backend="triton")
+    reference = FSQ(LEVELS, num_codebooks=2, channel_first=channel_first, backend="torch")
+    z = torch.randn(2, 6, 13) if channel_first else torch.randn(2, 13, 6)
+    out, indices = fsq(z)
+    expected_out, expected_indices = reference(z)
+    assert torch.equal(out, expected_out) and torch.equal(indices, expected_indices)
+    assert torch.equal(fsq.usage_counts, bincounts(expected_indices, 2, 60))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_counts_half_precision(dtype, backend):
     fsq = FSQ(LEVELS, num_codebooks=2, track_usage=True, backend=backend)
