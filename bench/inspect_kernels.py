@@ -99,7 +99,7 @@ def _streaming(dt: str, layout: str) -> list[Variant]:
         {"z_ptr": "*" + dt, "out_ptr": "*" + dt, "idx_ptr": "*i32", "val_ptr": "*fp32", "int_ptr": "*i32",
          **_ints("N", "num_n_blocks", *rz, *ro)},
         dict(**sz, **so, C=1, D=8, C_PAD=1, D_PAD=8, MAX_LEVEL=8, BLOCK_N=default("forward")["BLOCK_N"], CHANNEL_ROWS=cf,
-             OFFSET_64=False),
+             OFFSET_64=False, DENSE=not cf),
         ("z_ptr", "out_ptr", "idx_ptr", "val_ptr", "int_ptr", "N", *rz, *ro), default("forward")["num_warps"],
         tags={**tags, "kind": "forward"},
     ))
@@ -109,7 +109,8 @@ def _streaming(dt: str, layout: str) -> list[Variant]:
         f"backward {dt} {layout}", F._fsq_backward_kernel,
         {"g_ptr": "*" + dt, "z_ptr": "*" + dt, "dz_ptr": "*" + dt, "val_ptr": "*fp32",
          **_ints("N", "num_n_blocks", *rg, *rz, *rd)},
-        dict(**sg, **sz, **sd, CD=8, D=8, CD_PAD=8, MAX_LEVEL=8, BLOCK_N=default("backward")["BLOCK_N"], OFFSET_64=False),
+        dict(**sg, **sz, **sd, CD=8, D=8, CD_PAD=8, MAX_LEVEL=8, BLOCK_N=default("backward")["BLOCK_N"], OFFSET_64=False,
+             DENSE=not cf),
         ("g_ptr", "z_ptr", "dz_ptr", "val_ptr", "N", *rg, *rz, *rd), default("backward")["num_warps"],
         tags={**tags, "kind": "backward"},
     ))
@@ -118,7 +119,7 @@ def _streaming(dt: str, layout: str) -> list[Variant]:
         {"idx_ptr": "*i32", "out_ptr": "*" + dt, "val_ptr": "*fp32", "int_ptr": "*i32",
          **_ints("N", "num_n_blocks", "codebook_size", *ro)},
         dict(**so, C=1, D=8, C_PAD=1, D_PAD=8, MAX_LEVEL=8, BLOCK_N=default("decode")["BLOCK_N"], CHANNEL_ROWS=cf,
-             GROUPS=max(1, 8 * (4 if dt == "fp32" else 2) // 16), OFFSET_64=False),
+             GROUPS=max(1, 8 * (4 if dt == "fp32" else 2) // 16), OFFSET_64=False, DENSE=not cf),
         ("idx_ptr", "out_ptr", "val_ptr", "int_ptr", "N", *ro), default("decode")["num_warps"], tags={**tags, "kind": "decode"},
     ))
     return out
@@ -130,8 +131,8 @@ def variants() -> list[Variant]:
         for layout in ("channel-first", "channel-last"):
             out += _streaming(dt, layout)
     # The channel-last rows above mark the token strides divisible by 16, as Triton does at launch when c*d is a
-    # multiple of 16. With 8 channels (token stride 8) Triton cannot mark them, and the compiler no longer knows that a
-    # token's channels are aligned: these rows compile what such a launch runs.
+    # multiple of 16. With 8 channels (token stride 8) Triton cannot mark them: these rows compile what such a launch
+    # runs (a contiguous input: the backward and decode take the token stride as the constexpr DENSE asks for).
     for v in _streaming("fp32", "channel-last"):
         out.append(dataclasses.replace(
             v, name=f"{v.name}, token stride 8", tags={**v.tags, "kind": v.tags["kind"] + " token-stride-8"},
@@ -141,7 +142,8 @@ def variants() -> list[Variant]:
         "forward fp32, 64-bit offsets, levels 100", F._fsq_forward_kernel,
         {"z_ptr": "*fp32", "out_ptr": "*fp32", "idx_ptr": "*i32", "val_ptr": "*fp32", "int_ptr": "*i32",
          **_ints("N", "num_n_blocks", "stride_zb", "stride_zc", "stride_zn", "stride_ob", "stride_oc", "stride_on")},
-        dict(C=2, D=3, C_PAD=2, D_PAD=4, MAX_LEVEL=100, BLOCK_N=512, CHANNEL_ROWS=True, OFFSET_64=True), num_warps=8,
+        dict(C=2, D=3, C_PAD=2, D_PAD=4, MAX_LEVEL=100, BLOCK_N=512, CHANNEL_ROWS=True, OFFSET_64=True, DENSE=False),
+        num_warps=8,
         tags={"kind": "forward-large-levels"},
     ))
     for dt in ("fp32", "bf16"):

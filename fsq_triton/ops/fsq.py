@@ -135,6 +135,7 @@ def _fsq_forward_kernel(
     stride_ob, stride_oc, stride_on,
     C: tl.constexpr, D: tl.constexpr, C_PAD: tl.constexpr, D_PAD: tl.constexpr,
     MAX_LEVEL: tl.constexpr, BLOCK_N: tl.constexpr, CHANNEL_ROWS: tl.constexpr, OFFSET_64: tl.constexpr,
+    DENSE: tl.constexpr,
 ):
     """FSQ forward, the default launch: ``out`` and the int32 indices, no usage counts.
 
@@ -144,7 +145,7 @@ def _fsq_forward_kernel(
     forward_tile(
         z_ptr, out_ptr, idx_ptr, idx_ptr, val_ptr, int_ptr, N, num_n_blocks, 0,
         stride_zb, stride_zc, stride_zn, stride_ob, stride_oc, stride_on,
-        C, D, C_PAD, D_PAD, MAX_LEVEL, BLOCK_N, CHANNEL_ROWS, OFFSET_64, True, False, 1,
+        C, D, C_PAD, D_PAD, MAX_LEVEL, BLOCK_N, CHANNEL_ROWS, OFFSET_64, True, False, 1, DENSE,
     )
 
 
@@ -156,13 +157,14 @@ def _fsq_forward_flags_kernel(
     stride_ob, stride_oc, stride_on,
     C: tl.constexpr, D: tl.constexpr, C_PAD: tl.constexpr, D_PAD: tl.constexpr,
     MAX_LEVEL: tl.constexpr, BLOCK_N: tl.constexpr, CHANNEL_ROWS: tl.constexpr, OFFSET_64: tl.constexpr,
-    WRITE_INDICES: tl.constexpr, TRACK_USAGE: tl.constexpr, COUNT_SPLIT: tl.constexpr,
+    WRITE_INDICES: tl.constexpr, TRACK_USAGE: tl.constexpr, COUNT_SPLIT: tl.constexpr, DENSE: tl.constexpr,
 ):
     """FSQ forward with ``WRITE_INDICES`` / ``TRACK_USAGE`` chosen by the launch: :func:`forward_tile`."""
     forward_tile(
         z_ptr, out_ptr, idx_ptr, hist_ptr, val_ptr, int_ptr, N, num_n_blocks, hist_stride,
         stride_zb, stride_zc, stride_zn, stride_ob, stride_oc, stride_on,
         C, D, C_PAD, D_PAD, MAX_LEVEL, BLOCK_N, CHANNEL_ROWS, OFFSET_64, WRITE_INDICES, TRACK_USAGE, COUNT_SPLIT,
+        DENSE,
     )
 
 
@@ -174,7 +176,7 @@ def forward_tile(
     stride_ob, stride_oc, stride_on,
     C: tl.constexpr, D: tl.constexpr, C_PAD: tl.constexpr, D_PAD: tl.constexpr,
     MAX_LEVEL: tl.constexpr, BLOCK_N: tl.constexpr, CHANNEL_ROWS: tl.constexpr, OFFSET_64: tl.constexpr,
-    WRITE_INDICES: tl.constexpr, TRACK_USAGE: tl.constexpr, COUNT_SPLIT: tl.constexpr,
+    WRITE_INDICES: tl.constexpr, TRACK_USAGE: tl.constexpr, COUNT_SPLIT: tl.constexpr, DENSE: tl.constexpr,
 ):
     """FSQ forward, one pass over a tile of ``BLOCK_N`` tokens x all ``c*d`` channels.
 
@@ -192,7 +194,8 @@ def forward_tile(
     ``CHANNEL_ROWS`` (channel-first): channel by channel, a row of ``BLOCK_N`` tokens with the channel's
     constants as scalars. Otherwise (channel-last): ``out`` from a (tokens, codebooks, channels) tile, and the
     index from the channel rows of the same tokens, re-read from L1 (no reduction across lanes; skipped
-    when neither flag needs the index).
+    when neither flag needs the index). ``DENSE``: ``z`` and ``out`` are channel-last contiguous, and their
+    token stride is the constexpr ``C * D`` (:func:`dense_token_stride`).
 
     Memory traffic per element: read ``z`` once from DRAM (4 B float32, 2 B bfloat16/float16; channel-last
     reads it a second time from L1 when an index is needed), write ``out`` once (same size); the per-level
@@ -206,6 +209,9 @@ def forward_tile(
     """
     b, n_start = tile_origin(num_n_blocks, BLOCK_N, OFFSET_64)
     ROW: tl.constexpr = COL_THRESHOLDS + 2 * MAX_LEVEL - 1      # floats per row of the value table
+    if DENSE:  # z and out channel-last contiguous: the token stride as a constexpr (see dense_token_stride)
+        stride_zn = C * D
+        stride_on = C * D
 
     if not CHANNEL_ROWS:
         # Channel-last: `out` from a (tokens, codebooks, channels) tile, channels fastest (128-bit accesses).
@@ -289,7 +295,7 @@ def _fsq_backward_kernel(
     stride_zb, stride_zc, stride_zn,
     stride_db, stride_dc, stride_dn,
     CD: tl.constexpr, D: tl.constexpr, CD_PAD: tl.constexpr, MAX_LEVEL: tl.constexpr,
-    BLOCK_N: tl.constexpr, OFFSET_64: tl.constexpr,
+    BLOCK_N: tl.constexpr, OFFSET_64: tl.constexpr, DENSE: tl.constexpr,
 ):
     """Straight-through FSQ backward, recomputed from the saved input ``z`` alone.
 
@@ -301,8 +307,14 @@ def _fsq_backward_kernel(
 
     Memory traffic per element: read ``g`` and ``z`` (4 B each in float32, 2 B in half precision),
     write ``dz`` (same size); nothing else was saved.
+
+    ``DENSE``: all three are channel-last contiguous, and their token stride is the constexpr ``CD``.
     """
     b, n_start = tile_origin(num_n_blocks, BLOCK_N, OFFSET_64)
+    if DENSE:  # see dense_token_stride
+        stride_gn = CD
+        stride_zn = CD
+        stride_dn = CD
 
     chan = tl.arange(0, CD_PAD)[:, None]
     nn = n_start + tl.arange(0, BLOCK_N)[None, :]
@@ -336,7 +348,7 @@ def _fsq_decode_kernel(
     stride_ob, stride_oc, stride_on,
     C: tl.constexpr, D: tl.constexpr, C_PAD: tl.constexpr, D_PAD: tl.constexpr,
     MAX_LEVEL: tl.constexpr, BLOCK_N: tl.constexpr, CHANNEL_ROWS: tl.constexpr, GROUPS: tl.constexpr,
-    OFFSET_64: tl.constexpr,
+    OFFSET_64: tl.constexpr, DENSE: tl.constexpr,
 ):
     """``indices_to_codes``: token indices ``(b, n, c)`` to codes on the feature view ``(b, c*d, n)``.
 
@@ -380,6 +392,8 @@ def _fsq_decode_kernel(
         # or the codes through shared memory). `opaque_one` (= 1) hides the tokens' contiguity from the compiler,
         # which would otherwise lay the index load out for 128-bit loads of 4 tokens and convert that layout.
         W: tl.constexpr = D_PAD // GROUPS
+        if DENSE:  # see dense_token_stride
+            stride_on = C * D
         nn = n_start + tl.arange(0, BLOCK_N)[:, None, None]
         gg = tl.arange(0, C_PAD * GROUPS)[None, :, None]
         cc = gg // GROUPS
@@ -435,6 +449,14 @@ def _token_axes(*features: torch.Tensor) -> tuple[int, int, list[tuple[int, int,
     if b > 1 and all(sb == n * sn for sb, _, sn in strides):
         return 1, b * n, [(0, sc, sn) for _, sc, sn in strides]
     return b, n, strides
+
+
+def dense_token_stride(channels: int, *strides: tuple[int, int, int]) -> bool:
+    """Whether every (batch, channel, token) stride triple is channel-last contiguous (channel stride 1, token stride
+    ``channels``). The kernels then take the token stride as a constexpr: Triton marks a runtime stride divisible by
+    16 only when it is, so with 4 or 8 channels it could not see that a token's channels are adjacent and aligned,
+    and compiled scalar accesses (sm_90, both triton versions: ``bench/inspect_kernels.py``'s token-stride-8 rows)."""
+    return all(sc == 1 and sn == channels for _, sc, sn in strides)
 
 
 def _skip_launch(*grid_args, **kwargs):
@@ -546,12 +568,14 @@ def forward_triton(z, values, integers, num_codebooks: int, channels_last: bool,
     c_pad, d_pad = next_pow2(num_codebooks), next_pow2(d)
     offset_64 = _needs_int64(z, out, indices, *(() if usage is None else (usage,)))
     flags = not write_indices or usage is not None
+    dense = dense_token_stride(cd, sz, so)
 
     def launch(cfg):
         nblocks = cdiv(tokens, cfg["BLOCK_N"])
         common = dict(
             C=num_codebooks, D=d, C_PAD=c_pad, D_PAD=d_pad, MAX_LEVEL=max_level,
-            BLOCK_N=cfg["BLOCK_N"], CHANNEL_ROWS=not channels_last, OFFSET_64=offset_64, num_warps=cfg["num_warps"],
+            BLOCK_N=cfg["BLOCK_N"], CHANNEL_ROWS=not channels_last, OFFSET_64=offset_64, DENSE=dense,
+            num_warps=cfg["num_warps"],
         )
         if not flags:
             _launch(_fsq_forward_kernel, z)[(rows * nblocks,)](
@@ -582,6 +606,7 @@ def backward_triton(grad_out, z, values, channels_last: bool):
         return grad_z
     rows, tokens, (sg, sz, sd) = _token_axes(grad_out, z, grad_z)
     cd_pad = next_pow2(cd)
+    dense = dense_token_stride(cd, sg, sz, sd)
     offset_64 = _needs_int64(grad_out, z, grad_z)
 
     def launch(cfg):
@@ -590,7 +615,7 @@ def backward_triton(grad_out, z, values, channels_last: bool):
             grad_out, z, grad_z, values,
             tokens, nblocks, *sg, *sz, *sd,
             CD=cd, D=d, CD_PAD=cd_pad, MAX_LEVEL=max_level,
-            BLOCK_N=cfg["BLOCK_N"], OFFSET_64=offset_64, num_warps=cfg["num_warps"],
+            BLOCK_N=cfg["BLOCK_N"], OFFSET_64=offset_64, DENSE=dense, num_warps=cfg["num_warps"],
         )
 
     _configured_launch("backward", z, rows * tokens, cd_pad, z.dtype, channels_last, launch)
@@ -608,6 +633,7 @@ def decode_triton(indices, values, integers, codebook_size: int, channels_last: 
     rows, tokens, (so,) = _token_axes(out)
     c_pad, d_pad = next_pow2(c), next_pow2(d)
     offset_64 = _needs_int64(indices, out)
+    dense = dense_token_stride(c * d, so)
 
     def launch(cfg):
         nblocks = cdiv(tokens, cfg["BLOCK_N"])
@@ -616,7 +642,7 @@ def decode_triton(indices, values, integers, codebook_size: int, channels_last: 
             tokens, nblocks, codebook_size, *so,
             C=c, D=d, C_PAD=c_pad, D_PAD=d_pad, MAX_LEVEL=max_level, BLOCK_N=cfg["BLOCK_N"],
             CHANNEL_ROWS=not channels_last, GROUPS=max(1, d_pad * out.element_size() // 16),
-            OFFSET_64=offset_64, num_warps=cfg["num_warps"],
+            OFFSET_64=offset_64, DENSE=dense, num_warps=cfg["num_warps"],
         )
 
     _configured_launch("decode", out, rows * tokens, c_pad * d_pad, dtype, channels_last, launch)
