@@ -19,8 +19,9 @@ The variants are what the launchers produce for the common cases (strides specia
 launch: a stride of 1 becomes a constant, values divisible by 16 are marked so): the streaming kernels
 (forward, backward, decode) in float32, bfloat16 and float16, channel-first (token stride 1) and channel-last
 (channel stride 1, token strides marked divisible by 16: c*d a multiple of 16), the float32 channel-last ones
-again with a token stride of 8 (8 channels, not divisible by 16), plus the 64-bit-offset forward with large
-levels and the fused projections.
+again with a token stride of 8 (8 channels, not divisible by 16), the forward's flag kernel (no indices, or usage
+counted in the kernel) in float32 and bfloat16 and both layouts, plus the 64-bit-offset forward with large levels
+and the fused projections.
 
 ``--json`` prints one JSON object per line, one per kernel. Run it with the interpreter off (its kernels
 cannot be compiled); ``tests/test_sm90_compile.py`` asserts the goals on this output.
@@ -125,11 +126,37 @@ def _streaming(dt: str, layout: str) -> list[Variant]:
     return out
 
 
+def _forward_flags(dt: str, layout: str, write_indices: bool, track_usage: bool, what: str) -> Variant:
+    """``_fsq_forward_flags_kernel`` as ``forward_triton`` launches it for 8 channels, one codebook."""
+    cf = layout == "channel-first"
+    size = 4 if dt == "fp32" else 2
+    cfg = autotune.default_config(8, 1 << 24, kernel="forward", element_size=size, channels_last=not cf)
+    vector = 16 // size if cf else 4 if write_indices else 1  # forward_triton's COUNT_SPLIT rule, one codebook
+    split = max(1, min(vector, 8, cfg["BLOCK_N"] // (32 * cfg["num_warps"])))
+    tok = {"stride_zn": 1, "stride_on": 1} if cf else {"stride_zc": 1, "stride_oc": 1}
+    runtime = [n for n in ("stride_zb", "stride_zc", "stride_zn", "stride_ob", "stride_oc", "stride_on") if n not in tok]
+    return Variant(
+        f"forward flags {dt} {layout}, {what}", F._fsq_forward_flags_kernel,
+        {"z_ptr": "*" + dt, "out_ptr": "*" + dt, "idx_ptr": "*i32", "hist_ptr": "*i64", "val_ptr": "*fp32",
+         "int_ptr": "*i32", **_ints("N", "num_n_blocks", "hist_stride", *runtime)},
+        dict(**tok, C=1, D=8, C_PAD=1, D_PAD=8, MAX_LEVEL=8, BLOCK_N=cfg["BLOCK_N"], CHANNEL_ROWS=cf, OFFSET_64=False,
+             WRITE_INDICES=write_indices, TRACK_USAGE=track_usage, COUNT_SPLIT=split, DENSE=not cf),
+        ("z_ptr", "out_ptr", "idx_ptr", "hist_ptr", "val_ptr", "int_ptr", "N", *runtime), cfg["num_warps"],
+        tags={"kind": "forward-flags", "dtype": dt, "layout": layout},
+    )
+
+
 def variants() -> list[Variant]:
     out = []
     for dt in ("fp32", "bf16", "fp16"):
         for layout in ("channel-first", "channel-last"):
             out += _streaming(dt, layout)
+    # The forward's flag kernel (issue 11): indices off (return_indices=False), or usage counted in the kernel
+    # (track_usage), at the default configuration and with the launcher's COUNT_SPLIT.
+    for dt in ("fp32", "bf16"):
+        for layout in ("channel-first", "channel-last"):
+            for write_indices, track_usage, what in ((False, False, "no indices"), (True, True, "usage counted")):
+                out.append(_forward_flags(dt, layout, write_indices, track_usage, what))
     # The channel-last rows above mark the token strides divisible by 16, as Triton does at launch when c*d is a
     # multiple of 16. With 8 channels (token stride 8) Triton cannot mark them: these rows compile what such a launch
     # runs (a contiguous input: the backward and decode take the token stride as the constexpr DENSE asks for).
