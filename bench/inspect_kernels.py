@@ -19,8 +19,8 @@ The variants are what the launchers produce for the common cases (strides specia
 launch: a stride of 1 becomes a constant, values divisible by 16 are marked so): the streaming kernels
 (forward, backward, decode) in float32, bfloat16 and float16, channel-first (token stride 1) and channel-last
 (channel stride 1, token strides marked divisible by 16: c*d a multiple of 16), the float32 channel-last ones
-again with a token stride of 8 (8 channels, not divisible by 16), the forward's flag kernel (no indices, or usage
-counted in the kernel) in float32 and bfloat16 and both layouts, plus the 64-bit-offset forward with large levels
+again with a token stride of 8 (8 channels, not divisible by 16), the forward's flag kernel (no indices, usage
+counted in the kernel, or noise dropout drawn in it) in float32 and bfloat16 and both layouts, plus the 64-bit-offset forward with large levels
 and the fused projections.
 
 ``--json`` prints one JSON object per line, one per kernel. Run it with the interpreter off (its kernels
@@ -108,10 +108,10 @@ def _streaming(dt: str, layout: str) -> list[Variant]:
     sd, rd = strides("d", "bcn")
     out.append(Variant(
         f"backward {dt} {layout}", F._fsq_backward_kernel,
-        {"g_ptr": "*" + dt, "z_ptr": "*" + dt, "dz_ptr": "*" + dt, "val_ptr": "*fp32",
-         **_ints("N", "num_n_blocks", *rg, *rz, *rd)},
+        {"g_ptr": "*" + dt, "z_ptr": "*" + dt, "dz_ptr": "*" + dt, "val_ptr": "*fp32", "noise_p": "fp32",
+         **_ints("N", "num_n_blocks", "noise_seed", *rg, *rz, *rd)},
         dict(**sg, **sz, **sd, CD=8, D=8, CD_PAD=8, MAX_LEVEL=8, BLOCK_N=default("backward")["BLOCK_N"], OFFSET_64=False,
-             DENSE=not cf),
+             DENSE=not cf, NOISE=False),
         ("g_ptr", "z_ptr", "dz_ptr", "val_ptr", "N", *rg, *rz, *rd), default("backward")["num_warps"],
         tags={**tags, "kind": "backward"},
     ))
@@ -126,11 +126,13 @@ def _streaming(dt: str, layout: str) -> list[Variant]:
     return out
 
 
-def _forward_flags(dt: str, layout: str, write_indices: bool, track_usage: bool, what: str) -> Variant:
+def _forward_flags(dt: str, layout: str, write_indices: bool, track_usage: bool, what: str, noise: bool = False) -> Variant:
     """``_fsq_forward_flags_kernel`` as ``forward_triton`` launches it for 8 channels, one codebook."""
     cf = layout == "channel-first"
     size = 4 if dt == "fp32" else 2
     cfg = autotune.default_config(8, 1 << 24, kernel="forward", element_size=size, channels_last=not cf)
+    if noise:  # forward_triton's cap for noise dropout
+        cfg = dict(cfg, BLOCK_N=F.noise_block_n(cfg["BLOCK_N"], cfg["num_warps"], 8))
     vector = 16 // size if cf else 4 if write_indices else 1  # forward_triton's COUNT_SPLIT rule, one codebook
     split = max(1, min(vector, 8, cfg["BLOCK_N"] // (32 * cfg["num_warps"])))
     tok = {"stride_zn": 1, "stride_on": 1} if cf else {"stride_zc": 1, "stride_oc": 1}
@@ -138,9 +140,9 @@ def _forward_flags(dt: str, layout: str, write_indices: bool, track_usage: bool,
     return Variant(
         f"forward flags {dt} {layout}, {what}", F._fsq_forward_flags_kernel,
         {"z_ptr": "*" + dt, "out_ptr": "*" + dt, "idx_ptr": "*i32", "hist_ptr": "*i64", "val_ptr": "*fp32",
-         "int_ptr": "*i32", **_ints("N", "num_n_blocks", "hist_stride", *runtime)},
+         "int_ptr": "*i32", "noise_p": "fp32", **_ints("N", "num_n_blocks", "hist_stride", "noise_seed", *runtime)},
         dict(**tok, C=1, D=8, C_PAD=1, D_PAD=8, MAX_LEVEL=8, BLOCK_N=cfg["BLOCK_N"], CHANNEL_ROWS=cf, OFFSET_64=False,
-             WRITE_INDICES=write_indices, TRACK_USAGE=track_usage, COUNT_SPLIT=split, DENSE=not cf),
+             WRITE_INDICES=write_indices, TRACK_USAGE=track_usage, COUNT_SPLIT=split, DENSE=not cf, NOISE=noise),
         ("z_ptr", "out_ptr", "idx_ptr", "hist_ptr", "val_ptr", "int_ptr", "N", *runtime), cfg["num_warps"],
         tags={"kind": "forward-flags", "dtype": dt, "layout": layout},
     )
@@ -157,6 +159,7 @@ def variants() -> list[Variant]:
         for layout in ("channel-first", "channel-last"):
             for write_indices, track_usage, what in ((False, False, "no indices"), (True, True, "usage counted")):
                 out.append(_forward_flags(dt, layout, write_indices, track_usage, what))
+            out.append(_forward_flags(dt, layout, True, False, "noise dropout", noise=True))
     # The channel-last rows above mark the token strides divisible by 16, as Triton does at launch when c*d is a
     # multiple of 16. With 8 channels (token stride 8) Triton cannot mark them: these rows compile what such a launch
     # runs (a contiguous input: the backward and decode take the token stride as the constexpr DENSE asks for).

@@ -327,13 +327,15 @@ class FSQ(nn.Module):
         return None
 
     def _quantize_feature(
-        self, feature: torch.Tensor, channels_last: bool, num_codebooks: int | None = None, forward: bool = False
+        self, feature: torch.Tensor, channels_last: bool, num_codebooks: int | None = None, forward: bool = False,
+        noise: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(b, c*d, n) -> codes (b, c*d, n) in feature's dtype, indices (b, n, c) int32; differentiable.
 
         ``forward=True`` (the module's forward, not :meth:`quantize`): the options apply. Without
         ``return_indices`` the indices are None (the kernel neither reduces nor stores them), and with
         ``track_usage`` the codes are counted into ``usage_counts`` (by the kernel itself on the Triton path).
+        ``noise=True`` (only where :meth:`_noise_in_kernel` said so): the kernel also applies the noise dropout.
         """
         c = self.num_codebooks if num_codebooks is None else num_codebooks
         tables = level_tables(self.levels, feature.device, self.bound_kind)
@@ -345,7 +347,11 @@ class FSQ(nn.Module):
                 raise RuntimeError(
                     f"usage_counts is on {usage.device} and the input on {feature.device}: move the module with .to()"
                 )
-            codes, indices = ops.apply_quantize(feature, tables.values, tables.integers, c, channels_last, write_indices, usage)
+            if noise:
+                codes, indices = ops.apply_quantize_noisy(
+                    feature, tables.values, tables.integers, c, channels_last, write_indices, usage, self.noise_dropout)
+            else:
+                codes, indices = ops.apply_quantize(feature, tables.values, tables.integers, c, channels_last, write_indices, usage)
             return codes, indices if write_indices else None
         codes, indices = torch_impl.quantize(feature, tables, c)
         if usage is not None:
@@ -524,13 +530,23 @@ class FSQ(nn.Module):
         dtype = h.dtype
         if self.orthogonal_rotation:  # in float32, as vqp's float32 buffer makes it
             h = rearrange(rearrange(h.float(), "b n (c d) -> b n c d", c=c) @ self.orthogonal_rot.float(), "b n c d -> b n (c d)")
-        codes, indices = self._quantize_feature(h.transpose(1, 2), channels_last=True, forward=True)
+        noise_in_kernel = self._noise_in_kernel(h)
+        codes, indices = self._quantize_feature(h.transpose(1, 2), channels_last=True, forward=True, noise=noise_in_kernel)
         codes = codes.transpose(1, 2)
-        if self._noise_active():
+        if self._noise_active() and not noise_in_kernel:
             codes = self._apply_noise(codes.float())
         if self.orthogonal_rotation:
             codes = rearrange(rearrange(codes.float(), "b n (c d) -> b n c d", c=c) @ self.orthogonal_rot.float().t(), "b n c d -> b n (c d)")
         return codes.to(dtype), indices
+
+    def _noise_in_kernel(self, h: torch.Tensor) -> bool:
+        """Whether this call's noise dropout is drawn in the forward kernel (no noise tensor in memory): in training
+        with noise, on the Triton path, in a plain eager call (``ops.noise_in_kernel``). torch.compile, export,
+        torch.func and dispatch modes take :meth:`_apply_noise` (torch ops) instead."""
+        if not self._noise_active():
+            return False
+        ops = self._triton_ops(h)
+        return ops is not None and ops.noise_in_kernel(h)
 
     def _apply_noise(self, codes: torch.Tensor) -> torch.Tensor:
         """vqp's ``maybe_apply_noise``: with probability ``noise_dropout`` per element add ``U(-1/2, 1/2)``, then clamp

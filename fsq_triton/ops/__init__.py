@@ -14,19 +14,23 @@ from .autograd import (
     FSQFunction,
     FSQProjectedFunction,
     IndicesToCodesProjectedFunction,
+    NoisyQuantizeFunction,
     QuantizeBackwardFunction,
     apply_indices_to_codes,
     apply_indices_to_codes_projected,
     apply_quantize,
+    apply_quantize_noisy,
     apply_quantize_projected,
+    noise_in_kernel,
 )
 from .fsq import indices_to_codes, quantize, quantize_backward
 from .fsq_projected import indices_to_codes_projected, quantize_projected
 from . import residual as _residual  # noqa: F401  registers fsq_triton::residual_* (torch.export.load needs them)
 
 __all__ = [
-    "FSQFunction", "FSQProjectedFunction", "IndicesToCodesProjectedFunction", "QuantizeBackwardFunction",
-    "apply_quantize", "apply_quantize_projected", "apply_indices_to_codes", "apply_indices_to_codes_projected",
+    "FSQFunction", "FSQProjectedFunction", "IndicesToCodesProjectedFunction", "NoisyQuantizeFunction",
+    "QuantizeBackwardFunction", "apply_quantize", "apply_quantize_noisy", "apply_quantize_projected", "noise_in_kernel",
+    "apply_indices_to_codes", "apply_indices_to_codes_projected",
     "quantize", "quantize_backward", "indices_to_codes", "quantize_projected", "indices_to_codes_projected",
     "interpreting",
 ]

@@ -458,6 +458,47 @@ def apply_quantize(z, values, integers, num_codebooks: int, channels_last: bool,
     return _apply(FSQFunction, _Quantize)(*args, usage)
 
 
+class NoisyQuantizeFunction(torch.autograd.Function):
+    """``(out, indices) = NoisyQuantizeFunction.apply(z, values, integers, c, channels_last, write_indices, usage, seed, p)``:
+    the fused quantizer with vqp's noise dropout drawn in the kernel (:func:`fsq.noise_dropout`), eager only.
+
+    The backward redraws the same noise from ``seed`` and passes no gradient where its clamp cut a noisy code (as
+    autograd through vqp's ``clamp`` does). Used only for plain eager calls (:func:`noise_in_kernel`); a gradient
+    of that gradient (``create_graph=True``) raises ``NotImplementedError`` (the PyTorch backend has it).
+    """
+
+    @staticmethod
+    def forward(ctx, z, values, integers, num_codebooks, channels_last, write_indices, usage, seed, p):
+        out, indices = forward_triton(z, values, integers, num_codebooks, channels_last, write_indices, usage, (seed, p))
+        ctx.save_for_backward(z, values)
+        ctx.channels_last, ctx.noise = channels_last, (seed, p)
+        ctx.mark_non_differentiable(indices)
+        return out, indices
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_indices):
+        if torch.is_grad_enabled():
+            raise NotImplementedError(
+                "fsq_triton: a gradient of the gradient (create_graph=True) through noise_dropout's in-kernel noise is "
+                "not supported; use backend='torch' for that training step")
+        z, values = ctx.saved_tensors
+        grad_z = backward_triton(grad_out, z, values, ctx.channels_last, ctx.noise)  # element ids: any strides
+        return grad_z, None, None, None, None, None, None, None, None
+
+
+def noise_in_kernel(z: torch.Tensor) -> bool:
+    """Whether noise dropout on ``z`` runs in the kernel: a plain eager call (no torch.compile, export, torch.func
+    transform or dispatch mode, which take the noise in torch ops instead) on the Triton path."""
+    return op_or_launcher(_ops.quantize, forward_triton, z) is forward_triton
+
+
+def apply_quantize_noisy(z, values, integers, num_codebooks: int, channels_last: bool, write_indices: bool, usage, p: float):
+    """:func:`apply_quantize` with vqp's noise dropout of probability ``p`` drawn in the kernel, seeded from torch's
+    CPU generator (so ``torch.manual_seed`` reproduces it; drawing it costs no device sync)."""
+    seed = int(torch.randint(0, 2**31 - 2, (), device="cpu"))
+    return NoisyQuantizeFunction.apply(z, values, integers, num_codebooks, channels_last, write_indices, usage, seed, p)
+
+
 def apply_quantize_projected(x, w_in, b_in, w_out, b_out, values, integers, num_codebooks: int, channels_last: bool):
     """Differentiable fused project_in -> quantize -> project_out: ``(out (b, dim, n), indices (b, n, c))``.
 

@@ -143,40 +143,54 @@ def _fsq_forward_kernel(
     the traffic); :func:`_fsq_forward_flags_kernel` is the same tile with the two flags free.
     """
     forward_tile(
-        z_ptr, out_ptr, idx_ptr, idx_ptr, val_ptr, int_ptr, N, num_n_blocks, 0,
+        z_ptr, out_ptr, idx_ptr, idx_ptr, val_ptr, int_ptr, N, num_n_blocks, 0, 0, 0.0,
         stride_zb, stride_zc, stride_zn, stride_ob, stride_oc, stride_on,
-        C, D, C_PAD, D_PAD, MAX_LEVEL, BLOCK_N, CHANNEL_ROWS, OFFSET_64, True, False, 1, DENSE,
+        C, D, C_PAD, D_PAD, MAX_LEVEL, BLOCK_N, CHANNEL_ROWS, OFFSET_64, True, False, 1, DENSE, False,
     )
 
 
 @triton.jit
 def _fsq_forward_flags_kernel(
     z_ptr, out_ptr, idx_ptr, hist_ptr, val_ptr, int_ptr,
-    N, num_n_blocks, hist_stride,
+    N, num_n_blocks, hist_stride, noise_seed, noise_p,
     stride_zb, stride_zc, stride_zn,
     stride_ob, stride_oc, stride_on,
     C: tl.constexpr, D: tl.constexpr, C_PAD: tl.constexpr, D_PAD: tl.constexpr,
     MAX_LEVEL: tl.constexpr, BLOCK_N: tl.constexpr, CHANNEL_ROWS: tl.constexpr, OFFSET_64: tl.constexpr,
     WRITE_INDICES: tl.constexpr, TRACK_USAGE: tl.constexpr, COUNT_SPLIT: tl.constexpr, DENSE: tl.constexpr,
+    NOISE: tl.constexpr,
 ):
-    """FSQ forward with ``WRITE_INDICES`` / ``TRACK_USAGE`` chosen by the launch: :func:`forward_tile`."""
+    """FSQ forward with ``WRITE_INDICES`` / ``TRACK_USAGE`` / ``NOISE`` chosen by the launch: :func:`forward_tile`."""
     forward_tile(
-        z_ptr, out_ptr, idx_ptr, hist_ptr, val_ptr, int_ptr, N, num_n_blocks, hist_stride,
+        z_ptr, out_ptr, idx_ptr, hist_ptr, val_ptr, int_ptr, N, num_n_blocks, hist_stride, noise_seed, noise_p,
         stride_zb, stride_zc, stride_zn, stride_ob, stride_oc, stride_on,
         C, D, C_PAD, D_PAD, MAX_LEVEL, BLOCK_N, CHANNEL_ROWS, OFFSET_64, WRITE_INDICES, TRACK_USAGE, COUNT_SPLIT,
-        DENSE,
+        DENSE, NOISE,
     )
+
+
+@triton.jit
+def noise_dropout(code, seed, p, element):
+    """vqp's noise dropout on codes: with probability ``p``, ``clamp(code + U(-1/2, 1/2), -1, 1)``; else ``code``.
+    Two Philox draws per element, from ``(seed, element)`` and ``(seed + 1, element)``, ``element`` its id in the token-major order
+    ``(token * c*d + channel)`` (the same for either layout and whether the batch is folded or not), so the
+    backward recomputes the same draw. No noise tensor exists in memory."""
+    u_hit = tl.rand(seed, element)  # two draws, not one rand4x: using two of its four outputs made triton (3.6
+    u_offset = tl.rand(seed + 1, element)  # and 3.9) exchange them through shared memory with dozens of barriers
+    noisy = tl.minimum(tl.maximum(code + (u_offset - 0.5), -1.0), 1.0)
+    return tl.where(u_hit < p, noisy, code)
 
 
 @triton.jit
 def forward_tile(
     z_ptr, out_ptr, idx_ptr, hist_ptr, val_ptr, int_ptr,
-    N, num_n_blocks, hist_stride,
+    N, num_n_blocks, hist_stride, noise_seed, noise_p,
     stride_zb, stride_zc, stride_zn,
     stride_ob, stride_oc, stride_on,
     C: tl.constexpr, D: tl.constexpr, C_PAD: tl.constexpr, D_PAD: tl.constexpr,
     MAX_LEVEL: tl.constexpr, BLOCK_N: tl.constexpr, CHANNEL_ROWS: tl.constexpr, OFFSET_64: tl.constexpr,
     WRITE_INDICES: tl.constexpr, TRACK_USAGE: tl.constexpr, COUNT_SPLIT: tl.constexpr, DENSE: tl.constexpr,
+    NOISE: tl.constexpr,
 ):
     """FSQ forward, one pass over a tile of ``BLOCK_N`` tokens x all ``c*d`` channels.
 
@@ -205,7 +219,10 @@ def forward_tile(
         ``TRACK_USAGE``:   + one 8 B int64 atomic add per ``d`` elements (8/d B per element, a read-modify-write
                            of one histogram entry, done in L2: the histogram, 8 B x codebook_size <= 8 MiB per
                            codebook, is touched by atomics only, never streamed or zeroed by this kernel; tokens
-                           of one code contend for its entry, as ``index_add_``'s atomics would).
+                           of one code contend for its entry, as ``index_add_``'s atomics would);
+        ``NOISE``:         no memory traffic: each ``out`` element is :func:`noise_dropout` of its code (vqp's
+                           noise dropout, probability ``noise_p``, Philox keyed by ``noise_seed``); the index
+                           comes from the code before the noise, as in vqp.
     """
     b, n_start = tile_origin(num_n_blocks, BLOCK_N, OFFSET_64)
     ROW: tl.constexpr = COL_THRESHOLDS + 2 * MAX_LEVEL - 1      # floats per row of the value table
@@ -226,6 +243,8 @@ def forward_tile(
         zt = tl.load(z_ptr + (b * stride_zb + chan * stride_zc + tt * stride_zn), mask=mask, other=0.0).to(tl.float32)
         _, code = quantize_levels(zt, val_ptr + dd * ROW, d_ok, MAX_LEVEL)
         code = tl.where(zt != zt, zt, code)
+        if NOISE:
+            code = noise_dropout(code, noise_seed, noise_p, (b * N + tt) * (C * D) + chan)
         tl.store(out_ptr + (b * stride_ob + chan * stride_oc + tt * stride_on),
                  cast_rne(code, out_ptr.dtype.element_ty), mask=mask)
 
@@ -250,8 +269,11 @@ def forward_tile(
                 level, code = quantize_levels(z, val_ptr + j * ROW, None, MAX_LEVEL)
                 is_nan = z != z
                 if CHANNEL_ROWS:
+                    code = tl.where(is_nan, z, code)
+                    if NOISE:
+                        code = noise_dropout(code, noise_seed, noise_p, (b * N + nn) * (C * D) + (c * D + j))
                     tl.store(out_ptr + (b * stride_ob + (c * D + j) * stride_oc + nn * stride_on),
-                             cast_rne(tl.where(is_nan, z, code), out_ptr.dtype.element_ty), mask=n_ok)
+                             cast_rne(code, out_ptr.dtype.element_ty), mask=n_ok)
                 if WRITE_INDICES or TRACK_USAGE:
                     index += level * tl.load(int_ptr + j * INT_COLS + COL_BASIS)
                     token_nan = token_nan | is_nan
@@ -290,12 +312,12 @@ def count_usage(row_ptr, index, counted, SPLIT: tl.constexpr):
 @triton.jit
 def _fsq_backward_kernel(
     g_ptr, z_ptr, dz_ptr, val_ptr,
-    N, num_n_blocks,
+    N, num_n_blocks, noise_seed, noise_p,
     stride_gb, stride_gc, stride_gn,
     stride_zb, stride_zc, stride_zn,
     stride_db, stride_dc, stride_dn,
     CD: tl.constexpr, D: tl.constexpr, CD_PAD: tl.constexpr, MAX_LEVEL: tl.constexpr,
-    BLOCK_N: tl.constexpr, OFFSET_64: tl.constexpr, DENSE: tl.constexpr,
+    BLOCK_N: tl.constexpr, OFFSET_64: tl.constexpr, DENSE: tl.constexpr, NOISE: tl.constexpr,
 ):
     """Straight-through FSQ backward, recomputed from the saved input ``z`` alone.
 
@@ -309,6 +331,9 @@ def _fsq_backward_kernel(
     write ``dz`` (same size); nothing else was saved.
 
     ``DENSE``: all three are channel-last contiguous, and their token stride is the constexpr ``CD``.
+    ``NOISE``: the forward's noise dropout (:func:`noise_dropout`, same ``noise_seed``, ``noise_p``) is redrawn,
+    and ``dz = 0`` where its clamp cut the noisy code (``code + offset`` outside ``[-1, 1]``, as torch's clamp
+    passes no gradient there); the code is recomputed from ``z`` with the forward's thresholds. No extra traffic.
     """
     b, n_start = tile_origin(num_n_blocks, BLOCK_N, OFFSET_64)
     if DENSE:  # see dense_token_stride
@@ -338,6 +363,13 @@ def _fsq_backward_kernel(
     sech2 = 4.0 * u / ((1.0 + u) * (1.0 + u))
     inside = (z >= clamp_lo) & (z < clamp_hi)
     dz = tl.where(smooth, g * scale * sech2, tl.where(inside, g * scale, 0.0))
+    if NOISE:
+        _, code = quantize_levels(z, val_ptr + j * ROW, c_ok, MAX_LEVEL)
+        element = (b * N + nn) * CD + chan
+        u_hit = tl.rand(noise_seed, element)
+        u_offset = tl.rand(noise_seed + 1, element)
+        noisy = code + (u_offset - 0.5)
+        dz = tl.where((u_hit < noise_p) & ((noisy < -1.0) | (noisy > 1.0)), 0.0, dz)
     tl.store(dz_ptr + (b * stride_db + chan * stride_dc + nn * stride_dn), cast_rne(dz, dz_ptr.dtype.element_ty), mask=mask)
 
 
@@ -451,6 +483,13 @@ def _token_axes(*features: torch.Tensor) -> tuple[int, int, list[tuple[int, int,
     return b, n, strides
 
 
+def noise_block_n(block_n: int, num_warps: int, channel_tile: int) -> int:
+    """``BLOCK_N`` for a forward launch with in-kernel noise dropout: at most 8 elements a thread (two Philox
+    draws an element; sm_90 on triton 3.6 and 3.9: 32 elements a thread took 254-255 registers, one block an SM)."""
+    cap = max(16, 1 << max(0, (8 * 32 * num_warps // channel_tile).bit_length() - 1))
+    return min(block_n, cap)
+
+
 def dense_token_stride(channels: int, *strides: tuple[int, int, int]) -> bool:
     """Whether every (batch, channel, token) stride triple is channel-last contiguous (channel stride 1, token stride
     ``channels``). The kernels then take the token stride as a constexpr: Triton marks a runtime stride divisible by
@@ -548,12 +587,13 @@ def _configured_launch(kernel_name: str, probe: torch.Tensor, tokens: int, chann
 
 
 def forward_triton(z, values, integers, num_codebooks: int, channels_last: bool, write_indices: bool = True,
-                   usage: torch.Tensor | None = None):
+                   usage: torch.Tensor | None = None, noise: tuple[int, float] | None = None):
     """Launch the forward kernel: z (b, c*d, n) -> out (b, c*d, n) in z's dtype, indices (b, n, c) int32.
 
     ``write_indices=False``: the kernel neither reduces nor stores the indices, and ``indices`` is an empty
     ``(0,)`` int32 tensor (so any codebook size works). ``usage``: a ``(c, codebook_size)`` int64 contiguous
     histogram on z's device, to which the kernel adds each counted token's code (in place, no host sync).
+    ``noise``: ``(seed, p)``, vqp's noise dropout on ``out`` drawn in the kernel (:func:`noise_dropout`).
     """
     b, cd, n = z.shape
     d, max_level = integers.shape[0], _lv.max_level_of(values)
@@ -567,10 +607,13 @@ def forward_triton(z, values, integers, num_codebooks: int, channels_last: bool,
     rows, tokens, (sz, so) = _token_axes(z, out)
     c_pad, d_pad = next_pow2(num_codebooks), next_pow2(d)
     offset_64 = _needs_int64(z, out, indices, *(() if usage is None else (usage,)))
-    flags = not write_indices or usage is not None
+    flags = not write_indices or usage is not None or noise is not None
     dense = dense_token_stride(cd, sz, so)
+    noise_seed, noise_p = noise if noise is not None else (0, 0.0)
 
     def launch(cfg):
+        if noise is not None:
+            cfg = dict(cfg, BLOCK_N=noise_block_n(cfg["BLOCK_N"], cfg["num_warps"], c_pad * d_pad))
         nblocks = cdiv(tokens, cfg["BLOCK_N"])
         common = dict(
             C=num_codebooks, D=d, C_PAD=c_pad, D_PAD=d_pad, MAX_LEVEL=max_level,
@@ -589,16 +632,18 @@ def forward_triton(z, values, integers, num_codebooks: int, channels_last: bool,
             vector = 16 // z.element_size() if not channels_last else 4 if write_indices and num_codebooks == 1 else 1
             split = max(1, min(vector, 8, cfg["BLOCK_N"] // (32 * cfg["num_warps"])))
             _launch(_fsq_forward_flags_kernel, z)[(rows * nblocks,)](
-                z, out, indices, hist, values, integers, tokens, nblocks, hist.shape[-1], *sz, *so, **common,
-                WRITE_INDICES=write_indices, TRACK_USAGE=usage is not None, COUNT_SPLIT=split,
+                z, out, indices, hist, values, integers, tokens, nblocks, hist.shape[-1], noise_seed, noise_p,
+                *sz, *so, **common,
+                WRITE_INDICES=write_indices, TRACK_USAGE=usage is not None, COUNT_SPLIT=split, NOISE=noise is not None,
             )
 
     _configured_launch("forward", z, rows * tokens, c_pad * d_pad, z.dtype, channels_last, launch)
     return out, indices
 
 
-def backward_triton(grad_out, z, values, channels_last: bool):
-    """Launch the backward kernel: grad_out, z (b, c*d, n) -> grad_z (b, c*d, n) in z's dtype."""
+def backward_triton(grad_out, z, values, channels_last: bool, noise: tuple[int, float] | None = None):
+    """Launch the backward kernel: grad_out, z (b, c*d, n) -> grad_z (b, c*d, n) in z's dtype; ``noise``: the
+    forward's ``(seed, p)``, whose clamp the gradient follows."""
     b, cd, n = z.shape
     d, max_level = values.shape[0], _lv.max_level_of(values)
     grad_z = _empty_feature(z.shape, z.device, channels_last, z.dtype)
@@ -608,14 +653,15 @@ def backward_triton(grad_out, z, values, channels_last: bool):
     cd_pad = next_pow2(cd)
     dense = dense_token_stride(cd, sg, sz, sd)
     offset_64 = _needs_int64(grad_out, z, grad_z)
+    noise_seed, noise_p = noise if noise is not None else (0, 0.0)
 
     def launch(cfg):
         nblocks = cdiv(tokens, cfg["BLOCK_N"])
         _launch(_fsq_backward_kernel, z)[(rows * nblocks,)](
             grad_out, z, grad_z, values,
-            tokens, nblocks, *sg, *sz, *sd,
+            tokens, nblocks, noise_seed, noise_p, *sg, *sz, *sd,
             CD=cd, D=d, CD_PAD=cd_pad, MAX_LEVEL=max_level,
-            BLOCK_N=cfg["BLOCK_N"], OFFSET_64=offset_64, DENSE=dense, num_warps=cfg["num_warps"],
+            BLOCK_N=cfg["BLOCK_N"], OFFSET_64=offset_64, DENSE=dense, NOISE=noise is not None, num_warps=cfg["num_warps"],
         )
 
     _configured_launch("backward", z, rows * tokens, cd_pad, z.dtype, channels_last, launch)
