@@ -88,6 +88,10 @@ def _floor_ste(z):
     return z + (z.floor() - z).detach()
 
 
+# Devices whose decode checks the index range on the host (raising IndexError); elsewhere bad indices decode to NaN.
+_RANGE_CHECKED_DEVICES = ("cpu",)
+
+
 class ResidualFSQ(nn.Module):
     """Residual FSQ (Algorithm 1 of arXiv 2107.03312 with FSQ stages), a drop-in for vqp's ``ResidualFSQ``.
 
@@ -266,6 +270,10 @@ class ResidualFSQ(nn.Module):
     def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """Scaled codes of every stage: ``(b, n, q)`` -> ``(q, b, n, d)`` (``(b, *spatial, q)`` -> ``(q, b, *spatial, d)``).
 
+        An index outside ``[0, codebook_size)`` (other than ``-1``) raises ``IndexError`` for CPU tensors; on CUDA,
+        where the check would cost a device sync (and break CUDA-graph capture), that stage's codes are NaN, as the
+        plain FSQ decode does.
+
         Index ``-1`` (a dropped stage) gives zero codes; fewer than ``q`` stages are padded with ``-1`` (needs
         ``quantize_dropout``, as vqp). With ``is_channel_first`` the indices are ``(b, q, *spatial)`` as ``forward``
         returns them (vqp's own decode misreads that layout).
@@ -277,19 +285,23 @@ class ResidualFSQ(nn.Module):
         if quantize_dim > self.num_quantizers:
             raise ValueError(f"indices have {quantize_dim} stages in their last axis, more than num_quantizers={self.num_quantizers}")
         bad = (indices < -1) | (indices >= self.codebook_size)
-        if bool(bad.any()):
+        if indices.device.type in _RANGE_CHECKED_DEVICES and bool(bad.any()):
             raise IndexError(f"indices must lie in [0, {self.codebook_size}) (or be -1 for a dropped stage), "
                              f"found {int(indices[bad].flatten()[0])}")
         indices, ps = pack([indices], "b * q")
+        bad, _ = pack([bad], "b * q")
         if quantize_dim < self.num_quantizers:
             if not self.quantize_dropout:
                 raise ValueError("quantize_dropout must be on to reconstruct from fewer stages than num_quantizers "
                                  f"({quantize_dim} < {self.num_quantizers}), as in vqp")
             indices = F.pad(indices, (0, self.num_quantizers - quantize_dim), value=-1)
+        if bad.shape[-1] < self.num_quantizers:  # the -1 padding above is valid
+            bad = F.pad(bad, (0, self.num_quantizers - bad.shape[-1]), value=False)
         mask = indices == -1
-        codes = self._codebook.to(indices.device)[indices.masked_fill(mask, 0).long()]      # b n q d
+        codes = self._codebook.to(indices.device)[indices.masked_fill(mask | bad, 0).long()]   # b n q d
         all_codes = rearrange(codes, "b n q d -> q b n d").masked_fill(rearrange(mask, "b n q -> q b n 1"), 0.0)
         all_codes = all_codes * rearrange(self.scales, "q d -> q 1 1 d")
+        all_codes = all_codes.masked_fill(rearrange(bad, "b n q -> q b n 1"), float("nan"))  # unchecked devices
         all_codes, = unpack(all_codes, ps, "q b * d")
         return all_codes
 

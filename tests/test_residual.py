@@ -531,6 +531,25 @@ def test_soft_clamp_outside_the_kernel_gives_the_same_results(grouped, monkeypat
     torch.testing.assert_close(results[0][2], results[1][2], rtol=1e-5, atol=1e-6)
 
 
+def test_decode_without_the_host_check_gives_nan_for_bad_indices(monkeypatch):
+    """On CUDA the decode skips the range check (a device sync): an index outside the codebook decodes to NaN codes
+    for that stage and token only, and -1 (a dropped stage) stays zero. Emulated on the CPU by unchecking it."""
+    import fsq_triton.residual as residual_module
+
+    m = ResidualFSQ(levels=[5, 5, 5], num_quantizers=3, quantize_dropout=True)
+    indices = torch.tensor([[[3, 7, 11], [125, 2, -1], [4, -3, 9]]])
+    checked = m.get_codes_from_indices(torch.where((indices < -1) | (indices >= 125), 0, indices))
+    monkeypatch.setattr(residual_module, "_RANGE_CHECKED_DEVICES", ())
+    codes = m.get_codes_from_indices(indices)                       # (q, b, n, d)
+    bad = torch.tensor([[False, False, False], [True, False, False], [False, True, False]])  # (n, q)
+    assert torch.isnan(codes[:, 0].permute(1, 0, 2)[bad]).all()
+    assert torch.equal(codes[:, 0].permute(1, 0, 2)[~bad], checked[:, 0].permute(1, 0, 2)[~bad])
+    assert torch.all(codes[2, 0, 1] == 0)                            # -1: a dropped stage
+    out = m.get_output_from_indices(indices)
+    assert torch.isnan(out[0, 1:]).all() and not torch.isnan(out[0, 0]).any()
+    assert torch.isnan(m.get_codes_from_indices(indices[..., :2])[:, 0, 1, :][0]).all()  # padded stages stay valid
+
+
 def test_soft_clamp_runs_in_torch_ops_on_cuda_by_default(monkeypatch):
     """The default (None) keeps the soft clamp out of the kernel on CUDA, where libdevice's tanhf differs from
     torch's (measured on an H200, 2026-11-28), and in it elsewhere (the interpreter's tanh is torch.tanh);
