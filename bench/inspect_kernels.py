@@ -98,10 +98,11 @@ def _streaming(dt: str, layout: str) -> list[Variant]:
     out.append(Variant(
         f"forward {dt} {layout}", F._fsq_forward_kernel,
         {"z_ptr": "*" + dt, "out_ptr": "*" + dt, "idx_ptr": "*i32", "val_ptr": "*fp32", "int_ptr": "*i32",
-         **_ints("N", "num_n_blocks", *rz, *ro)},
+         **DEFAULT_FORWARD_EXTRAS, **_ints("N", "num_n_blocks", *rz, *ro)},
         dict(**sz, **so, C=1, D=8, C_PAD=1, D_PAD=8, MAX_LEVEL=8, BLOCK_N=default("forward")["BLOCK_N"], CHANNEL_ROWS=cf,
-             OFFSET_64=False, DENSE=not cf),
-        ("z_ptr", "out_ptr", "idx_ptr", "val_ptr", "int_ptr", "N", *rz, *ro), default("forward")["num_warps"],
+             OFFSET_64=False, DENSE=not cf, **DEFAULT_FORWARD_FLAGS),
+        ("z_ptr", "out_ptr", "idx_ptr", "val_ptr", "int_ptr", "N", *rz, *ro, *DEFAULT_FORWARD_ALIGNED),
+        default("forward")["num_warps"],
         tags={**tags, "kind": "forward"},
     ))
     sg, rg = strides("g", "bcn")
@@ -126,8 +127,15 @@ def _streaming(dt: str, layout: str) -> list[Variant]:
     return out
 
 
+# The forward kernel's default launch (forward_triton): the histogram pointer is the index tensor, its stride and the
+# noise seed 0 (so marked divisible by 16), the noise probability 0.0, and the flags off.
+DEFAULT_FORWARD_EXTRAS = {"hist_ptr": "*i32", "hist_stride": "i32", "noise_seed": "i32", "noise_p": "fp32"}
+DEFAULT_FORWARD_ALIGNED = ("hist_ptr", "hist_stride", "noise_seed")
+DEFAULT_FORWARD_FLAGS = dict(WRITE_INDICES=True, TRACK_USAGE=False, COUNT_SPLIT=1, NOISE=False)
+
+
 def _forward_flags(dt: str, layout: str, write_indices: bool, track_usage: bool, what: str, noise: bool = False) -> Variant:
-    """``_fsq_forward_flags_kernel`` as ``forward_triton`` launches it for 8 channels, one codebook."""
+    """``_fsq_forward_kernel`` with its flags, as ``forward_triton`` launches it for 8 channels, one codebook."""
     cf = layout == "channel-first"
     size = 4 if dt == "fp32" else 2
     cfg = autotune.default_config(8, 1 << 24, kernel="forward", element_size=size, channels_last=not cf)
@@ -138,12 +146,15 @@ def _forward_flags(dt: str, layout: str, write_indices: bool, track_usage: bool,
     tok = {"stride_zn": 1, "stride_on": 1} if cf else {"stride_zc": 1, "stride_oc": 1}
     runtime = [n for n in ("stride_zb", "stride_zc", "stride_zn", "stride_ob", "stride_oc", "stride_on") if n not in tok]
     return Variant(
-        f"forward flags {dt} {layout}, {what}", F._fsq_forward_flags_kernel,
-        {"z_ptr": "*" + dt, "out_ptr": "*" + dt, "idx_ptr": "*i32", "hist_ptr": "*i64", "val_ptr": "*fp32",
-         "int_ptr": "*i32", "noise_p": "fp32", **_ints("N", "num_n_blocks", "hist_stride", "noise_seed", *runtime)},
+        f"forward flags {dt} {layout}, {what}", F._fsq_forward_kernel,
+        {"z_ptr": "*" + dt, "out_ptr": "*" + dt, "idx_ptr": "*i32", "hist_ptr": "*i64" if track_usage else "*i32",
+         "val_ptr": "*fp32", "int_ptr": "*i32", "noise_p": "fp32",
+         **_ints("N", "num_n_blocks", "hist_stride", "noise_seed", *runtime)},
         dict(**tok, C=1, D=8, C_PAD=1, D_PAD=8, MAX_LEVEL=8, BLOCK_N=cfg["BLOCK_N"], CHANNEL_ROWS=cf, OFFSET_64=False,
-             WRITE_INDICES=write_indices, TRACK_USAGE=track_usage, COUNT_SPLIT=split, DENSE=not cf, NOISE=noise),
-        ("z_ptr", "out_ptr", "idx_ptr", "hist_ptr", "val_ptr", "int_ptr", "N", *runtime), cfg["num_warps"],
+             WRITE_INDICES=write_indices, TRACK_USAGE=track_usage, COUNT_SPLIT=split if track_usage else 1,
+             DENSE=not cf, NOISE=noise),
+        ("z_ptr", "out_ptr", "idx_ptr", "hist_ptr", "val_ptr", "int_ptr", "N", *runtime,
+         *(() if track_usage else ("hist_stride",)), *(() if noise else ("noise_seed",))), cfg["num_warps"],
         tags={"kind": "forward-flags", "dtype": dt, "layout": layout},
     )
 
@@ -171,9 +182,11 @@ def variants() -> list[Variant]:
     out.append(Variant(
         "forward fp32, 64-bit offsets, levels 100", F._fsq_forward_kernel,
         {"z_ptr": "*fp32", "out_ptr": "*fp32", "idx_ptr": "*i32", "val_ptr": "*fp32", "int_ptr": "*i32",
+         **DEFAULT_FORWARD_EXTRAS,
          **_ints("N", "num_n_blocks", "stride_zb", "stride_zc", "stride_zn", "stride_ob", "stride_oc", "stride_on")},
-        dict(C=2, D=3, C_PAD=2, D_PAD=4, MAX_LEVEL=100, BLOCK_N=512, CHANNEL_ROWS=True, OFFSET_64=True, DENSE=False),
-        num_warps=8,
+        dict(C=2, D=3, C_PAD=2, D_PAD=4, MAX_LEVEL=100, BLOCK_N=512, CHANNEL_ROWS=True, OFFSET_64=True, DENSE=False,
+             **DEFAULT_FORWARD_FLAGS),
+        divisible_by_16=DEFAULT_FORWARD_ALIGNED, num_warps=8,
         tags={"kind": "forward-large-levels"},
     ))
     for dt in ("fp32", "bf16"):

@@ -1,9 +1,8 @@
 """Fused FSQ: Triton kernels, their launchers and the ``torch.library`` custom ops.
 
-Read top to bottom: the three kernels (forward, backward, decode; the forward's tile, ``forward_tile``, has two
-entry points: ``_fsq_forward_kernel``, the default launch with indices and no counts, and
-``_fsq_forward_flags_kernel``, whose ``WRITE_INDICES``/``TRACK_USAGE`` flags serve ``return_indices=False`` and
-``track_usage=True``), the launch heuristics, the custom
+Read top to bottom: the three kernels (forward, backward, decode; the forward's constexpr flags ``WRITE_INDICES``,
+``TRACK_USAGE`` and ``NOISE`` serve ``return_indices=False``, ``track_usage=True`` and ``noise_dropout``, and compile
+to the plain kernel when off), the launch heuristics, the custom
 ops in the ``fsq_triton`` namespace (a Triton implementation for CUDA; for CPU, unless ``TRITON_INTERPRET=1``
 asks for the kernels there, the kernels' table math in torch ops, ``torch_impl.quantize_by_tables``, which serves
 every bound without reading the tables on the host; and shape-only fake implementations).
@@ -128,48 +127,6 @@ def cast_rne(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def _fsq_forward_kernel(
-    z_ptr, out_ptr, idx_ptr, val_ptr, int_ptr,
-    N, num_n_blocks,
-    stride_zb, stride_zc, stride_zn,
-    stride_ob, stride_oc, stride_on,
-    C: tl.constexpr, D: tl.constexpr, C_PAD: tl.constexpr, D_PAD: tl.constexpr,
-    MAX_LEVEL: tl.constexpr, BLOCK_N: tl.constexpr, CHANNEL_ROWS: tl.constexpr, OFFSET_64: tl.constexpr,
-    DENSE: tl.constexpr,
-):
-    """FSQ forward, the default launch: ``out`` and the int32 indices, no usage counts.
-
-    :func:`forward_tile` with ``WRITE_INDICES=True, TRACK_USAGE=False`` (its docstring states the math and
-    the traffic); :func:`_fsq_forward_flags_kernel` is the same tile with the two flags free.
-    """
-    forward_tile(
-        z_ptr, out_ptr, idx_ptr, idx_ptr, val_ptr, int_ptr, N, num_n_blocks, 0, 0, 0.0,
-        stride_zb, stride_zc, stride_zn, stride_ob, stride_oc, stride_on,
-        C, D, C_PAD, D_PAD, MAX_LEVEL, BLOCK_N, CHANNEL_ROWS, OFFSET_64, True, False, 1, DENSE, False,
-    )
-
-
-@triton.jit
-def _fsq_forward_flags_kernel(
-    z_ptr, out_ptr, idx_ptr, hist_ptr, val_ptr, int_ptr,
-    N, num_n_blocks, hist_stride, noise_seed, noise_p,
-    stride_zb, stride_zc, stride_zn,
-    stride_ob, stride_oc, stride_on,
-    C: tl.constexpr, D: tl.constexpr, C_PAD: tl.constexpr, D_PAD: tl.constexpr,
-    MAX_LEVEL: tl.constexpr, BLOCK_N: tl.constexpr, CHANNEL_ROWS: tl.constexpr, OFFSET_64: tl.constexpr,
-    WRITE_INDICES: tl.constexpr, TRACK_USAGE: tl.constexpr, COUNT_SPLIT: tl.constexpr, DENSE: tl.constexpr,
-    NOISE: tl.constexpr,
-):
-    """FSQ forward with ``WRITE_INDICES`` / ``TRACK_USAGE`` / ``NOISE`` chosen by the launch: :func:`forward_tile`."""
-    forward_tile(
-        z_ptr, out_ptr, idx_ptr, hist_ptr, val_ptr, int_ptr, N, num_n_blocks, hist_stride, noise_seed, noise_p,
-        stride_zb, stride_zc, stride_zn, stride_ob, stride_oc, stride_on,
-        C, D, C_PAD, D_PAD, MAX_LEVEL, BLOCK_N, CHANNEL_ROWS, OFFSET_64, WRITE_INDICES, TRACK_USAGE, COUNT_SPLIT,
-        DENSE, NOISE,
-    )
-
-
-@triton.jit
 def noise_dropout(code, seed, p, element):
     """vqp's noise dropout on codes: with probability ``p``, ``clamp(code + U(-1/2, 1/2), -1, 1)``; else ``code``.
     Two Philox draws per element, from ``(seed, element)`` and ``(seed + 1, element)``, ``element`` its id in the token-major order
@@ -182,7 +139,7 @@ def noise_dropout(code, seed, p, element):
 
 
 @triton.jit
-def forward_tile(
+def _fsq_forward_kernel(
     z_ptr, out_ptr, idx_ptr, hist_ptr, val_ptr, int_ptr,
     N, num_n_blocks, hist_stride, noise_seed, noise_p,
     stride_zb, stride_zc, stride_zn,
@@ -192,7 +149,8 @@ def forward_tile(
     WRITE_INDICES: tl.constexpr, TRACK_USAGE: tl.constexpr, COUNT_SPLIT: tl.constexpr, DENSE: tl.constexpr,
     NOISE: tl.constexpr,
 ):
-    """FSQ forward, one pass over a tile of ``BLOCK_N`` tokens x all ``c*d`` channels.
+    """FSQ forward, one pass over a tile of ``BLOCK_N`` tokens x all ``c*d`` channels (the default launch:
+    ``WRITE_INDICES``, no ``TRACK_USAGE``, no ``NOISE``; ``hist_ptr`` and the noise arguments are then unused).
 
     Math, per element ``z`` of channel ``j`` (with ``L = L_j``, ``hw = L // 2``):
         level = #{k : z >= thr[j, k]}        (= round(tanh(z + shift) * half_l - offset) + hw; NaN padding never counts)
@@ -607,7 +565,6 @@ def forward_triton(z, values, integers, num_codebooks: int, channels_last: bool,
     rows, tokens, (sz, so) = _token_axes(z, out)
     c_pad, d_pad = next_pow2(num_codebooks), next_pow2(d)
     offset_64 = _needs_int64(z, out, indices, *(() if usage is None else (usage,)))
-    flags = not write_indices or usage is not None or noise is not None
     dense = dense_token_stride(cd, sz, so)
     noise_seed, noise_p = noise if noise is not None else (0, 0.0)
 
@@ -620,22 +577,19 @@ def forward_triton(z, values, integers, num_codebooks: int, channels_last: bool,
             BLOCK_N=cfg["BLOCK_N"], CHANNEL_ROWS=not channels_last, OFFSET_64=offset_64, DENSE=dense,
             num_warps=cfg["num_warps"],
         )
-        if not flags:
-            _launch(_fsq_forward_kernel, z)[(rows * nblocks,)](
-                z, out, indices, values, integers, tokens, nblocks, *sz, *so, **common,
-            )
-        else:
-            hist = indices if usage is None else usage
+        hist = indices if usage is None else usage  # (unused without TRACK_USAGE)
+        split = 1
+        if usage is not None:
             # Consecutive tokens a thread holds in the rows (see count_usage): as many as fill 16 bytes of a
             # channel-first row, or 4 where a contiguous int32 index row is written (one codebook), at most the
             # tokens per thread; else 1 (sm_90, triton 3.9 and 3.6: no shared memory for the counts then).
             vector = 16 // z.element_size() if not channels_last else 4 if write_indices and num_codebooks == 1 else 1
             split = max(1, min(vector, 8, cfg["BLOCK_N"] // (32 * cfg["num_warps"])))
-            _launch(_fsq_forward_flags_kernel, z)[(rows * nblocks,)](
-                z, out, indices, hist, values, integers, tokens, nblocks, hist.shape[-1], noise_seed, noise_p,
-                *sz, *so, **common,
-                WRITE_INDICES=write_indices, TRACK_USAGE=usage is not None, COUNT_SPLIT=split, NOISE=noise is not None,
-            )
+        _launch(_fsq_forward_kernel, z)[(rows * nblocks,)](
+            z, out, indices, hist, values, integers, tokens, nblocks, hist.shape[-1] if usage is not None else 0,
+            noise_seed, noise_p, *sz, *so, **common,
+            WRITE_INDICES=write_indices, TRACK_USAGE=usage is not None, COUNT_SPLIT=split, NOISE=noise is not None,
+        )
 
     _configured_launch("forward", z, rows * tokens, c_pad * d_pad, z.dtype, channels_last, launch)
     return out, indices
