@@ -141,8 +141,7 @@ def _forward_flags(dt: str, layout: str, write_indices: bool, track_usage: bool,
     cfg = autotune.default_config(8, 1 << 24, kernel="forward", element_size=size, channels_last=not cf)
     if noise:  # forward_triton's cap for noise dropout
         cfg = dict(cfg, BLOCK_N=F.noise_block_n(cfg["BLOCK_N"], cfg["num_warps"], 8))
-    vector = 16 // size if cf else 4 if write_indices else 1  # forward_triton's COUNT_SPLIT rule, one codebook
-    split = max(1, min(vector, 8, cfg["BLOCK_N"] // (32 * cfg["num_warps"])))
+    split = F.count_split(size, not cf, write_indices, 1, cfg["BLOCK_N"], cfg["num_warps"])
     tok = {"stride_zn": 1, "stride_on": 1} if cf else {"stride_zc": 1, "stride_oc": 1}
     runtime = [n for n in ("stride_zb", "stride_zc", "stride_zn", "stride_ob", "stride_oc", "stride_on") if n not in tok]
     return Variant(

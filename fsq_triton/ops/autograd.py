@@ -53,19 +53,10 @@ def op_or_launcher(op, launcher, *tensors: torch.Tensor):
     """
     if torch.compiler.is_compiling() or not fsq._runs_triton(tensors[0]):  # (the tensors share a device)
         return op
-    if torch._C._len_torch_dispatch_stack() > 0:
-        return op
     for t in tensors:
-        if t is None:
-            continue
-        if type(t) not in _PLAIN_TENSORS or torch._C._functorch.is_functorch_wrapped_tensor(t):
+        if t is not None and not (fsq._plain_eager(t) and not torch._C._functorch.is_functorch_wrapped_tensor(t)):
             return op
     return launcher
-
-
-# A fake tensor is a subclass (so is any other tensor subclass: its own __torch_dispatch__ must see the op);
-# torch.func's wrappers are plain ``torch.Tensor``s, told apart by ``is_functorch_wrapped_tensor``.
-_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 def _needs_no_autograd(*tensors: torch.Tensor | None) -> bool:

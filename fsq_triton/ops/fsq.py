@@ -127,15 +127,22 @@ def cast_rne(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def noise_dropout(code, seed, p, element):
-    """vqp's noise dropout on codes: with probability ``p``, ``clamp(code + U(-1/2, 1/2), -1, 1)``; else ``code``.
-    Two Philox draws per element, from ``(seed, element)`` and ``(seed + 1, element)``, ``element`` its id in the token-major order
-    ``(token * c*d + channel)`` (the same for either layout and whether the batch is folded or not), so the
-    backward recomputes the same draw. No noise tensor exists in memory."""
+def noise_draw(code, seed, p, element):
+    """vqp's noise dropout before its clamp: ``(hit, code + U(-1/2, 1/2))``, ``hit`` with probability ``p``.
+
+    Two Philox draws per element, from ``(seed, element)`` and ``(seed + 1, element)``, ``element`` its id in the
+    token-major order ``(token * c*d + channel)`` (the same for either layout and whether the batch is folded or
+    not): the forward (:func:`noise_dropout`) and the backward draw the same numbers. No noise tensor exists."""
     u_hit = tl.rand(seed, element)  # two draws, not one rand4x: using two of its four outputs made triton (3.6
     u_offset = tl.rand(seed + 1, element)  # and 3.9) exchange them through shared memory with dozens of barriers
-    noisy = tl.minimum(tl.maximum(code + (u_offset - 0.5), -1.0), 1.0)
-    return tl.where(u_hit < p, noisy, code)
+    return u_hit < p, code + (u_offset - 0.5)
+
+
+@triton.jit
+def noise_dropout(code, seed, p, element):
+    """vqp's noise dropout on codes: with probability ``p``, ``clamp(code + U(-1/2, 1/2), -1, 1)``; else ``code``."""
+    hit, noisy = noise_draw(code, seed, p, element)
+    return tl.where(hit, tl.minimum(tl.maximum(noisy, -1.0), 1.0), code)
 
 
 @triton.jit
@@ -323,11 +330,8 @@ def _fsq_backward_kernel(
     dz = tl.where(smooth, g * scale * sech2, tl.where(inside, g * scale, 0.0))
     if NOISE:
         _, code = quantize_levels(z, val_ptr + j * ROW, c_ok, MAX_LEVEL)
-        element = (b * N + nn) * CD + chan
-        u_hit = tl.rand(noise_seed, element)
-        u_offset = tl.rand(noise_seed + 1, element)
-        noisy = code + (u_offset - 0.5)
-        dz = tl.where((u_hit < noise_p) & ((noisy < -1.0) | (noisy > 1.0)), 0.0, dz)
+        hit, noisy = noise_draw(code, noise_seed, noise_p, (b * N + nn) * CD + chan)
+        dz = tl.where(hit & ((noisy < -1.0) | (noisy > 1.0)), 0.0, dz)
     tl.store(dz_ptr + (b * stride_db + chan * stride_dc + nn * stride_dn), cast_rne(dz, dz_ptr.dtype.element_ty), mask=mask)
 
 
@@ -441,6 +445,16 @@ def _token_axes(*features: torch.Tensor) -> tuple[int, int, list[tuple[int, int,
     return b, n, strides
 
 
+def count_split(element_size: int, channels_last: bool, write_indices: bool, num_codebooks: int, block_n: int,
+                num_warps: int) -> int:
+    """``COUNT_SPLIT`` of a forward launch that counts usage: the consecutive tokens a thread holds in the rows
+    (see count_usage), as many as fill 16 bytes of a channel-first row, or 4 where a contiguous int32 index row
+    is written (one codebook), at most the tokens per thread; else 1 (sm_90, triton 3.9 and 3.6: no shared
+    memory for the counts then)."""
+    vector = 16 // element_size if not channels_last else 4 if write_indices and num_codebooks == 1 else 1
+    return max(1, min(vector, 8, block_n // (32 * num_warps)))
+
+
 def noise_block_n(block_n: int, num_warps: int, channel_tile: int) -> int:
     """``BLOCK_N`` for a forward launch with in-kernel noise dropout: at most 8 elements a thread (two Philox
     draws an element; sm_90 on triton 3.6 and 3.9: 32 elements a thread took 254-255 registers, one block an SM)."""
@@ -483,10 +497,15 @@ def _launch(kernel, probe: torch.Tensor):
     return torch.library.wrap_triton(kernel)
 
 
+# A fake tensor is a subclass (so is any other tensor subclass: its own __torch_dispatch__ must see the op);
+# torch.func's wrappers are plain ``torch.Tensor``s, told apart by ``is_functorch_wrapped_tensor``.
+PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
 def _plain_eager(probe: torch.Tensor) -> bool:
     """Whether a launch on ``probe`` is a plain eager call: a real tensor, no dispatch mode, nothing compiling."""
     return (
-        type(probe) in (torch.Tensor, torch.nn.Parameter)
+        type(probe) in PLAIN_TENSORS
         and torch._C._len_torch_dispatch_stack() == 0
         and not torch.compiler.is_compiling()
     )
@@ -578,13 +597,8 @@ def forward_triton(z, values, integers, num_codebooks: int, channels_last: bool,
             num_warps=cfg["num_warps"],
         )
         hist = indices if usage is None else usage  # (unused without TRACK_USAGE)
-        split = 1
-        if usage is not None:
-            # Consecutive tokens a thread holds in the rows (see count_usage): as many as fill 16 bytes of a
-            # channel-first row, or 4 where a contiguous int32 index row is written (one codebook), at most the
-            # tokens per thread; else 1 (sm_90, triton 3.9 and 3.6: no shared memory for the counts then).
-            vector = 16 // z.element_size() if not channels_last else 4 if write_indices and num_codebooks == 1 else 1
-            split = max(1, min(vector, 8, cfg["BLOCK_N"] // (32 * cfg["num_warps"])))
+        split = 1 if usage is None else count_split(
+            z.element_size(), channels_last, write_indices, num_codebooks, cfg["BLOCK_N"], cfg["num_warps"])
         _launch(_fsq_forward_kernel, z)[(rows * nblocks,)](
             z, out, indices, hist, values, integers, tokens, nblocks, hist.shape[-1] if usage is not None else 0,
             noise_seed, noise_p, *sz, *so, **common,
