@@ -10,19 +10,22 @@ else an estimate from what it measured:
 
 | step | what | expected | limit |
 | --- | --- | --- | --- |
-| a | environment (GPU, driver, torch, triton) and the copy bandwidth (1 GiB copy) | 5 (measured 4.7) | 20 |
-| b | correctness: indices and ``out`` bit for bit against the reference module op for op on the same GPU (video 32x6x32x128x128 float32 and bfloat16, every calibrated threshold and its neighbours for 8 level sets in 2 layouts, projections float32/bfloat16/float16, decode, gradients): mismatch counts | 35 (34.4) | 50 |
+| a | environment (GPU, driver, torch, triton) and the copy bandwidth (1 GiB copy) | 5 (measured 4.7) | 10 |
+| b | correctness: indices and ``out`` bit for bit against the reference module op for op on the same GPU (video 32x6x32x128x128 float32 and bfloat16, every calibrated threshold and its neighbours for 8 level sets in 2 layouts, projections float32/bfloat16/float16, decode, gradients): mismatch counts | 35 (34.4) | 45 |
 | c | core speed: forward float32, forward bfloat16, forward+backward float32 as % of the copy bandwidth and against the reference, ``torch.compile`` of it, vqp, fsq_triton compiled | 37 (34.9; 37.1 rerun) | 45 |
 | d | projections x 64x4096x1024 bfloat16 (bound, vqp, reference, forward+backward); the tiny call 64x5x32x32 against one elementwise launch, compiled, eager and replayed from a CUDA graph | 36 (33.6; 36.3 rerun) | 45 |
-| p | Nsight Compute (``ncu --clock-control none``, sections SpeedOfLight, Occupancy, LaunchStats, WarpStateStats, ComputeWorkloadAnalysis) over ``bench/profile_kernels.py``: the float32 forward at the old and the new default configuration, the bfloat16 forward, the backward and the residual forward, each launched twice; one row of counters a launch (duration, DRAM and SM throughput, issue slots, occupancy, registers, the top stall reasons) | 40 (estimate) | 60 |
-| e | ``pytest -m gpu``, every GPU test function with at most 2 of its parametrizations (64 of 195 tests), each test under its own limit (60 s), no test started in the last 15 s (``bench/pytest_time_limit.py``) | 70 (estimate) | 90 |
+| v | vqp 1.32's options (issue 11): default, ``bound_hard_clamp``, ``preserve_symmetry``, both, ``channel_first`` (3-d ``(b, d, n)``), ``return_indices=False``, ``orthogonal_rotation``, ``noise_dropout`` in training, ``track_usage``, each on 32x262144x4 float32 values (33.5M), levels [8,5,5,5]: index and output mismatches against vqp's FSQ with the same options and state (the noisy forward: its indices against vqp's and its own without noise; ``track_usage``: its counts against a bincount), the forward's time over the plain forward's (eager and from a CUDA graph) | 25 (estimate) | 35 |
+| p | Nsight Compute (``ncu --clock-control none``, sections SpeedOfLight, Occupancy, LaunchStats, WarpStateStats, ComputeWorkloadAnalysis) over ``bench/profile_kernels.py``: the float32 forward at the old and the new default configuration, the bfloat16 forward, the backward and the residual forward, each launched twice; one row of counters a launch (duration, DRAM and SM throughput, issue slots, occupancy, registers, the top stall reasons) | 40 (estimate) | 50 |
+| e | ``pytest -m gpu``, every GPU test function with at most 2 of its parametrizations (64 of 195 tests), each test under its own limit (60 s), no test started in the last 15 s (``bench/pytest_time_limit.py``) | 70 (estimate) | 80 |
 | f | ``python -m fsq_triton autotune --quick --reset`` (at most 3 configurations a kernel), then a second process that must not re-tune | 30 (estimate) | 40 |
 | r | ResidualFSQ (issue 12): index parity with vqp on 20M elements, speed against vqp eager and compiled (``scripts/residual_gpu_check.py``, one JSON line a result) | 70 (under 75 alone) | 85 |
 | g | ``python -m fsq_triton bench --quick --no-compile`` | 40 (estimate) | what is left (>= 45) |
-| | total | 363 | 480 (8 minutes) |
+| | total | 388 | 480 (8 minutes) |
 
-The limits add up to 480 s (20 + 50 + 45 + 45 + 60 + 90 + 40 + 85 = 435, and g gets the 45 s left, or more when
-the steps before it end early), and the driver never gives a step more than what is left of the 480 s
+The limits add up to 480 s (10 + 45 + 45 + 45 + 35 + 50 + 80 + 40 + 85 = 435, and g gets the 45 s left, or more when
+the steps before it end early; step v's 35 s came from a (measured 4.7 s), b (34.4 s), p and e, whose deadline
+keeps it inside any limit at the cost of the last few sampled tests), and the driver never gives a step more than
+what is left of the 480 s
 (``--budget``), so the steps end within 8 minutes; installing the peers before them and writing the outputs after
 each take a few seconds more. The estimates, from the first run's logs: e ran 83 of the 195 GPU tests in its 90 s
 (1.08 s a test, pytest's start included), so 64 tests take about 64 x 1.08 = 69 s, about 70; more if the compile tests
@@ -33,7 +36,9 @@ on its own (100M did not finish in 45 s); g's 7 FSQ cases took 101 s, 79 s of it
 rows (the first-call table of its results.md), so without them (steps c and d time them) and without the
 ResidualFSQ cases (step r has them) about 22 s, after a start of about 10 s; p (ncu has not run here yet) replays each
 of its 10 launches once per pass of its 5 sections (a few dozen passes of a 0.1-0.7 ms kernel) after 5 Triton
-compiles and 1.5 GB of inputs: about 40 s. Steps c and d time
+compiles and 1.5 GB of inputs: about 40 s; v (not run on a GPU yet): a process start (about 4 s, as step a), five
+Triton compiles of the forward kernel (the default channel-last launch, channel-first, no indices, noise, usage
+counts; about 1.5 s each), 9 vqp forwards and 18 do_bench timings of about 0.3 s: about 25 s. Steps c and d time
 the default launch configurations (autotune runs in f).
 
 Output in ``$OUT`` (or ``--out``; default ``gpu-results``), rewritten as soon as each step ends, so a run cut
@@ -106,12 +111,13 @@ class Step:
 
 
 STEPS = (
-    Step("a", "environment", "environment and copy bandwidth", 5, 20),
-    Step("b", "correctness", "bit-for-bit correctness against the reference", 35, 50),
+    Step("a", "environment", "environment and copy bandwidth", 5, 10),
+    Step("b", "correctness", "bit-for-bit correctness against the reference", 35, 45),
     Step("c", "core", "core speed targets", 37, 45),
     Step("d", "projections", "projections, tiny call, compiled vs eager", 36, 45),
-    Step("p", "profile", "Nsight Compute counters of the kernels that missed their targets (bench/profile_kernels.py)", 40, 60),
-    Step("e", "gpu-tests", f"GPU tests (pytest -m gpu, at most {TEST_SAMPLE} parametrizations a test)", 70, 90),
+    Step("v", "variants", "vqp 1.32's options: parity with vqp, speed against the plain forward, usage tracking's cost", 25, 35),
+    Step("p", "profile", "Nsight Compute counters of the kernels that missed their targets (bench/profile_kernels.py)", 40, 50),
+    Step("e", "gpu-tests", f"GPU tests (pytest -m gpu, at most {TEST_SAMPLE} parametrizations a test)", 70, 80),
     Step("f", "autotune", "autotune --quick, and a second process that must not re-tune", 30, 40),
     Step("r", "residual", "ResidualFSQ: parity with vqp, speed (scripts/residual_gpu_check.py)", 70, 85),
     Step("g", "bench", "python -m fsq_triton bench --quick --no-compile", 40, None),
@@ -219,14 +225,14 @@ class Run:
             entry["status"] = "ok"
 
     def _measuring_step(self, step: Step, entry: dict, limit: float) -> None:
-        """Steps a-d: bench/gpu_targets.py in its own process, rows read back from <name>.json."""
+        """Steps a-d and v: bench/gpu_targets.py in its own process, rows read back from <name>.json."""
         command = [self.python, str(BENCH / "gpu_targets.py"), step.name, "--work", str(self.work)]
         rc, seconds = self.run_command(command + (["--cpu"] if self.cpu else []), f"{step.letter}-{step.name}.log", limit)
         self._status(entry, rc, seconds, limit)
         data = self.work / f"{step.name}.json"
         entry["result"] = json.loads(data.read_text()) if data.is_file() else None
 
-    step_environment = step_correctness = step_core = step_projections = _measuring_step
+    step_environment = step_correctness = step_core = step_projections = step_variants = _measuring_step
 
     def step_profile(self, step: Step, entry: dict, limit: float) -> None:
         """ncu over bench/profile_kernels.py: one row of counters a kernel launch (the raw page, selected columns)."""
@@ -509,6 +515,7 @@ def targets(results: dict, judged: bool) -> list[dict]:
         measured = fmt(value) if value is not None else _missing(results, letter)
         out.append({"target": name, "goal": goal, "step": letter, "measured": measured,
                     "value": value, "met": (bool(met(value)) if value is not None else None) if judged else None})
+        return out[-1]
 
     b, c, d = _rows(results, "b"), _rows(results, "c"), _rows(results, "d")
     exact = [row for row in b if row.get("target") == "0 and 0"]
@@ -551,6 +558,7 @@ def targets(results: dict, judged: bool) -> list[dict]:
         add(f"{label}: fsq_triton compiled over torch.compile of the reference", "< 1x", "c" if unit == "ms" else "d",
             comp / ref if comp and ref else None, lambda v: v < 1.0,
             lambda v, r=ref, k=comp: f"{v:.2f}x ({k:.3f} vs {r:.3f} {unit})")
+    variant_targets(results, add)
     tests = (results["steps"].get("e") or {}).get("result")
     tests_ok = tests and tests["tests"] - tests["skipped"] > 0
     sample = (tests or {}).get("sample") or {}
@@ -574,6 +582,65 @@ def targets(results: dict, judged: bool) -> list[dict]:
         second and second["retuned"], lambda v: v == 0,
         lambda v, s=second: f"{v} re-tuned, {s['entries']} cache entries")
     return out
+
+
+# Step v (issue 11): "each variant's forward at the plain forward's speed" read as within 10% of it, the same margin
+# as "usage tracking within 10%" of the plain forward
+VARIANT_SPEED_GOAL_X = 1.10
+USAGE_OVERHEAD_GOAL_PCT = 10.0
+
+
+def variant_targets(results: dict, add) -> None:
+    """Step v's targets, through ``targets``'s ``add``: index and output mismatches against vqp over every variant,
+    the noisy indices against the noiseless ones, and one speed row a variant (the variants step v planned, so a
+    cut run names those it did not reach; one row for all of them before step v has run). ``add`` appends each
+    to the list ``targets`` returns, and returns it."""
+    rows = _rows(results, "v")
+    result = (results["steps"].get("v") or {}).get("result") or {}
+    planned = result.get("planned") if isinstance(result, dict) else None
+    failed = [row for row in rows if "error" in row]
+    no_vqp = next((row["vqp"] for row in rows if row.get("vqp")), None)
+    extra = f"; {len(failed)} could not run ({', '.join(row['variant'] for row in failed)})" if failed else ""
+    for key, what in (("index_mismatches", "index"), ("output_mismatches", "output")):
+        counted = [row for row in rows if key in row]
+        total = sum(row[key] for row in counted) if counted else None
+        off = ", ".join(f"{row['variant']} {row[key]}"
+                        + (f" (max abs diff {row['max_abs_diff']:.2g})" if row.get("max_abs_diff") else "")
+                        for row in counted if row[key])
+        entry = add(f"vqp 1.32's options: {what} mismatches against vqp with the same options (every variant, one "
+                    "large input)", "0", "v", total, lambda v: v == 0 and not failed,
+                    lambda v, k=len(counted), off=off: f"{v} over {k} variants" + (f": {off}" if off else "") + extra)
+        if total is None and no_vqp:
+            entry["measured"] = f"not measured: {no_vqp}"
+    noisy = next((row for row in rows if "index_mismatches_vs_no_noise" in row), {})
+    add("noise_dropout in training: index mismatches against the same module's indices without noise", "0", "v",
+        noisy.get("index_mismatches_vs_no_noise"), lambda v: v == 0,
+        lambda v, r=noisy: f"{v} of {r['tokens']} tokens (noise moved {100 * r['noised_fraction']:.1f}% of the values)")
+    by_name = {row.get("variant"): row for row in rows}
+
+    def graph(r: dict) -> str:
+        return f"; CUDA graph {r['cuda_graph_x_plain']:.2f}x ({r['cuda_graph_ms']:.3f} ms)" if r.get("cuda_graph_x_plain") else ""
+
+    if not planned:
+        add("each of vqp 1.32's options: forward time over the plain forward", f"<= {VARIANT_SPEED_GOAL_X}x", "v",
+            None, None, None)
+        add("track_usage: forward time over the plain forward", f"<= +{USAGE_OVERHEAD_GOAL_PCT:g}%", "v", None, None, None)
+        return
+    for plan in planned:
+        row = by_name.get(plan["variant"], {})
+        if plan["speed"] == "x_plain":
+            entry = add(f"{plan['variant']}: forward time over the plain forward", f"<= {VARIANT_SPEED_GOAL_X}x", "v",
+                        row.get("x_plain"), lambda v: v <= VARIANT_SPEED_GOAL_X,
+                        lambda v, r=row: f"{v:.2f}x ({r['fsq_triton_ms']:.3f} vs {r['plain_ms']:.3f} ms){graph(r)}")
+        elif plan["speed"] == "overhead_pct":
+            entry = add(f"{plan['variant']}: forward time over the plain forward", f"<= +{USAGE_OVERHEAD_GOAL_PCT:g}%",
+                        "v", row.get("overhead_pct"), lambda v: v <= USAGE_OVERHEAD_GOAL_PCT,
+                        lambda v, r=row: f"{v:+.1f}% ({r['fsq_triton_ms']:.3f} vs {r['plain_ms']:.3f} ms){graph(r)}")
+        else:  # the plain forward itself: its errors stop every ratio, said in the rows above
+            continue
+        why = row.get("speed_error") or row.get("no_ratio") or (row.get("error") if "fsq_triton_ms" not in row else None)
+        if why:
+            entry["measured"] = f"not measured: {why}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -645,6 +712,18 @@ def summary_markdown(results: dict) -> str:
             for row in rows:
                 lines.append("- " + row.get("case", "?") + ": " + ", ".join(
                     f"{k} {_fmt(v)}" for k, v in row.items() if k not in ("case",)))
+    variants = _rows(results, "v")
+    if variants:
+        lines += ["", "## vqp 1.32's options (step v): parity with vqp, time over the plain forward", ""]
+        other = ("index_mismatches_vs_no_noise", "noised_fraction", "usage_count_mismatches", "usage_counted",
+                 "pct_of_bound", "cuda_graph_error", "indices", "vqp", "no_ratio", "error", "speed_error")
+        lines += _table(["variant", "options", "input", "index mismatches", "output mismatches", "max abs diff", "ms",
+                         "x plain", "CUDA graph ms", "CUDA graph x plain", "other"], [
+            [row.get("variant", "?"), _fmt(row.get("options")), _fmt(row.get("input")), _fmt(row.get("index_mismatches")),
+             _fmt(row.get("output_mismatches")), _fmt(row.get("max_abs_diff")), _fmt(row.get("fsq_triton_ms")),
+             _fmt(row.get("x_plain")), _fmt(row.get("cuda_graph_ms")), _fmt(row.get("cuda_graph_x_plain")),
+             "; ".join(f"{k} {_fmt(row[k])}" for k in other if k in row)]
+            for row in variants])
     notes = [(letter, note) for letter, entry in results["steps"].items()
              for note in ((entry.get("result") or {}).get("notes", []) if isinstance(entry.get("result"), dict) else [])]
     if notes:

@@ -1,9 +1,9 @@
-"""The measuring steps a-d of the GPU check, each run in its own process by ``bench/gpu_check.py``.
+"""The measuring steps a-d and v of the GPU check, each run in its own process by ``bench/gpu_check.py``.
 
-    python bench/gpu_targets.py STEP --work DIR [--cpu]        STEP: environment, correctness, core, projections
+    python bench/gpu_targets.py STEP --work DIR [--cpu]   STEP: environment, correctness, core, projections, variants
 
 Each step writes ``DIR/<step>.json`` after every row it measures, so a step stopped by its time limit still
-leaves the rows it finished. The targets (issues 2, 4, 5 and 9) are judged by ``gpu_check.py``:
+leaves the rows it finished. The targets (issues 2, 4, 5, 9 and 11) are judged by ``gpu_check.py``:
 
 a. ``environment``: GPU, driver, torch, triton, the peers; the copy bandwidth (a 1 GiB device copy);
 b. ``correctness``: indices and ``out`` bit for bit against the reference module run op for op on the same
@@ -16,7 +16,12 @@ c. ``core``: forward float32, forward bfloat16, forward+backward float32 on the 
    bandwidth, and ratios to the reference, ``torch.compile`` of the reference, vector-quantize-pytorch, and
    fsq_triton under ``torch.compile``;
 d. ``projections``: x 64x4096x1024 bfloat16, levels [8,5,5,5] (bound, vqp, reference in float32,
-   forward+backward); the tiny call 64x5x32x32 against one elementwise PyTorch launch, compiled, eager and replayed from a CUDA graph.
+   forward+backward); the tiny call 64x5x32x32 against one elementwise PyTorch launch, compiled, eager and replayed from a CUDA graph;
+v. ``variants``: vqp 1.32's options (issue 11: ``bound_hard_clamp``, ``preserve_symmetry``, both, ``channel_first``
+   with a 3-d ``(b, d, n)`` input, ``return_indices=False``, ``orthogonal_rotation``, ``noise_dropout`` in training,
+   and fsq_triton's ``track_usage``) on one input of 32x262144x4 float32 values (33.5M), levels [8,5,5,5]: index
+   and output mismatches against vqp's FSQ built with the same options and state (counts), and each forward's
+   time over the plain forward's, eager and replayed from a CUDA graph (the GPU's work without host time).
 
 Timing on CUDA: ``triton.testing.do_bench`` (CUDA events, median, L2 flushed before every repeat) for the
 bandwidth figures; back-to-back calls timed with events for the launch-bound tiny call. ``--cpu`` is the
@@ -47,10 +52,26 @@ import fsq_triton
 from fsq_triton import FSQ, level_tables
 from fsq_triton.bench.reference import ReferenceFSQ
 
-STEPS = ("environment", "correctness", "core", "projections")
+STEPS = ("environment", "correctness", "core", "projections", "variants")
 VIDEO_LEVELS = (8, 8, 8, 5, 5, 5)
 PROJECTION_LEVELS = (8, 5, 5, 5)
 TINY_LEVELS = (8, 5, 5, 5, 5)
+# step v: vqp 1.32's options (issue 11), each on one large input beside vqp's FSQ built with the same options
+VARIANT_LEVELS = (8, 5, 5, 5)
+NOISE_DROPOUT = 0.5  # the probability vqp 1.32 draws whatever its option says (bernoulli_'s default argument)
+# (name, the options both modules take, fsq_triton's keyword-only options); the first is the plain forward, the
+# baseline of every speed ratio
+VARIANTS = (
+    ("default", {}, {}),
+    ("bound_hard_clamp", {"bound_hard_clamp": True}, {}),
+    ("preserve_symmetry", {"preserve_symmetry": True}, {}),
+    ("preserve_symmetry + bound_hard_clamp", {"preserve_symmetry": True, "bound_hard_clamp": True}, {}),
+    ("channel_first (b, d, n)", {"channel_first": True}, {}),
+    ("return_indices=False", {"return_indices": False}, {}),
+    ("orthogonal_rotation", {"orthogonal_rotation": True}, {}),
+    (f"noise_dropout={NOISE_DROPOUT} (training)", {"preserve_symmetry": True, "noise_dropout": NOISE_DROPOUT}, {}),
+    ("track_usage", {}, {"track_usage": True}),
+)
 # (name, levels, num_codebooks) of the planted-threshold check: odd, even, mixed, every level 2..16, two codebooks
 PLANTED_SETS = (
     ("odd", (7, 5, 5, 5, 5), 1),
@@ -72,12 +93,13 @@ class Sizes:
     projection: tuple[int, ...]   # x (b, n, dim) of the projection targets
     projection_check: tuple[int, ...]  # x (b, n, dim) of the projection correctness checks
     tiny: tuple[int, ...]         # the launch-bound call of issue 5
+    variants: tuple[int, ...]     # z (b, n, d) of step v, d = len(VARIANT_LEVELS); channel-first: (b, d, n)
     random_tokens: int            # random tokens beside the planted ones
     copy_elements: int            # float32 elements of the bandwidth copy
 
 
-GPU_SIZES = Sizes((32, 6, 32, 128, 128), (64, 4096, 1024), (8, 4096, 1024), (64, 5, 32, 32), 2**20, 2**28)
-CPU_SIZES = Sizes((1, 6, 2, 8, 8), (1, 16, 32), (1, 16, 32), (2, 5, 4, 4), 64, 2**20)
+GPU_SIZES = Sizes((32, 6, 32, 128, 128), (64, 4096, 1024), (8, 4096, 1024), (64, 5, 32, 32), (32, 2**18, 4), 2**20, 2**28)
+CPU_SIZES = Sizes((1, 6, 2, 8, 8), (1, 16, 32), (1, 16, 32), (2, 5, 4, 4), (2, 40, 4), 64, 2**20)
 
 
 class Context:
@@ -535,6 +557,132 @@ def step_projections(ctx: Context) -> None:
     ctx.record(row)
 
 
+# --------------------------------------------------------------------------------------------------
+# v. vqp 1.32's options (issue 11): parity with vqp on a large input, speed against the plain forward
+# --------------------------------------------------------------------------------------------------
+
+
+def _options(options: dict, keywords: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in {**options, **keywords}.items()) or "-"
+
+
+def _error(err: Exception) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+
+
+def _variant_parity(ours: FSQ, vqp, x: torch.Tensor, training: bool, keywords: dict) -> dict:
+    """One forward of ``ours`` against ``vqp`` (same options and state; None: vqp absent) on ``x``: index and output
+    mismatches; in training (noise dropout) the indices against vqp's and against ``ours`` without noise, and the
+    share of values the noise moved; with ``track_usage`` one forward's counts against a bincount of its indices."""
+    row: dict = {}
+    with torch.no_grad():
+        out, indices = ours(x)
+        if vqp is not None:
+            ref_out, ref_indices = vqp(x)
+            if indices is not None or ref_indices is not None:
+                row["index_mismatches"] = bit_mismatches(indices, ref_indices)
+            if not training:  # noisy outputs are not compared (vqp draws with probability 0.5 whatever p is)
+                row["output_mismatches"] = bit_mismatches(out, ref_out.to(out.dtype))
+                row["max_abs_diff"] = max_abs_diff(out, ref_out)
+            del ref_out, ref_indices
+        if indices is None:
+            row["indices"] = "none (return_indices=False)"
+        if training:  # the noise must leave the indices as they are without it
+            quiet_out, quiet_indices = ours.eval()(x)
+            ours.train()
+            row["index_mismatches_vs_no_noise"] = bit_mismatches(indices, quiet_indices)
+            row["noised_fraction"] = bit_mismatches(out, quiet_out) / out.numel()
+            row["note"] = ("training mode: outputs are noisy, not compared; noised_fraction is the share of values "
+                           f"the noise moved (p = {ours.noise_dropout}, less the codes clamped back at +-1)")
+        if keywords.get("track_usage"):
+            ours.reset_usage()
+            _, counted = ours(x)
+            expected = torch.bincount(counted.reshape(-1).long(), minlength=ours.codebook_size)
+            row["usage_count_mismatches"] = int((ours.usage_counts[0] != expected).sum())
+            row["usage_counted"] = int(ours.usage_counts.sum())
+    return row
+
+
+def step_variants(ctx: Context) -> None:
+    """Each of :data:`VARIANTS` on one input of ``ctx.sizes.variants`` float32 values: fsq_triton's FSQ and vqp's,
+    built with the same options (vqp's ``state_dict`` loaded into fsq_triton's, so both rotate with the same ``R``),
+    index and output mismatches counted (never judged here), and fsq_triton's forward timed as a ratio to the
+    plain (default) forward of the same input. ``noise_dropout`` runs in training mode: its outputs are noisy (and
+    vqp draws with probability 0.5 whatever the option says), so only its indices are compared, against vqp's and
+    against the same module's forward without noise. ``track_usage``: the counts of one forward against a
+    bincount of its indices, and the forward's cost over the plain one in %. Without vqp: the speed rows alone."""
+    dev = ctx.device
+    b, n, d = ctx.sizes.variants
+    # what the step will measure, so that the summary names the variants a cut run did not reach
+    ctx.data["planned"] = [{"variant": name, "speed": "baseline" if i == 0 else "overhead_pct" if keywords.get("track_usage")
+                            else "x_plain"} for i, (name, _, keywords) in enumerate(VARIANTS)]
+    VqpFSQ, why = vqp_class()
+    if why:
+        ctx.note(why)
+    z = seeded((b, n, d), ctx)                  # (b, n, d): vqp's sequence layout
+    z_cf = z.transpose(1, 2).contiguous()        # (b, d, n): the same values, channel-first
+    shape = "x".join(map(str, (b, n, d)))
+    bandwidth = ctx.bandwidth_gbs()
+    plain_ms = plain_graph_ms = None
+    if dev.type != "cuda":
+        ctx.note("the CUDA-graph replays (each variant's GPU work without host time) are timed on CUDA only")
+    for name, options, keywords in VARIANTS:
+        channel_first, training = options.get("channel_first", False), options.get("noise_dropout", 0) > 0
+        x = z_cf if channel_first else z
+        row = {"variant": name, "options": _options(options, keywords),
+               "input": f"{'x'.join(map(str, x.shape))} float32 {'(b, d, n)' if channel_first else '(b, n, d)'}",
+               "values": x.numel(), "tokens": b * n}
+        try:
+            torch.manual_seed(0)
+            vqp = VqpFSQ(list(VARIANT_LEVELS), **options) if VqpFSQ else None
+            ours = FSQ(VARIANT_LEVELS, **options, **keywords)
+            if vqp is not None:  # the same state (the rotation buffer R) in both
+                ours.load_state_dict(vqp.state_dict())
+                vqp = vqp.to(dev).train(training)
+            ours = ours.to(dev).train(training)
+        except Exception as err:  # noqa: BLE001 - one variant that cannot run must not hide the others
+            row["error"] = _error(err)
+            ctx.record(row)
+            continue
+        if vqp is None:
+            row["vqp"] = why
+        try:
+            row.update(_variant_parity(ours, vqp, x, training, keywords))
+        except Exception as err:  # noqa: BLE001 - counted against the parity targets; the speed is still timed
+            row["error"] = _error(err)
+        try:
+            with torch.no_grad():
+                row["fsq_triton_ms"] = ctx.median_ms(lambda: ours(x))
+                if dev.type == "cuda":  # the GPU's work alone: the call replayed from a CUDA graph, no host time
+                    try:
+                        row["cuda_graph_ms"] = ctx.median_ms(cuda_graph_replay(lambda: ours(x)))
+                    except Exception as exc:  # noqa: BLE001 - a capture that fails is reported, not fatal
+                        row["cuda_graph_error"] = _error(exc)
+            if name == VARIANTS[0][0]:  # the plain forward: the baseline, and its place against the copy bandwidth
+                plain_ms, plain_graph_ms = row["fsq_triton_ms"], row.get("cuda_graph_ms")
+                row["bytes"] = 2 * x.numel() * 4 + 4 * b * n
+                row["bound_ms"] = row["bytes"] / (bandwidth * 1e9) * 1e3
+                row["pct_of_bound"] = 100 * row["bound_ms"] / plain_ms
+            if plain_ms is None:
+                row["no_ratio"] = "the plain forward did not run (see its row)"
+            else:
+                row["plain_ms"] = plain_ms
+                row["x_plain"] = row["fsq_triton_ms"] / plain_ms
+                if keywords.get("track_usage"):
+                    row["overhead_pct"] = 100 * (row["x_plain"] - 1)
+            if row.get("cuda_graph_ms") and plain_graph_ms:
+                row["cuda_graph_x_plain"] = row["cuda_graph_ms"] / plain_graph_ms
+        except Exception as err:  # noqa: BLE001 - said in the row and its speed target
+            row["speed_error"] = _error(err)
+        ctx.record(row)
+        ours = vqp = None
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    if ctx.cpu:
+        ctx.note(f"CPU check: {shape} values; on the GPU the step runs {'x'.join(map(str, GPU_SIZES.variants))}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("step", choices=STEPS)
@@ -547,7 +695,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = Context(args.step, Path(args.work), args.cpu)
     ctx.save()
     {"environment": step_environment, "correctness": step_correctness, "core": step_core,
-     "projections": step_projections}[args.step](ctx)
+     "projections": step_projections, "variants": step_variants}[args.step](ctx)
     return 0
 
 

@@ -1,6 +1,6 @@
 """``bench/gpu_check.py --cpu``: the GPU check's plumbing without a GPU, so that a GPU window is not spent on a typo.
 
-The driver runs every step (a-g) with tiny shapes on CPU tensors, the kernels under Triton's interpreter;
+The driver runs every step (a-g, v) with tiny shapes on CPU tensors, the kernels under Triton's interpreter;
 each step must run or say plainly why it is skipped, and every output file must be written and parse.
 It also checks the correctness rows (the kernels against the reference module op for op, on the CPU).
 """
@@ -35,7 +35,7 @@ def test_gpu_check_cpu_plumbing(tmp_path):
     assert "no wheels in" in results["peers"]["wheels"]
 
     steps = results["steps"]
-    assert list(steps) == list("abcdpefrg")
+    assert list(steps) == list("abcdvpefrg")
     for letter, entry in steps.items():
         assert entry["status"] in ("ok", "skipped"), (letter, entry)
         if entry["status"] == "skipped":
@@ -73,6 +73,23 @@ def test_gpu_check_cpu_plumbing(tmp_path):
     assert steps["g"]["result"]["rows"] and all(row["error"] is None for row in steps["g"]["result"]["rows"])
     assert any(note.startswith("--no-compile") for note in steps["g"]["result"]["notes"])
     assert not [row for row in steps["g"]["result"]["rows"] if row["case"].startswith(("residual", "grouped"))]
+    # v: every vqp option against vqp 1.32 (importable on both CI stacks) on the CPU, and the speed rows
+    variants = steps["v"]["result"]["rows"]
+    assert [row["variant"] for row in variants] == [plan["variant"] for plan in steps["v"]["result"]["planned"]]
+    assert len(variants) == 9 and not [row for row in variants if "error" in row], variants
+    assert all(row.get("index_mismatches", 0) == 0 for row in variants), variants
+    # the outputs bit for bit, but for the rotation's codes @ R.T, which may be summed in another order than vqp's
+    # matmul (in the kernel): counted, and within float32 rounding
+    assert all(row.get("output_mismatches", 0) == 0 for row in variants if row["variant"] != "orthogonal_rotation"), variants
+    assert next(row for row in variants if row["variant"] == "orthogonal_rotation")["max_abs_diff"] < 1e-6
+    assert sum("index_mismatches" in row for row in variants) == 8  # all but return_indices=False
+    assert sum("output_mismatches" in row for row in variants) == 8  # all but the noisy training forward
+    noisy = next(row for row in variants if "noise_dropout" in row["variant"])
+    assert noisy["index_mismatches_vs_no_noise"] == 0 and 0 < noisy["noised_fraction"] < 1
+    usage = next(row for row in variants if row["variant"] == "track_usage")
+    assert usage["usage_count_mismatches"] == 0 and usage["usage_counted"] == usage["tokens"] and "overhead_pct" in usage
+    assert variants[0]["x_plain"] == 1 and all(row["x_plain"] > 0 for row in variants)
+    assert any("CUDA only" in note for note in steps["v"]["result"]["notes"])
     residual = steps["r"]["result"]["report"]  # scripts/residual_gpu_check.py's report, on its CPU path
     assert [row["semantics"] for row in residual["parity"]] == ["current", "pre-1.26"]
     assert all(row["index_mismatches"] == 0 for row in residual["parity"])
@@ -83,17 +100,57 @@ def test_gpu_check_cpu_plumbing(tmp_path):
     summary = (out / "summary.md").read_text()
     assert summary.startswith("# GPU check") and "No target is judged" in summary
     assert "| target | goal | measured | met |" in summary and "## Correctness (step b): mismatch counts" in summary
+    assert "## vqp 1.32's options (step v)" in summary and "| track_usage: forward time over the plain forward | <= +10% |" in summary
     headings = [line for line in summary.splitlines() if line.startswith("## ")]
     assert len(headings) == len(set(headings)), headings
 
     with tarfile.open(out / "logs.tar.gz") as tar:
         names = set(tar.getnames())
-    for log in ("a-environment", "b-correctness", "c-core", "d-projections", "p-profile", "e-gpu-tests", "f-autotune",
-                "g-bench"):
+    for log in ("a-environment", "b-correctness", "c-core", "d-projections", "v-variants", "p-profile", "e-gpu-tests",
+                "f-autotune", "g-bench"):
         assert f"logs/logs/{log}.log" in names, sorted(names)
-    assert "logs/correctness.json" in names and "logs/bench/results.md" in names
+    assert "logs/correctness.json" in names and "logs/variants.json" in names and "logs/bench/results.md" in names
     assert "logs/profile-order.json" in names  # bench/profile_kernels.py's launch order, which names ncu's rows
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_variants_step_goes_on_without_vqp(tmp_path):
+    """Step v where vector-quantize-pytorch cannot be imported: every variant still runs and is timed, its
+    parity targets say why they are not measured, and the checks that need no vqp (the noisy indices against
+    the noiseless ones, the usage counts) are still made."""
+    blocker = tmp_path / "blocker" / "vector_quantize_pytorch"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('blocked for this test')\n")
+    out = tmp_path / "out"
+    env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path / "blocker")}
+    done = subprocess.run([sys.executable, str(SCRIPT), "--cpu", "--steps", "v", "--out", str(out),
+                           "--wheels", str(tmp_path / "no-wheels")], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["peers"]["vector_quantize_pytorch"] is None
+    entry = results["steps"]["v"]
+    assert entry["status"] == "ok" and any("not importable" in note for note in entry["result"]["notes"])
+    rows = entry["result"]["rows"]
+    assert len(rows) == 9 and not [row for row in rows if "error" in row or "index_mismatches" in row], rows
+    assert all("not importable" in row["vqp"] and row["x_plain"] > 0 for row in rows)
+    assert next(row for row in rows if "noise" in row["variant"])["index_mismatches_vs_no_noise"] == 0
+    assert next(row for row in rows if row["variant"] == "track_usage")["usage_count_mismatches"] == 0
+    targets = {t["target"]: t for t in results["targets"] if t["step"] == "v"}
+    parity = [t for name, t in targets.items() if name.startswith("vqp 1.32's options")]
+    assert len(parity) == 2 and all(t["measured"].startswith("not measured: vector-quantize-pytorch is not importable")
+                                    for t in parity)
+    assert len(targets) == 3 + 8 and all(t["measured"] for t in targets.values())
+    assert "## vqp 1.32's options (step v)" in (out / "summary.md").read_text()
+
+
+def test_step_limits_leave_the_bench_its_share_of_the_budget():
+    """The fixed limits of the steps before g add up to at most the budget less the 45 s that g (the bench) needs."""
+    gpu_check = _gpu_check_module()
+    assert [step.letter for step in gpu_check.STEPS] == list("abcdvpefrg")
+    assert gpu_check.STEPS[-1].limit_s is None and all(step.limit_s for step in gpu_check.STEPS[:-1])
+    assert sum(step.limit_s for step in gpu_check.STEPS[:-1]) <= gpu_check.BUDGET_S - 45
+    assert sum(step.expected_s for step in gpu_check.STEPS) <= gpu_check.BUDGET_S - 60  # room for slower steps
 
 
 STALLING_STEP = """
@@ -185,6 +242,8 @@ def test_targets_are_judged_from_gpu_shaped_rows():
     ok = lambda rows: {"status": "ok", "reason": None, "result": {"rows": rows, "notes": []}}  # noqa: E731
     core = lambda case, ms, pct, **extra: {"case": f"video 32x6x32x128x128 {case}", "fsq_triton_ms": ms,  # noqa: E731
                                            "bound_ms": ms * pct / 100, "pct_of_bound": pct, **extra}
+    variant = lambda name, ms, **extra: {"variant": name, "fsq_triton_ms": ms, "plain_ms": 0.2, "x_plain": ms / 0.2,  # noqa: E731
+                                         "cuda_graph_ms": ms / 2, "cuda_graph_x_plain": ms / 0.2, **extra}
     results = {"steps": {
         "a": ok([{"device": "NVIDIA H200"}, {"copy_bandwidth_gbs": 4300.0}]),
         "b": ok([{"check": "video float32", "target": "0 and 0", "index_mismatches": 0, "output_mismatches": 2},
@@ -197,6 +256,19 @@ def test_targets_are_judged_from_gpu_shaped_rows():
                  {"case": "tiny call 64x5x32x32", "fsq_triton_us": 12.0, "elementwise_launch_us": 5.0,
                   "x_elementwise_launch": 2.4, "fsq_triton_compiled_us": 8.0, "torch_compile_reference_us": 20.0,
                   "fsq_triton_cuda_graph_us": 6.0, "reference_cuda_graph_us": 9.0, "cuda_graph_x_elementwise_launch": 1.2}]),
+        "v": {"status": "timed out", "reason": "killed at its limit of 35 s; what it finished is kept", "result": {
+            "notes": [], "rows": [
+                variant("default", 0.2, index_mismatches=0, output_mismatches=0),
+                variant("bound_hard_clamp", 0.21, index_mismatches=0, output_mismatches=0),
+                variant("orthogonal_rotation", 0.32, index_mismatches=0, output_mismatches=3, max_abs_diff=6e-8),
+                variant("noise_dropout=0.5 (training)", 0.216, index_mismatches=0, index_mismatches_vs_no_noise=0,
+                        noised_fraction=0.35, tokens=100),
+                variant("track_usage", 0.224, index_mismatches=0, output_mismatches=0, overhead_pct=12.0)],
+            "planned": [{"variant": "default", "speed": "baseline"}, {"variant": "bound_hard_clamp", "speed": "x_plain"},
+                        {"variant": "return_indices=False", "speed": "x_plain"},  # not reached before the cut
+                        {"variant": "orthogonal_rotation", "speed": "x_plain"},
+                        {"variant": "noise_dropout=0.5 (training)", "speed": "x_plain"},
+                        {"variant": "track_usage", "speed": "overhead_pct"}]}},
         "e": {"status": "failed", "reason": "some GPU tests failed", "result": {
             "tests": 10, "passed": 8, "failed": 1, "errors": 0, "skipped": 1}},
         "f": {"status": "ok", "reason": None, "result": {"second_process": {"retuned": 0, "entries": 5}}},
@@ -215,9 +287,29 @@ def test_targets_are_judged_from_gpu_shaped_rows():
     assert index_target["met"] is False
     assert index_target["measured"] == "0 over 2 checks; 1 could not run; 1 skipped (levels refused)"
     del results["steps"]["b"]["result"]["rows"][-2:]
-    expected = [True, False, True, False, True, True, True, False, True, False, True, True, True, True, True, False,
-                True, True, True, False, True, True]
+    expected = [True, False, True, False, True, True, True, False, True, False, True, True, True, True, True,
+                True, False, True, True, None, False, True, False,  # step v
+                False, True, True, True, False, True, True]
     assert list(met.values()) == expected, met
+    # step v: each variant beside its ratio, the one the cut left out said so, the mismatches named by variant
+    assert judged["bound_hard_clamp: forward time over the plain forward"]["measured"] == \
+        "1.05x (0.210 vs 0.200 ms); CUDA graph 1.05x (0.105 ms)"
+    assert judged["return_indices=False: forward time over the plain forward"]["measured"].startswith(
+        "not measured: step v timed out")
+    assert judged["track_usage: forward time over the plain forward"]["measured"].startswith("+12.0% (0.224 vs 0.200 ms)")
+    outputs = judged["vqp 1.32's options: output mismatches against vqp with the same options (every variant, one large input)"]
+    assert outputs["measured"] == "3 over 4 variants: orthogonal_rotation 3 (max abs diff 6e-08)"
+    noise = judged["noise_dropout in training: index mismatches against the same module's indices without noise"]
+    assert noise["measured"] == "0 of 100 tokens (noise moved 35.0% of the values)" and noise["met"] is True
+    clamp = results["steps"]["v"]["result"]["rows"][1]  # a variant whose timing raised: said, not judged
+    saved = dict(clamp)
+    for key in ("fsq_triton_ms", "x_plain", "cuda_graph_ms", "cuda_graph_x_plain"):
+        del clamp[key]
+    clamp["speed_error"] = "RuntimeError: boom"
+    failed = {t["target"]: t for t in gpu_check.targets(results, judged=True)}["bound_hard_clamp: forward time over the plain forward"]
+    assert failed["measured"] == "not measured: RuntimeError: boom" and failed["met"] is None
+    clamp.clear()
+    clamp.update(saved)
     assert judged["video bfloat16 forward: % of the copy bandwidth"]["measured"].startswith("80.0% (0.150 ms")
     assert judged["GPU tests (pytest -m gpu)"]["measured"] == "8 passed, 1 failed, 0 errors, 1 skipped"
     graph = judged["tiny call replayed from a CUDA graph: time over one elementwise PyTorch launch"]
@@ -230,6 +322,8 @@ def test_targets_are_judged_from_gpu_shaped_rows():
     summary = gpu_check.summary_markdown(results)
     assert "NVIDIA H200" in summary and "| **no** |" in summary and "No target is judged" not in summary
     assert "## ResidualFSQ (step r)" in summary and "- forward_speedup_vs_vqp eager: 12" in summary
+    assert "## vqp 1.32's options (step v): parity with vqp, time over the plain forward" in summary
+    assert "| orthogonal_rotation | - | - | 0 | 3 | 6e-08 | 0.32 | 1.6 | 0.16 | 1.6 |  |" in summary
 
     # the same run without vqp: the vqp targets say why they are not measured, and are not judged
     del results["steps"]["d"]["result"]["rows"][0]["speedup_vs_vqp"]
