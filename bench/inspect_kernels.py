@@ -158,6 +158,28 @@ def _forward_flags(dt: str, layout: str, write_indices: bool, track_usage: bool,
     )
 
 
+def _projected_forward(dt: str, track_usage: bool = False, write_indices: bool = True) -> Variant:
+    """``_fsq_projected_forward_kernel`` as ``forward_projected_triton`` launches it: channel-last, dim 1024, one
+    codebook of 4 channels, ``h`` saved; the default launch (the histogram pointer is the index tensor, its stride
+    0), or counting usage (``TRACK_USAGE``, the launcher's ``COUNT_SPLIT``), with or without the indices."""
+    what = ", usage counted" if track_usage else ""
+    what += "" if write_indices else ", no indices"
+    return Variant(
+        f"projected forward {dt} channel-last, dim 1024{what}", P._fsq_projected_forward_kernel,
+        {"x_ptr": "*" + dt, "w_in_ptr": "*" + dt, "b_in_ptr": "*" + dt, "w_out_ptr": "*" + dt, "b_out_ptr": "*" + dt,
+         "out_ptr": "*" + dt, "idx_ptr": "*i32", "h_ptr": "*fp32", "hist_ptr": "*i64" if track_usage else "*i32",
+         "val_ptr": "*fp32", "int_ptr": "*i32",
+         **_ints("N", "num_n_blocks", "hist_stride", "stride_xb", "stride_xn", "stride_ob", "stride_on")},
+        dict(stride_xc=1, stride_oc=1, DIM=1024, C=1, D=4, E_PAD=16, MAX_LEVEL=8, BLOCK_N=128, BLOCK_K=64,
+             SAVE_H=True, IEEE_DOT=dt == "fp32", DOT_IN_F32=False, OFFSET_64=False, HAS_B_IN=True, HAS_B_OUT=True,
+             WRITE_INDICES=write_indices, TRACK_USAGE=track_usage,
+             COUNT_SPLIT=P.PROJECTED_COUNT_SPLIT if track_usage else 1),
+        ("x_ptr", "w_in_ptr", "w_out_ptr", "out_ptr", "idx_ptr", "h_ptr", "hist_ptr", "val_ptr", "int_ptr", "N",
+         *(() if track_usage else ("hist_stride",)), "stride_xb", "stride_xn", "stride_ob", "stride_on"), num_warps=8,
+        tags={"kind": "projected-usage" if track_usage else "projected", "dtype": dt},
+    )
+
+
 def variants() -> list[Variant]:
     out = []
     for dt in ("fp32", "bf16", "fp16"):
@@ -189,16 +211,11 @@ def variants() -> list[Variant]:
         tags={"kind": "forward-large-levels"},
     ))
     for dt in ("fp32", "bf16"):
-        out.append(Variant(
-            f"projected forward {dt} channel-last, dim 1024", P._fsq_projected_forward_kernel,
-            {"x_ptr": "*" + dt, "w_in_ptr": "*" + dt, "b_in_ptr": "*" + dt, "w_out_ptr": "*" + dt, "b_out_ptr": "*" + dt,
-             "out_ptr": "*" + dt, "idx_ptr": "*i32", "h_ptr": "*fp32", "val_ptr": "*fp32", "int_ptr": "*i32",
-             **_ints("N", "num_n_blocks", "stride_xb", "stride_xn", "stride_ob", "stride_on")},
-            dict(stride_xc=1, stride_oc=1, DIM=1024, C=1, D=4, E_PAD=16, MAX_LEVEL=8, BLOCK_N=128, BLOCK_K=64,
-                 SAVE_H=True, IEEE_DOT=dt == "fp32", DOT_IN_F32=False, OFFSET_64=False, HAS_B_IN=True, HAS_B_OUT=True),
-            ("x_ptr", "w_in_ptr", "w_out_ptr", "out_ptr", "idx_ptr", "h_ptr", "val_ptr", "int_ptr", "N",
-             "stride_xb", "stride_xn", "stride_ob", "stride_on"), num_warps=8, tags={"kind": "projected", "dtype": dt},
-        ))
+        out.append(_projected_forward(dt))
+    # ... and counting usage in the same pass (track_usage with fused projections), with and without indices
+    for dt in ("fp32", "bf16"):
+        out.append(_projected_forward(dt, track_usage=True))
+    out.append(_projected_forward("bf16", track_usage=True, write_indices=False))
     out.append(Variant(
         "projected decode bf16, 2 codebooks", P._fsq_projected_decode_kernel,
         {"idx_ptr": "*i32", "w_out_ptr": "*bf16", "b_out_ptr": "*bf16", "out_ptr": "*bf16", "val_ptr": "*fp32",

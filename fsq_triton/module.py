@@ -130,8 +130,8 @@ class FSQ(nn.Module):
             :meth:`codebook_usage` (counts, fraction used, perplexity; all-reduced over DDP ranks on request),
             :meth:`reset_usage`. Codebooks up to 2**20 codes (a larger one is a ``ValueError``); with or without
             ``return_indices``. On the Triton path the forward kernel adds the counts itself (int64 atomics into
-            ``usage_counts``: no extra pass, no host sync, also under torch.compile and in CUDA graphs); the fused
-            projections and the PyTorch path add them with one ``index_add_`` after the quantizer.
+            ``usage_counts``: no extra pass, no host sync, also under torch.compile and in CUDA graphs), with fused
+            projections too; the PyTorch path adds them with one ``index_add_`` after the quantizer.
 
     Each bound (``preserve_symmetry`` x ``bound_hard_clamp``) is a calibration of the same level tables
     (:data:`fsq_triton.levels.BOUNDS`): the forward kernel is the same for all four and evaluates no ``tanh``.
@@ -574,12 +574,15 @@ class FSQ(nn.Module):
                 ops = self._triton_ops(feature)
                 if ops is not None:
                     tables = level_tables(self.levels, z.device, self.bound_kind)
-                    out, indices = ops.apply_quantize_projected(
+                    usage = self.usage_counts if self.track_usage else None
+                    if usage is not None and usage.device != feature.device:
+                        raise RuntimeError(
+                            f"usage_counts is on {usage.device} and the input on {feature.device}: move the module with .to()"
+                        )
+                    out, indices = ops.apply_quantize_projected(  # the kernel counts usage itself (track_usage)
                         feature, *self._projection_params(), tables.values, tables.integers,
-                        self.num_codebooks, not is_img_or_video,
+                        self.num_codebooks, not is_img_or_video, self.return_indices, usage,
                     )
-                    if self.track_usage:  # the fused projected kernel writes indices but counts nothing
-                        self._count_usage(indices)
                     out = out.reshape(b, self.dim, *spatial) if is_img_or_video else out.transpose(1, 2)
                     return out.to(z.dtype), indices if self.return_indices else None
             x = rearrange(z, "b d ... -> b (...) d") if is_img_or_video else z
@@ -603,7 +606,7 @@ class FSQ(nn.Module):
     def _count_usage(self, indices: torch.Tensor) -> None:
         """Add the (b, n, c) indices to ``usage_counts`` (c, codebook_size) on the device: one ``index_add_`` of the
         indices (4 B per token and codebook), no host sync; a NaN token's index -1 adds nothing. (The PyTorch path
-        and the fused projections; the plain Triton forward kernel counts in place itself.)"""
+        only; the Triton forward kernels, plain and with fused projections, count in place themselves.)"""
         c, size = self.num_codebooks, self.codebook_size
         if torch.compiler.is_compiling() or not torch._C._functorch.is_functorch_wrapped_tensor(indices):
             self._add_counts(indices, c, size)

@@ -45,7 +45,7 @@ def rows():
 
 
 def test_json_lines_have_the_fields(rows):
-    assert len(rows) == len(STREAMING) + len(FORWARD_FLAGS) + 3 + 4
+    assert len(rows) == len(STREAMING) + len(FORWARD_FLAGS) + 3 + 4 + len(PROJECTED_USAGE)
     for row in rows.values():
         assert FIELDS <= row.keys(), row
 
@@ -113,6 +113,28 @@ def test_forward_flag_variants_are_lean(rows, name):
 def test_large_levels_forward_is_lean(rows):
     row = rows["forward fp32, 64-bit offsets, levels 100"]
     assert row["shared_bytes"] == 0 and row["barriers"] == 0 and row["blocks_per_sm"] >= 2, row
+
+
+PROJECTED_USAGE = [f"projected forward {dt} channel-last, dim 1024, usage counted" for dt in ("fp32", "bf16")] + [
+    "projected forward bf16 channel-last, dim 1024, usage counted, no indices"]
+
+
+@pytest.mark.parametrize("name", PROJECTED_USAGE)
+def test_projected_forward_counting_usage_is_as_lean(rows, name):
+    """track_usage with fused projections (issue 11): the projected forward counts in the same pass (COUNT_SPLIT 1:
+    the atomics take the reduced index in the layout the reduction leaves, no conversion) with no shared memory of
+    its own (the same as the dot tiles' of the default launch), as many resident blocks, and with the indices stored
+    no extra barrier. Without indices the compiler picks other layouts for the ``h`` and ``out`` stores: two more
+    barriers (sm_90, triton 3.6 and 3.9)."""
+    row = rows[name]
+    dt = "bf16" if " bf16 " in name else "fp32"
+    default = rows[f"projected forward {dt} channel-last, dim 1024"]
+    assert row["shared_bytes"] == default["shared_bytes"], (row, default)
+    assert row["blocks_per_sm"] == default["blocks_per_sm"], (row, default)
+    extra_barriers = 2 if name.endswith("no indices") else 0
+    assert row["barriers"] == default["barriers"] + extra_barriers, (row, default)
+    if dt == "bf16":
+        assert row["mma"] > 0, row
 
 
 def test_bf16_projections_run_on_tensor_cores(rows):

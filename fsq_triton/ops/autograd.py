@@ -268,13 +268,17 @@ def _projected_grads(ctx, grad_out, x, w_in, b_in, w_out, h, values, integers, n
 
 class _QuantizeProjected(torch.autograd.Function):
     @staticmethod
-    def forward(x, w_in, b_in, w_out, b_out, values, integers, num_codebooks: int, channels_last: bool, save_h: bool):
-        quantize_fn = op_or_launcher(_ops.quantize_projected, forward_projected_triton, x, w_in, b_in, w_out, b_out)
-        return quantize_fn(x, w_in, b_in, w_out, b_out, values, integers, num_codebooks, channels_last, save_h)
+    def forward(x, w_in, b_in, w_out, b_out, values, integers, num_codebooks: int, channels_last: bool, save_h: bool,
+                write_indices: bool = True, usage=None):
+        args = (x, w_in, b_in, w_out, b_out, values, integers, num_codebooks, channels_last, save_h, write_indices)
+        if usage is None:
+            return op_or_launcher(_ops.quantize_projected, forward_projected_triton, x, w_in, b_in, w_out, b_out)(*args)
+        quantize_fn = op_or_launcher(_ops.quantize_projected_counted, forward_projected_triton, x, w_in, b_in, w_out, b_out)
+        return quantize_fn(*args, usage)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, w_in, b_in, w_out, _b_out, values, integers, num_codebooks, _channels_last, _save_h = inputs
+        x, w_in, b_in, w_out, _b_out, values, integers, num_codebooks, _channels_last, _save_h, _write, _usage = inputs
         _out, indices, h = output
         ctx.save_for_backward(x, w_in, b_in, w_out, h, values, integers)
         ctx.save_for_forward(x, w_in, b_in, w_out, h, values, integers)
@@ -292,28 +296,34 @@ class _QuantizeProjected(torch.autograd.Function):
             backward_fn = op_or_launcher(_ops.quantize_backward, backward_triton, x, h, grad_out)
         grads = _projected_grads(ctx, grad_out, x, w_in, b_in, w_out, h, values, integers, ctx.num_codebooks,
                                  quantize_fn, backward_fn)
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None)
 
     @staticmethod
-    def vmap(info, in_dims, x, w_in, b_in, w_out, b_out, values, integers, num_codebooks, channels_last, save_h):
-        if in_dims[0] is None or any(dim is not None for dim in in_dims[1:7]):
-            _unsupported_vmap("the projection weights or the level tables", in_dims)
+    def vmap(info, in_dims, x, w_in, b_in, w_out, b_out, values, integers, num_codebooks, channels_last, save_h,
+             write_indices, usage):
+        if in_dims[0] is None or any(dim is not None for dim in (*in_dims[1:7], in_dims[11])):
+            _unsupported_vmap("the projection weights, the level tables or the usage counts", in_dims)
         size = info.batch_size
-        out, indices, h = FSQProjectedFunction.apply(
-            _fold(x, in_dims[0], size), w_in, b_in, w_out, b_out, values, integers, num_codebooks, channels_last, save_h
+        results = FSQProjectedFunction.apply(
+            _fold(x, in_dims[0], size), w_in, b_in, w_out, b_out, values, integers, num_codebooks, channels_last, save_h,
+            write_indices, usage,
         )
-        if h.numel() == 0:
-            return (_unfold(out, size), _unfold(indices, size), h), (0, 0, None)
-        return (_unfold(out, size), _unfold(indices, size), _unfold(h, size)), (0, 0, 0)
+        # empty (0,) stand-ins (indices without write_indices, h without save_h) have no batch
+        return (tuple(t if t.numel() == 0 and t.ndim == 1 else _unfold(t, size) for t in results),
+                tuple(None if t.numel() == 0 and t.ndim == 1 else 0 for t in results))
 
 
 class FSQProjectedFunction(_QuantizeProjected):
-    """``(out, indices, h) = FSQProjectedFunction.apply(x, w_in, b_in, w_out, b_out, values, integers, c, channels_last, save_h)``.
+    """``(out, indices, h) = FSQProjectedFunction.apply(x, w_in, b_in, w_out, b_out, values, integers, c, channels_last,
+    save_h, write_indices=True, usage=None)``.
 
-    ``x`` is the feature view ``(b, dim, n)`` in the weights' dtype. The forward is one fused kernel; with
-    ``save_h`` it also returns ``h (b, n, e)`` float32 (``e`` floats per token, not differentiable), which the
-    backward uses instead of running ``project_in`` again (without it, ``h`` is recomputed there). Supports
-    ``create_graph``, ``torch.func`` (grad, vmap over ``x``, jvp) and forward-mode AD.
+    ``x`` is the feature view ``(b, dim, n)`` in the weights' dtype. The forward is one fused kernel
+    (``fsq_triton::quantize_projected``, or with ``usage`` the mutating ``fsq_triton::quantize_projected_counted``,
+    which adds the codes to that ``(c, codebook_size)`` int64 histogram in the same kernel); ``write_indices=False``
+    gives an empty ``(0,)`` ``indices``; with ``save_h`` it also returns ``h (b, n, e)`` float32 (``e`` floats per
+    token, not differentiable), which the backward uses instead of running ``project_in`` again (without it, ``h`` is
+    recomputed there). The gradients do not depend on ``write_indices`` or ``usage``. Supports ``create_graph``,
+    ``torch.func`` (grad, vmap over ``x``, jvp) and forward-mode AD.
     """
 
     @staticmethod
@@ -490,21 +500,27 @@ def apply_quantize_noisy(z, values, integers, num_codebooks: int, channels_last:
     return NoisyQuantizeFunction.apply(z, values, integers, num_codebooks, channels_last, write_indices, usage, seed, p)
 
 
-def apply_quantize_projected(x, w_in, b_in, w_out, b_out, values, integers, num_codebooks: int, channels_last: bool):
+def apply_quantize_projected(x, w_in, b_in, w_out, b_out, values, integers, num_codebooks: int, channels_last: bool,
+                             write_indices: bool = True, usage=None):
     """Differentiable fused project_in -> quantize -> project_out: ``(out (b, dim, n), indices (b, n, c))``.
 
-    ``h`` is saved for the backward only when a gradient can be asked for.
+    ``h`` is saved for the backward only when a gradient can be asked for. ``write_indices=False``: ``indices`` is an
+    empty ``(0,)`` tensor (the kernel stores none). ``usage``: a ``(c, codebook_size)`` int64 histogram the kernel adds
+    each token's code to, in place, in the same pass.
     """
     save_h = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w_in, b_in, w_out, b_out))
-    args = (x, w_in, b_in, w_out, b_out, values, integers, num_codebooks, channels_last, save_h)
+    args = (x, w_in, b_in, w_out, b_out, values, integers, num_codebooks, channels_last, save_h, write_indices)
     if torch.jit.is_tracing():
-        out, indices, _ = _ops.quantize_projected(*args)
+        if usage is None:
+            out, indices, _ = _ops.quantize_projected(*args)
+        else:
+            out, indices, _ = _ops.quantize_projected_counted(*args, usage)
     elif not save_h and _needs_no_autograd(x, w_in, b_in, w_out, b_out) and op_or_launcher(
         _ops.quantize_projected, forward_projected_triton, x, w_in, b_in, w_out, b_out
     ) is forward_projected_triton:
-        out, indices, _ = forward_projected_triton(*args)
+        out, indices, _ = forward_projected_triton(*args, usage)
     else:
-        out, indices, _ = _apply(FSQProjectedFunction, _QuantizeProjected)(*args)
+        out, indices, _ = _apply(FSQProjectedFunction, _QuantizeProjected)(*args, usage)
     return out, indices
 
 
@@ -550,7 +566,7 @@ def _quantize_backward_grad(ctx, gg):
 
 
 def _quantize_projected_setup(ctx, inputs, output):
-    x, w_in, b_in, w_out, _b_out, values, integers, num_codebooks, _channels_last, _save_h = inputs
+    x, w_in, b_in, w_out, _b_out, values, integers, num_codebooks, _channels_last, _save_h, _write_indices = inputs
     ctx.save_for_backward(x, w_in, b_in, w_out, output[2], values, integers)
     ctx.num_codebooks = num_codebooks
     ctx.mark_non_differentiable(output[1], output[2])
@@ -560,7 +576,7 @@ def _quantize_projected_grad(ctx, grad_out, _grad_indices, _grad_h):
     x, w_in, b_in, w_out, h, values, integers = ctx.saved_tensors
     grads = _projected_grads(ctx, grad_out, x, w_in, b_in, w_out, h, values, integers, ctx.num_codebooks,
                              _ops.quantize, _ops.quantize_backward)
-    return (*grads, None, None, None, None, None)
+    return (*grads, None, None, None, None, None, None)
 
 
 def _indices_to_codes_projected_setup(ctx, inputs, output):

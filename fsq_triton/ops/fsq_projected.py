@@ -6,7 +6,8 @@ quantizer's launches between them, and the ``(n, e)`` intermediates round-trip t
 Here one program owns ``BLOCK_N`` tokens: it reads their ``x`` once (through its strides,
 channel-first or channel-last), computes ``h = x W_in^T + b_in`` with ``tl.dot`` (``e`` padded to
 ``E_PAD >= 16``), quantizes ``h`` in registers with the calibrated thresholds (as
-``fsq_triton.ops.fsq``), reduces the indices, and writes ``out = codes W_out^T + b_out`` once.
+``fsq_triton.ops.fsq``), reduces the indices (stores them, and with ``track_usage`` counts them into the
+usage histogram), and writes ``out = codes W_out^T + b_out`` once.
 
 (Under the Triton interpreter, whose ``tl.dot`` mishandles bfloat16, ``DOT_IN_F32`` upcasts the operands:
 exact, since products of half-precision values are exact in float32.)
@@ -39,6 +40,7 @@ from .fsq import (
     _configured_launch,
     _empty_feature,
     _index_tensor,
+    _indices_or_empty,
     _launch,
     _needs_int64,
     _runs_triton,
@@ -46,6 +48,7 @@ from .fsq import (
     cast_rne,
     cdiv,
     code_of_level,
+    count_usage,
     quantize_levels,
     tile_origin,
     interpreting,
@@ -89,22 +92,35 @@ def _fsq_projected_forward_kernel(
     N, num_n_blocks, DIM: tl.constexpr,
     stride_xb, stride_xc, stride_xn,
     stride_ob, stride_oc, stride_on,
+    hist_ptr, hist_stride,
     C: tl.constexpr, D: tl.constexpr, E_PAD: tl.constexpr, MAX_LEVEL: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SAVE_H: tl.constexpr, IEEE_DOT: tl.constexpr, DOT_IN_F32: tl.constexpr, OFFSET_64: tl.constexpr,
     HAS_B_IN: tl.constexpr, HAS_B_OUT: tl.constexpr,
+    WRITE_INDICES: tl.constexpr, TRACK_USAGE: tl.constexpr, COUNT_SPLIT: tl.constexpr,
 ):
-    """project_in -> FSQ -> project_out for ``BLOCK_N`` tokens of one batch row.
+    """project_in -> FSQ -> project_out for ``BLOCK_N`` tokens of one batch row (the default launch:
+    ``WRITE_INDICES``, no ``TRACK_USAGE``; ``hist_ptr`` and ``hist_stride``, the last runtime arguments so that
+    the others keep their parameter offsets, are then unused: the same machine code as without them).
 
     Math, per token (``x`` a row of ``dim`` features, ``e = c * d``):
         h     = round_to_weight_dtype(x W_in^T + b_in)                     (e,)
         level = #{k : h_j >= thr[j % d, k]},  code_j = codes[j % d, level]  (the calibrated FSQ, float32)
         index_c = sum_{j in codebook c} level_j * basis[j % d]  (-1 if any h_j of the codebook is NaN)
+        ``WRITE_INDICES``: indices[token, c] = index_c    (otherwise not stored; with neither flag, not reduced)
+        ``TRACK_USAGE``:   hist[c, index_c] += 1 (int64, relaxed atomic, :func:`fsq.count_usage`), for every
+                           in-range token whose codebook channels are all non-NaN (a NaN token counts nowhere)
         out   = code W_out^T + b_out                                        (dim,)
     Memory traffic per token: read ``dim`` elements of ``x``, write ``dim`` of ``out`` (2 B each in
-    bfloat16, 4 B in float32), 4 B of index per codebook, and ``4 e`` B of ``h`` when saved for the
-    backward; the weights (``2 * dim * e`` elements) are read by every program from L2. Without a bias
-    (``HAS_B_IN``/``HAS_B_OUT`` False, vqp's ``projection_has_bias=False``) the term is dropped and nothing is read.
+    bfloat16, 4 B in float32), and ``4 e`` B of ``h`` when saved for the backward; the weights
+    (``2 * dim * e`` elements) are read by every program from L2. Without a bias (``HAS_B_IN``/``HAS_B_OUT``
+    False, vqp's ``projection_has_bias=False``) the term is dropped and nothing is read. Per flag:
+        ``WRITE_INDICES``: + 4 B of int32 index written per codebook (False: none);
+        ``TRACK_USAGE``:   + one 8 B int64 atomic add per codebook (a read-modify-write of one histogram entry,
+                           done in L2: the histogram, 8 B x codebook_size <= 8 MiB per codebook, is touched by
+                           atomics only, never streamed or zeroed by this kernel; tokens of one code contend for
+                           its entry, as ``index_add_``'s atomics would): next to the ``2 * dim`` elements a token
+                           moves anyway, 0.8% more bytes per codebook at ``dim`` 256 in bfloat16.
     """
     b, n_start = tile_origin(num_n_blocks, BLOCK_N, OFFSET_64)
     E: tl.constexpr = C * D
@@ -147,15 +163,23 @@ def _fsq_projected_forward_kernel(
     if SAVE_H:
         tl.store(h_ptr + ((b * N + nn)[:, None] * E + ee[None, :]), h, mask=tile_ok)
 
-    # one index per codebook
-    basis = tl.load(int_ptr + jj * INT_COLS + COL_BASIS, mask=e_ok, other=0)
-    contrib = level * basis[None, :]
-    book = ee // D
-    for c in tl.static_range(C):
-        in_book = ((book == c) & e_ok)[None, :]
-        index = tl.sum(tl.where(in_book, contrib, 0), axis=1)
-        book_nan = tl.max(tl.where(in_book & is_nan, 1, 0), axis=1) > 0
-        tl.store(idx_ptr + ((b * N + nn) * C + c), tl.where(book_nan, -1, index), mask=n_ok)
+    # one index per codebook: stored (WRITE_INDICES) and/or counted into the histogram (TRACK_USAGE)
+    if WRITE_INDICES or TRACK_USAGE:
+        basis = tl.load(int_ptr + jj * INT_COLS + COL_BASIS, mask=e_ok, other=0)
+        contrib = level * basis[None, :]
+        book = ee // D
+        if OFFSET_64 and TRACK_USAGE:
+            hist_stride = hist_stride.to(tl.int64)
+        for c in tl.static_range(C):
+            in_book = ((book == c) & e_ok)[None, :]
+            index = tl.sum(tl.where(in_book, contrib, 0), axis=1)
+            book_nan = tl.max(tl.where(in_book & is_nan, 1, 0), axis=1) > 0
+            index = tl.where(book_nan, -1, index)
+            if WRITE_INDICES:
+                tl.store(idx_ptr + ((b * N + nn) * C + c), index, mask=n_ok)
+            if TRACK_USAGE:  # the mask from the index (-1: a NaN token), not from book_nan: the compiler would
+                # carry both tensors to the atomic's layout (sm_90: 4 more barriers on triton 3.9)
+                count_usage(hist_ptr + c * hist_stride, index, (n_ok & (index >= 0)).to(tl.int8), COUNT_SPLIT)
 
     _project_out_store(code, w_out_ptr, b_out_ptr, out_ptr + b * stride_ob, nn, n_ok, ee, e_ok, DIM,
                        stride_oc, stride_on, E, BLOCK_K, IEEE_DOT, DOT_IN_F32, OFFSET_64, HAS_B_OUT)
@@ -205,6 +229,13 @@ def _fsq_projected_decode_kernel(
 # --------------------------------------------------------------------------------------------------
 
 
+# COUNT_SPLIT of a projected forward that counts usage (see fsq.count_usage, fsq.count_split): 1. The index is a
+# reduction across the channels of the dot's (tokens, e) accumulator tile, and its atomics take that layout as it is:
+# halving it as the plain kernel's rows do costs conversions here (sm_90, dim 1024, one codebook: 2 tokens a part
+# added 4 barriers in bfloat16 and 8 in float32, on triton 3.6 and 3.9; 1 adds none: bench/inspect_kernels.py).
+PROJECTED_COUNT_SPLIT = 1
+
+
 def _e_pad(e: int) -> int:
     return max(16, next_pow2(e))  # tl.dot needs every dimension >= 16
 
@@ -214,29 +245,40 @@ def _block_k(dim: int) -> int:
 
 
 def forward_projected_triton(x, w_in, b_in, w_out, b_out, values, integers, num_codebooks: int,
-                             channels_last: bool, save_h: bool):
-    """x (b, dim, n) in the weights' dtype -> out (b, dim, n), indices (b, n, c) int32, h (b, n, e) float32 or (0,)."""
+                             channels_last: bool, save_h: bool, write_indices: bool = True,
+                             usage: torch.Tensor | None = None):
+    """x (b, dim, n) in the weights' dtype -> out (b, dim, n), indices (b, n, c) int32, h (b, n, e) float32 or (0,).
+
+    ``write_indices=False``: no index is stored, and ``indices`` is an empty ``(0,)`` int32 tensor. ``usage``: a
+    ``(c, codebook_size)`` int64 contiguous histogram on x's device, to which the kernel adds each counted token's
+    code (in place, no host sync; see :func:`fsq.forward_triton`).
+    """
     b, dim, n = x.shape
     d, max_level = integers.shape[0], _lv.max_level_of(values)
     e = num_codebooks * d
     out = _empty_feature(x.shape, x.device, channels_last, x.dtype)
-    indices = torch.empty((b, n, num_codebooks), dtype=torch.int32, device=x.device)
+    if write_indices:
+        indices = torch.empty((b, n, num_codebooks), dtype=torch.int32, device=x.device)
+    else:
+        indices = torch.empty((0,), dtype=torch.int32, device=x.device)  # a pointer the kernel never touches
     h = torch.empty((b, n, e) if save_h else (0,), dtype=torch.float32, device=x.device)
     if out.numel() == 0:
         return out, indices, h
     rows, tokens, (sx, so) = _token_axes(x, out)
     e_pad, block_k = _e_pad(e), _block_k(dim)
-    offset_64 = _needs_int64(x, out, indices)
+    offset_64 = _needs_int64(x, out, indices, *(() if usage is None else (usage,)))
 
     def launch(cfg):
         block_n = max(16, min(cfg["BLOCK_N"], 256))  # a (BLOCK_N, BLOCK_K) tile of x per step
         nblocks = cdiv(tokens, block_n)
+        hist = indices if usage is None else usage  # (unused without TRACK_USAGE)
         _launch(_fsq_projected_forward_kernel, x)[(rows * nblocks,)](
             x, w_in, b_in, w_out, b_out, out, indices, h, values, integers,
-            tokens, nblocks, dim, *sx, *so,
+            tokens, nblocks, dim, *sx, *so, hist, hist.shape[-1] if usage is not None else 0,
             C=num_codebooks, D=d, E_PAD=e_pad, MAX_LEVEL=max_level,
             BLOCK_N=block_n, BLOCK_K=block_k, SAVE_H=save_h, IEEE_DOT=x.dtype == torch.float32,
             DOT_IN_F32=interpreting(), OFFSET_64=offset_64, HAS_B_IN=b_in.numel() > 0, HAS_B_OUT=b_out.numel() > 0,
+            WRITE_INDICES=write_indices, TRACK_USAGE=usage is not None, COUNT_SPLIT=PROJECTED_COUNT_SPLIT,
             num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
         )
 
@@ -274,7 +316,7 @@ def decode_projected_triton(indices, w_out, b_out, values, integers, codebook_si
 
 
 # --------------------------------------------------------------------------------------------------
-# Custom ops: fsq_triton::quantize_projected, fsq_triton::indices_to_codes_projected
+# Custom ops: fsq_triton::quantize_projected (and quantize_projected_counted), fsq_triton::indices_to_codes_projected
 # --------------------------------------------------------------------------------------------------
 
 
@@ -292,14 +334,46 @@ def bias_or_none(bias: torch.Tensor) -> torch.Tensor | None:
 def quantize_projected(
     x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, w_out: torch.Tensor, b_out: torch.Tensor,
     values: torch.Tensor, integers: torch.Tensor, num_codebooks: int, channels_last: bool, save_h: bool,
+    write_indices: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused project_in -> FSQ -> project_out on ``x (b, dim, n)`` (the weights' dtype).
 
-    Returns ``out (b, dim, n)``, ``indices (b, n, c)`` int32 and, with ``save_h``, ``h (b, n, e)`` float32
-    (the projected input, for the backward; an empty tensor otherwise).
+    Returns ``out (b, dim, n)``, ``indices (b, n, c)`` int32 (``write_indices=False``: an empty ``(0,)`` int32
+    tensor, none reduced or stored) and, with ``save_h``, ``h (b, n, e)`` float32 (the projected input, for the
+    backward; an empty tensor otherwise).
     """
     if _runs_triton(x):
-        return forward_projected_triton(x, w_in, b_in, w_out, b_out, values, integers, num_codebooks, channels_last, save_h)
+        return forward_projected_triton(x, w_in, b_in, w_out, b_out, values, integers, num_codebooks, channels_last,
+                                        save_h, write_indices)
+    out, indices, saved = _quantize_projected_by_tables(x, w_in, b_in, w_out, b_out, values, integers, num_codebooks,
+                                                        channels_last, save_h)
+    return out, _indices_or_empty(indices, write_indices), saved
+
+
+@torch.library.triton_op("fsq_triton::quantize_projected_counted", mutates_args=("usage",))
+def quantize_projected_counted(
+    x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor, w_out: torch.Tensor, b_out: torch.Tensor,
+    values: torch.Tensor, integers: torch.Tensor, num_codebooks: int, channels_last: bool, save_h: bool,
+    write_indices: bool, usage: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`quantize_projected` that also adds each token's code to ``usage (c, codebook_size)`` int64, in place,
+    in the same kernel (a NaN token counts nowhere; with or without ``write_indices``). A mutating op has no
+    registered autograd: the module reaches it through ``FSQProjectedFunction``, whose backward is the same."""
+    if _runs_triton(x):
+        return forward_projected_triton(x, w_in, b_in, w_out, b_out, values, integers, num_codebooks, channels_last,
+                                        save_h, write_indices, usage)
+    out, indices, saved = _quantize_projected_by_tables(x, w_in, b_in, w_out, b_out, values, integers, num_codebooks,
+                                                        channels_last, save_h)
+    flat = indices.reshape(-1, num_codebooks)
+    slot = flat.clamp(min=0).to(torch.int64) + torch.arange(num_codebooks, device=flat.device) * usage.shape[-1]
+    usage.view(-1).index_add_(0, slot.reshape(-1), (flat >= 0).reshape(-1).to(usage.dtype))
+    return out, _indices_or_empty(indices, write_indices), saved
+
+
+def _quantize_projected_by_tables(x, w_in, b_in, w_out, b_out, values, integers, num_codebooks: int,
+                                  channels_last: bool, save_h: bool):
+    """The ops' torch path (CPU without the interpreter, and shape propagation): ``nn.Linear``, the kernels' table
+    math (``torch_impl.quantize_by_tables``), ``nn.Linear``; ``(out, indices (b, n, c), h or (0,))``."""
     h = F.linear(_tokens(x), w_in, bias_or_none(b_in))                     # (b, n, e), the weights' dtype
     codes, indices = torch_impl.quantize_by_tables(_tokens(h), values, integers, num_codebooks)
     out = F.linear(_tokens(codes), w_out, bias_or_none(b_out))               # (b, n, dim)
