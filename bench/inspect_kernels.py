@@ -13,7 +13,9 @@ gives) is available on any machine, for whichever triton is installed (the GPU m
 - ``ldg128``, ``stg128``: 128-bit global loads and stores (``LDG.E.128``/``STG.E.128``), i.e. coalesced
   vector accesses; ``mma``: tensor-core instructions (``HGMMA``/``HMMA``) in the fused projections;
 - ``blocks_per_sm``: resident blocks per SM that the registers and shared memory allow (Hopper: 64K
-  registers and 228 KB shared memory per SM, at most 64 warps).
+  registers and 228 KB shared memory per SM, at most 64 warps);
+- ``instructions``: SASS instructions in the kernel (every path, as compiled; the residual rows divide it by their
+  ``values_per_thread``).
 
 The variants are what the launchers produce for the common cases (strides specialised as Triton does at
 launch: a stride of 1 becomes a constant, values divisible by 16 are marked so): the streaming kernels
@@ -109,52 +111,72 @@ def _streaming(dt: str, layout: str) -> list[Variant]:
     sd, rd = strides("d", "bcn")
     out.append(Variant(
         f"backward {dt} {layout}", F._fsq_backward_kernel,
-        {"g_ptr": "*" + dt, "z_ptr": "*" + dt, "dz_ptr": "*" + dt, "val_ptr": "*fp32", "noise_p": "fp32",
-         **_ints("N", "num_n_blocks", "noise_seed", *rg, *rz, *rd)},
+        {"g_ptr": "*" + dt, "z_ptr": "*" + dt, "dz_ptr": "*" + dt, "val_ptr": "*fp32", "rot_ptr": "*fp32",
+         "noise_p": "fp32", **_ints("N", "num_n_blocks", "noise_seed", *rg, *rz, *rd)},
         dict(**sg, **sz, **sd, CD=8, D=8, CD_PAD=8, MAX_LEVEL=8, BLOCK_N=default("backward")["BLOCK_N"], OFFSET_64=False,
-             DENSE=not cf, NOISE=False),
-        ("g_ptr", "z_ptr", "dz_ptr", "val_ptr", "N", *rg, *rz, *rd), default("backward")["num_warps"],
+             DENSE=not cf, NOISE=False, ROTATE=False, C_PAD=1, D_PAD=1),
+        ("g_ptr", "z_ptr", "dz_ptr", "val_ptr", "rot_ptr", "N", *rg, *rz, *rd), default("backward")["num_warps"],
         tags={**tags, "kind": "backward"},
     ))
     out.append(Variant(
         f"decode {dt} {layout}", F._fsq_decode_kernel,
-        {"idx_ptr": "*i32", "out_ptr": "*" + dt, "val_ptr": "*fp32", "int_ptr": "*i32",
+        {"idx_ptr": "*i32", "out_ptr": "*" + dt, "val_ptr": "*fp32", "int_ptr": "*i32", "rot_ptr": "*fp32",
          **_ints("N", "num_n_blocks", "codebook_size", *ro)},
         dict(**so, C=1, D=8, C_PAD=1, D_PAD=8, MAX_LEVEL=8, BLOCK_N=default("decode")["BLOCK_N"], CHANNEL_ROWS=cf,
-             GROUPS=max(1, 8 * (4 if dt == "fp32" else 2) // 16), OFFSET_64=False, DENSE=not cf),
-        ("idx_ptr", "out_ptr", "val_ptr", "int_ptr", "N", *ro), default("decode")["num_warps"], tags={**tags, "kind": "decode"},
+             GROUPS=max(1, 8 * (4 if dt == "fp32" else 2) // 16), OFFSET_64=False, DENSE=not cf, ROTATE=False),
+        ("idx_ptr", "out_ptr", "val_ptr", "int_ptr", "rot_ptr", "N", *ro), default("decode")["num_warps"],
+        tags={**tags, "kind": "decode"},
     ))
     return out
 
 
+def _rotated(v: Variant) -> Variant:
+    """A backward or decode row of :func:`_streaming` with the orthogonal rotation, as the launchers run it."""
+    size = 4 if v.tags["dtype"] == "fp32" else 2
+    cf = v.tags["layout"] == "channel-first"
+    cfg = {"BLOCK_N": v.constexprs["BLOCK_N"], "num_warps": v.num_warps}
+    if v.tags["kind"] == "backward":
+        cfg = F.rotation_config(cfg, 8, size, not cf)
+        extra = dict(ROTATE=True, C_PAD=1, D_PAD=8)
+    else:
+        cfg = dict(cfg, BLOCK_N=F.capped_block_n(cfg["BLOCK_N"], cfg["num_warps"], 8))
+        extra = dict(ROTATE=True, GROUPS=1)
+    return dataclasses.replace(v, name=f"{v.name}, rotation", constexprs={**v.constexprs, **extra, "BLOCK_N": cfg["BLOCK_N"]},
+                               num_warps=cfg["num_warps"], tags={**v.tags, "kind": v.tags["kind"] + "-rotation"})
+
+
 # The forward kernel's default launch (forward_triton): the histogram pointer is the index tensor, its stride and the
 # noise seed 0 (so marked divisible by 16), the noise probability 0.0, and the flags off.
-DEFAULT_FORWARD_EXTRAS = {"hist_ptr": "*i32", "hist_stride": "i32", "noise_seed": "i32", "noise_p": "fp32"}
-DEFAULT_FORWARD_ALIGNED = ("hist_ptr", "hist_stride", "noise_seed")
-DEFAULT_FORWARD_FLAGS = dict(WRITE_INDICES=True, TRACK_USAGE=False, COUNT_SPLIT=1, NOISE=False)
+DEFAULT_FORWARD_EXTRAS = {"hist_ptr": "*i32", "rot_ptr": "*fp32", "hist_stride": "i32", "noise_seed": "i32",
+                          "noise_p": "fp32"}
+DEFAULT_FORWARD_ALIGNED = ("hist_ptr", "rot_ptr", "hist_stride", "noise_seed")
+DEFAULT_FORWARD_FLAGS = dict(WRITE_INDICES=True, TRACK_USAGE=False, COUNT_SPLIT=1, NOISE=False, ROTATE=False)
 
 
-def _forward_flags(dt: str, layout: str, write_indices: bool, track_usage: bool, what: str, noise: bool = False) -> Variant:
+def _forward_flags(dt: str, layout: str, write_indices: bool, track_usage: bool, what: str, noise: bool = False,
+                   rotate: bool = False) -> Variant:
     """``_fsq_forward_kernel`` with its flags, as ``forward_triton`` launches it for 8 channels, one codebook."""
     cf = layout == "channel-first"
     size = 4 if dt == "fp32" else 2
     cfg = autotune.default_config(8, 1 << 24, kernel="forward", element_size=size, channels_last=not cf)
-    if noise:  # forward_triton's cap for noise dropout
-        cfg = dict(cfg, BLOCK_N=F.noise_block_n(cfg["BLOCK_N"], cfg["num_warps"], 8))
-    split = F.count_split(size, not cf, write_indices, 1, cfg["BLOCK_N"], cfg["num_warps"])
+    if rotate:  # forward_triton's tile for the rotation
+        cfg = F.rotation_config(cfg, 8, size, not cf)
+    elif noise:  # forward_triton's cap for noise dropout
+        cfg = dict(cfg, BLOCK_N=F.capped_block_n(cfg["BLOCK_N"], cfg["num_warps"], 8))
+    split = 1 if rotate else F.count_split(size, not cf, write_indices, 1, cfg["BLOCK_N"], cfg["num_warps"])
     tok = {"stride_zn": 1, "stride_on": 1} if cf else {"stride_zc": 1, "stride_oc": 1}
     runtime = [n for n in ("stride_zb", "stride_zc", "stride_zn", "stride_ob", "stride_oc", "stride_on") if n not in tok]
     return Variant(
         f"forward flags {dt} {layout}, {what}", F._fsq_forward_kernel,
         {"z_ptr": "*" + dt, "out_ptr": "*" + dt, "idx_ptr": "*i32", "hist_ptr": "*i64" if track_usage else "*i32",
-         "val_ptr": "*fp32", "int_ptr": "*i32", "noise_p": "fp32",
+         "val_ptr": "*fp32", "int_ptr": "*i32", "rot_ptr": "*fp32", "noise_p": "fp32",
          **_ints("N", "num_n_blocks", "hist_stride", "noise_seed", *runtime)},
         dict(**tok, C=1, D=8, C_PAD=1, D_PAD=8, MAX_LEVEL=8, BLOCK_N=cfg["BLOCK_N"], CHANNEL_ROWS=cf, OFFSET_64=False,
              WRITE_INDICES=write_indices, TRACK_USAGE=track_usage, COUNT_SPLIT=split if track_usage else 1,
-             DENSE=not cf, NOISE=noise),
-        ("z_ptr", "out_ptr", "idx_ptr", "hist_ptr", "val_ptr", "int_ptr", "N", *runtime,
+             DENSE=not cf, NOISE=noise, ROTATE=rotate),
+        ("z_ptr", "out_ptr", "idx_ptr", "hist_ptr", "val_ptr", "int_ptr", "rot_ptr", "N", *runtime,
          *(() if track_usage else ("hist_stride",)), *(() if noise else ("noise_seed",))), cfg["num_warps"],
-        tags={"kind": "forward-flags", "dtype": dt, "layout": layout},
+        tags={"kind": "forward-rotation" if rotate else "forward-flags", "dtype": dt, "layout": layout},
     )
 
 
@@ -192,6 +214,8 @@ def variants() -> list[Variant]:
             for write_indices, track_usage, what in ((False, False, "no indices"), (True, True, "usage counted")):
                 out.append(_forward_flags(dt, layout, write_indices, track_usage, what))
             out.append(_forward_flags(dt, layout, True, False, "noise dropout", noise=True))
+            out.append(_forward_flags(dt, layout, True, False, "rotation", rotate=True))
+            out += [_rotated(v) for v in _streaming(dt, layout) if v.tags["kind"] in ("backward", "decode")]
     # The channel-last rows above mark the token strides divisible by 16, as Triton does at launch when c*d is a
     # multiple of 16. With 8 channels (token stride 8) Triton cannot mark them: these rows compile what such a launch
     # runs (a contiguous input: the backward and decode take the token stride as the constexpr DENSE asks for).
@@ -225,6 +249,45 @@ def variants() -> list[Variant]:
         ("idx_ptr", "w_out_ptr", "out_ptr", "val_ptr", "int_ptr", "N", "stride_ob", "stride_on"), num_warps=8,
         tags={"kind": "projected", "dtype": "bf16"},
     ))
+    out += _residual_variants()
+    return out
+
+
+def _residual_variants() -> list[Variant]:
+    """The fused residual kernels as ``forward_triton``/``backward_triton`` launch them for ``ResidualFSQ`` with 8
+    stages of levels [8, 5, 5, 5] (issue 12's case) on float32: channel-last ``(b, n, 4)`` (one row of tokens, batch
+    strides 0, the token stride a runtime 4 the kernels never specialise, ``DENSE`` 16-byte channel tiles, 4-stage
+    index rows) and channel-first ``(b, 4, n)`` (strided per channel), by guess and correction, and the compare chain
+    that a configuration whose guess cannot be proven runs. ``values_per_thread`` gives instructions per value."""
+    import fsq_triton.ops.residual as R
+
+    block, warps = R._tile(1 << 22, 4)
+    common = dict(G=1, D=4, Q=8, MAX_LEVEL=8, BLOCK_N=block, OFFSET_64=False, SOFT_CLAMP=0, GUESS=True)
+    tags = {"kind": "residual", "dtype": "fp32", "values_per_thread": block * 4 // (32 * warps)}
+    forward_types = {"x_ptr": "*fp32", "out_ptr": "*fp32", "idx_ptr": "*i32", "stage_ptr": "*fp32", "guess_ptr": "*fp32",
+                     "chan_ptr": "*fp32", "basis_ptr": "*i32",
+                     **_ints("N", "num_n_blocks", "num_active", "stride_xb", "stride_xc", "stride_xn", "stride_ob",
+                             "stride_oc", "stride_on", "stride_ig", "stride_ib", "stride_in")}
+    forward_aligned = ("x_ptr", "out_ptr", "idx_ptr", "stage_ptr", "guess_ptr", "chan_ptr", "basis_ptr", "N", "stride_xb",
+                       "stride_ob", "stride_ig", "stride_ib")
+    backward_types = {"g_ptr": "*fp32", "x_ptr": "*fp32", "dx_ptr": "*fp32", "stage_ptr": "*fp32", "guess_ptr": "*fp32",
+                      "chan_ptr": "*fp32", **_ints("N", "num_n_blocks", "num_active", "stride_gb", "stride_gc",
+                                                   "stride_gn", "stride_xb", "stride_xc", "stride_xn", "stride_db",
+                                                   "stride_dc", "stride_dn")}
+    last = dict(stride_xc=1, stride_oc=1, DENSE=True, INDEX_ROWS=True)
+    out = [
+        Variant("residual forward fp32 channel-last, 8x[8,5,5,5]", R._residual_forward_kernel, forward_types,
+                {**common, **last}, forward_aligned, warps, tags=tags),
+        Variant("residual forward fp32 channel-first, 8x[8,5,5,5]", R._residual_forward_kernel, forward_types,
+                {**common, "DENSE": False, "INDEX_ROWS": True}, forward_aligned + ("stride_xc", "stride_oc"), warps,
+                tags=tags),
+        Variant("residual forward fp32 channel-last, 8x[8,5,5,5], compare chain", R._residual_forward_kernel,
+                forward_types, {**common, **last, "GUESS": False}, forward_aligned, warps, tags=tags),
+        Variant("residual backward fp32 channel-last, 8x[8,5,5,5]", R._residual_backward_kernel, backward_types,
+                {**common, "stride_gc": 1, "stride_xc": 1, "stride_dc": 1, "DENSE": True, "KIND": 2},
+                ("g_ptr", "x_ptr", "dx_ptr", "stage_ptr", "guess_ptr", "chan_ptr", "N", "stride_gb", "stride_xb",
+                 "stride_db"), warps, tags=tags),
+    ]
     return out
 
 
@@ -263,6 +326,7 @@ def inspect(variant: Variant, arch: int = 90) -> dict:
     return {
         "name": variant.name, **variant.tags, "num_warps": variant.num_warps,
         "registers": registers, "spill_bytes": spill_bytes, "shared_bytes": shared,
+        "instructions": sum(1 for line in lines if re.search(r"/\*[0-9a-f]{4,}\*/", line)),
         "barriers": sum(1 for line in lines if re.search(r"\bBAR\b|\bBAR\.", line)),
         "ldg128": sum(1 for line in lines if "LDG.E.128" in line),
         "stg128": sum(1 for line in lines if "STG.E.128" in line),

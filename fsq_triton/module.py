@@ -328,7 +328,7 @@ class FSQ(nn.Module):
 
     def _quantize_feature(
         self, feature: torch.Tensor, channels_last: bool, num_codebooks: int | None = None, forward: bool = False,
-        noise: bool = False,
+        noise: bool = False, rotation: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(b, c*d, n) -> codes (b, c*d, n) in feature's dtype, indices (b, n, c) int32; differentiable.
 
@@ -336,6 +336,8 @@ class FSQ(nn.Module):
         ``return_indices`` the indices are None (the kernel neither reduces nor stores them), and with
         ``track_usage`` the codes are counted into ``usage_counts`` (by the kernel itself on the Triton path).
         ``noise=True`` (only where :meth:`_noise_in_kernel` said so): the kernel also applies the noise dropout.
+        ``rotation`` (only from :meth:`_rotation_in_kernel`): the kernel quantizes ``z_c @ R`` and returns
+        ``codes_c @ R.T``, vqp's orthogonal rotation.
         """
         c = self.num_codebooks if num_codebooks is None else num_codebooks
         tables = level_tables(self.levels, feature.device, self.bound_kind)
@@ -347,7 +349,11 @@ class FSQ(nn.Module):
                 raise RuntimeError(
                     f"usage_counts is on {usage.device} and the input on {feature.device}: move the module with .to()"
                 )
-            if noise:
+            if rotation is not None:
+                codes, indices = ops.apply_quantize_rotated(
+                    feature, rotation, tables.values, tables.integers, c, channels_last, write_indices, usage,
+                    self.noise_dropout if noise else None)
+            elif noise:
                 codes, indices = ops.apply_quantize_noisy(
                     feature, tables.values, tables.integers, c, channels_last, write_indices, usage, self.noise_dropout)
             else:
@@ -476,7 +482,13 @@ class FSQ(nn.Module):
             )                                                  # (b, dim, n)
         else:
             dtype = _param_dtype(self.project_out, torch.float32) if project else torch.float32
-            if ops is not None:
+            rotation = self._rotation_in_kernel(tokens)
+            if rotation is not None:  # codes @ R.T in the decode kernel
+                feature = ops.decode_rotated(
+                    tokens, rotation, tables.values, tables.integers, self.codebook_size, project or not is_img_or_video,
+                    dtype,
+                )
+            elif ops is not None:
                 feature = ops.apply_indices_to_codes(
                     tokens, tables.values, tables.integers, self.codebook_size, project or not is_img_or_video, dtype
                 )
@@ -484,7 +496,7 @@ class FSQ(nn.Module):
                 feature = torch_impl.indices_to_codes(
                     tokens, tables, self.codebook_size, dtype, assume_valid=tokens.device.type == "cpu"  # checked above
                 )
-            if self.orthogonal_rotation:  # codes @ R.T, per codebook, in float32
+            if self.orthogonal_rotation and rotation is None:  # codes @ R.T, per codebook, in float32
                 rotated = rearrange(feature.float(), "b (c d) n -> b n c d", c=c) @ self.orthogonal_rot.float().t()
                 feature = rearrange(rotated, "b n c d -> b (c d) n").to(dtype)
             if project:  # the projection follows the weights' dtype, autocast or not (as in forward)
@@ -528,6 +540,11 @@ class FSQ(nn.Module):
         noise dropout in training (indices come from the codes before the noise)."""
         c = self.num_codebooks
         dtype = h.dtype
+        rotation = self._rotation_in_kernel(h)
+        if rotation is not None:  # both products, the quantizer and any noise in one kernel
+            codes, indices = self._quantize_feature(
+                h.transpose(1, 2), channels_last=True, forward=True, noise=self._noise_active(), rotation=rotation)
+            return codes.transpose(1, 2), indices
         if self.orthogonal_rotation:  # in float32, as vqp's float32 buffer makes it
             h = rearrange(rearrange(h.float(), "b n (c d) -> b n c d", c=c) @ self.orthogonal_rot.float(), "b n c d -> b n (c d)")
         noise_in_kernel = self._noise_in_kernel(h)
@@ -538,6 +555,21 @@ class FSQ(nn.Module):
         if self.orthogonal_rotation:
             codes = rearrange(rearrange(codes.float(), "b n (c d) -> b n c d", c=c) @ self.orthogonal_rot.float().t(), "b n c d -> b n (c d)")
         return codes.to(dtype), indices
+
+    def _rotation_in_kernel(self, h: torch.Tensor) -> torch.Tensor | None:
+        """``R`` (float32, contiguous) where this call's orthogonal rotation runs in the kernel (the forward's, or the
+        decode's with ``h`` the indices): on the Triton path, in a plain eager call (as the noise,
+        :meth:`_noise_in_kernel`), ``R`` on ``h``'s device and needing no gradient (a buffer, as in vqp). Else None:
+        torch.compile, export, torch.func and dispatch modes take the products in torch ops around the kernels."""
+        if not self.orthogonal_rotation:
+            return None
+        rot = self.orthogonal_rot
+        if rot.requires_grad or rot.device != h.device or rot.shape != (self.codebook_dim, self.codebook_dim):
+            return None
+        ops = self._triton_ops(h)
+        if ops is None or not ops.noise_in_kernel(h) or not ops.noise_in_kernel(rot):
+            return None
+        return rot.float().contiguous()
 
     def _noise_in_kernel(self, h: torch.Tensor) -> bool:
         """Whether this call's noise dropout is drawn in the forward kernel (no noise tensor in memory): in training

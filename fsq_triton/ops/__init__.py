@@ -16,11 +16,14 @@ from .autograd import (
     IndicesToCodesProjectedFunction,
     NoisyQuantizeFunction,
     QuantizeBackwardFunction,
+    RotatedQuantizeFunction,
     apply_indices_to_codes,
     apply_indices_to_codes_projected,
     apply_quantize,
     apply_quantize_noisy,
     apply_quantize_projected,
+    apply_quantize_rotated,
+    decode_rotated,
     noise_in_kernel,
 )
 from .fsq import indices_to_codes, quantize, quantize_backward
@@ -29,7 +32,8 @@ from . import residual as _residual  # noqa: F401  registers fsq_triton::residua
 
 __all__ = [
     "FSQFunction", "FSQProjectedFunction", "IndicesToCodesProjectedFunction", "NoisyQuantizeFunction",
-    "QuantizeBackwardFunction", "apply_quantize", "apply_quantize_noisy", "apply_quantize_projected", "noise_in_kernel",
+    "QuantizeBackwardFunction", "RotatedQuantizeFunction", "apply_quantize", "apply_quantize_noisy",
+    "apply_quantize_projected", "apply_quantize_rotated", "decode_rotated", "noise_in_kernel",
     "apply_indices_to_codes", "apply_indices_to_codes_projected",
     "quantize", "quantize_backward", "indices_to_codes", "quantize_projected", "indices_to_codes_projected",
     "interpreting",

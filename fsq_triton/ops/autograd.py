@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 from .. import torch_impl
 from ..levels import COL_GRAD_SCALE, COL_SHIFT, COL_SMOOTH
@@ -500,6 +501,63 @@ def apply_quantize_noisy(z, values, integers, num_codebooks: int, channels_last:
     return NoisyQuantizeFunction.apply(z, values, integers, num_codebooks, channels_last, write_indices, usage, seed, p)
 
 
+def _rotate_codebooks(feature: torch.Tensor, rotation: torch.Tensor, num_codebooks: int) -> torch.Tensor:
+    """``(b, c*d, n)`` -> per token and codebook ``t_c @ rotation`` in float32, torch ops (differentiable)."""
+    t = rearrange(feature.float(), "b (c d) n -> b n c d", c=num_codebooks) @ rotation
+    return rearrange(t, "b n c d -> b (c d) n")
+
+
+class RotatedQuantizeFunction(torch.autograd.Function):
+    """``(out, indices) = RotatedQuantizeFunction.apply(z, rotation, values, integers, c, channels_last, write_indices,
+    usage, noise)``: the fused quantizer with vqp's orthogonal rotation in the kernel (``ROTATE``): it quantizes
+    ``z_c @ R`` and writes ``codes_c @ R.T``, per token and codebook; ``noise`` is ``None`` or the in-kernel noise
+    dropout's ``(seed, p)``. Eager only (:func:`noise_in_kernel` decides), ``R`` a buffer (no gradient).
+
+    The backward is the kernel's ``((g @ R) * d code / d y) @ R.T``, recomputed from ``z``. Asked for a graph
+    (``create_graph=True``), it is written in torch ops around ``fsq_triton::quantize_backward`` instead, so it can be
+    differentiated again (with the in-kernel noise, that raises ``NotImplementedError``, as without rotation).
+    """
+
+    @staticmethod
+    def forward(ctx, z, rotation, values, integers, num_codebooks, channels_last, write_indices, usage, noise):
+        out, indices = forward_triton(z, values, integers, num_codebooks, channels_last, write_indices, usage, noise,
+                                      rotation=rotation)
+        ctx.save_for_backward(z, rotation, values)
+        ctx.channels_last, ctx.noise, ctx.num_codebooks = channels_last, noise, num_codebooks
+        ctx.mark_non_differentiable(indices)
+        return out, indices
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_indices):
+        z, rotation, values = ctx.saved_tensors
+        if not torch.is_grad_enabled():
+            grad_z = backward_triton(grad_out, z, values, ctx.channels_last, ctx.noise, rotation=rotation)
+        elif ctx.noise is not None:
+            raise NotImplementedError(
+                "fsq_triton: a gradient of the gradient (create_graph=True) through noise_dropout's in-kernel noise is "
+                "not supported; use backend='torch' for that training step")
+        else:
+            c = ctx.num_codebooks
+            y = _rotate_codebooks(z, rotation, c)
+            g_y = _ops.quantize_backward(_rotate_codebooks(grad_out, rotation, c), y, values, ctx.channels_last)
+            grad_z = _rotate_codebooks(g_y, rotation.t(), c).to(z.dtype)
+        return grad_z, None, None, None, None, None, None, None, None
+
+
+def apply_quantize_rotated(z, rotation, values, integers, num_codebooks: int, channels_last: bool, write_indices: bool,
+                           usage, noise_p: float | None):
+    """:func:`apply_quantize` with vqp's orthogonal rotation ``rotation (d, d)`` (float32, contiguous, on z's device)
+    in the kernel, and with ``noise_p``, vqp's noise dropout drawn there too (seeded as :func:`apply_quantize_noisy`).
+    For plain eager calls only (:func:`noise_in_kernel`)."""
+    noise = None
+    if noise_p is not None:
+        noise = (int(torch.randint(0, 2**31 - 2, (), device="cpu")), noise_p)
+    if noise is None and _needs_no_autograd(z):
+        return forward_triton(z, values, integers, num_codebooks, channels_last, write_indices, usage, rotation=rotation)
+    return RotatedQuantizeFunction.apply(
+        z, rotation, values, integers, num_codebooks, channels_last, write_indices, usage, noise)
+
+
 def apply_quantize_projected(x, w_in, b_in, w_out, b_out, values, integers, num_codebooks: int, channels_last: bool,
                              write_indices: bool = True, usage=None):
     """Differentiable fused project_in -> quantize -> project_out: ``(out (b, dim, n), indices (b, n, c))``.
@@ -530,6 +588,12 @@ def apply_indices_to_codes(indices, values, integers, codebook_size: int, channe
     if torch.jit.is_tracing():
         return _ops.indices_to_codes(*args)
     return op_or_launcher(_ops.indices_to_codes, decode_triton, indices)(*args)
+
+
+def decode_rotated(indices, rotation, values, integers, codebook_size: int, channels_last: bool, dtype: torch.dtype):
+    """:func:`apply_indices_to_codes` with vqp's orthogonal rotation in the decode kernel: ``codes_c @ R.T`` per token
+    (``R`` float32, contiguous, a buffer: no gradient). Plain eager calls only (:func:`noise_in_kernel`)."""
+    return decode_triton(indices, values, integers, codebook_size, channels_last, dtype, rotation=rotation)
 
 
 def apply_indices_to_codes_projected(indices, w_out, b_out, values, integers, codebook_size: int, channels_last: bool):

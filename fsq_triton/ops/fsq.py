@@ -146,18 +146,41 @@ def noise_dropout(code, seed, p, element):
 
 
 @triton.jit
+def rotate_codebooks(t, rot_ptr, dd, d_ok, D: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """``t @ R`` per token and codebook (``TRANSPOSED``: ``t @ R.T``), ``t (tokens, codebooks, D_PAD)`` float32 with
+    the channels on the last axis (``dd``, ``d_ok``: its channel ids and their mask), ``R (D, D)`` float32 row-major:
+
+        out[..., j] = (((t[..., 0] * R[0, j]) + t[..., 1] * R[1, j]) + ...) + t[..., D-1] * R[D-1, j]
+
+    summed in that order, one term a step: torch's CPU matmul of a ``(m, d) @ (d, d)`` product with ``d <= 8`` rounds
+    exactly so (mul, then add; measured on torch 2.11 and 2.13), which the interpreter reproduces; on a GPU the
+    compiler contracts each step into one FMA. Channel ``k`` is taken out of the tile by a sum of one nonzero term
+    (exact), so every thread works on the channels it holds. Padding channels come out 0."""
+    acc = tl.zeros(t.shape, dtype=tl.float32)
+    for k in tl.static_range(D):
+        t_k = tl.sum(tl.where(dd == k, t, 0.0), axis=2)
+        if TRANSPOSED:
+            r = tl.load(rot_ptr + dd * D + k, mask=d_ok, other=0.0)  # R.T[k, j] = R[j, k]
+        else:
+            r = tl.load(rot_ptr + k * D + dd, mask=d_ok, other=0.0)  # R[k, j]
+        acc = acc + t_k[:, :, None] * r
+    return tl.where(d_ok, acc, 0.0)  # (an infinite t times a padding 0 would be NaN there)
+
+
+@triton.jit
 def _fsq_forward_kernel(
-    z_ptr, out_ptr, idx_ptr, hist_ptr, val_ptr, int_ptr,
+    z_ptr, out_ptr, idx_ptr, hist_ptr, val_ptr, int_ptr, rot_ptr,
     N, num_n_blocks, hist_stride, noise_seed, noise_p,
     stride_zb, stride_zc, stride_zn,
     stride_ob, stride_oc, stride_on,
     C: tl.constexpr, D: tl.constexpr, C_PAD: tl.constexpr, D_PAD: tl.constexpr,
     MAX_LEVEL: tl.constexpr, BLOCK_N: tl.constexpr, CHANNEL_ROWS: tl.constexpr, OFFSET_64: tl.constexpr,
     WRITE_INDICES: tl.constexpr, TRACK_USAGE: tl.constexpr, COUNT_SPLIT: tl.constexpr, DENSE: tl.constexpr,
-    NOISE: tl.constexpr,
+    NOISE: tl.constexpr, ROTATE: tl.constexpr,
 ):
     """FSQ forward, one pass over a tile of ``BLOCK_N`` tokens x all ``c*d`` channels (the default launch:
-    ``WRITE_INDICES``, no ``TRACK_USAGE``, no ``NOISE``; ``hist_ptr`` and the noise arguments are then unused).
+    ``WRITE_INDICES``, no ``TRACK_USAGE``, no ``NOISE``, no ``ROTATE``; ``hist_ptr``, ``rot_ptr`` and the noise
+    arguments are then unused).
 
     Math, per element ``z`` of channel ``j`` (with ``L = L_j``, ``hw = L // 2``):
         level = #{k : z >= thr[j, k]}        (= round(tanh(z + shift) * half_l - offset) + hw; NaN padding never counts)
@@ -188,6 +211,11 @@ def _fsq_forward_kernel(
         ``NOISE``:         no memory traffic: each ``out`` element is :func:`noise_dropout` of its code (vqp's
                            noise dropout, probability ``noise_p``, Philox keyed by ``noise_seed``); the index
                            comes from the code before the noise, as in vqp.
+        ``ROTATE``:        no memory traffic (``R``, ``d*d`` floats, stays in cache): vqp's orthogonal rotation,
+                           per token and codebook ``y = z_c @ R`` (:func:`rotate_codebooks`) is what the thresholds
+                           count and the index is made of, and ``out_c = codes_c @ R.T`` (after the noise, if any).
+                           Either layout then works on the (tokens, codebooks, channels) tile, and the index is
+                           summed over the channels each thread holds (no channel rows re-read).
     """
     b, n_start = tile_origin(num_n_blocks, BLOCK_N, OFFSET_64)
     ROW: tl.constexpr = COL_THRESHOLDS + 2 * MAX_LEVEL - 1      # floats per row of the value table
@@ -195,7 +223,41 @@ def _fsq_forward_kernel(
         stride_zn = C * D
         stride_on = C * D
 
-    if not CHANNEL_ROWS:
+    if ROTATE:
+        # Either layout: a (tokens, codebooks, channels) tile, rotated per codebook, quantized, rotated back.
+        tt = n_start + tl.arange(0, BLOCK_N)[:, None, None]
+        cc = tl.arange(0, C_PAD)[None, :, None]
+        dd = tl.arange(0, D_PAD)[None, None, :]
+        chan = cc * D + dd
+        if OFFSET_64:
+            chan = chan.to(tl.int64)
+        d_ok = dd < D
+        mask = (tt < N) & (cc < C) & d_ok
+        zt = tl.load(z_ptr + (b * stride_zb + chan * stride_zc + tt * stride_zn), mask=mask, other=0.0).to(tl.float32)
+        y = rotate_codebooks(zt, rot_ptr, dd, d_ok, D, False)
+        level, code = quantize_levels(y, val_ptr + dd * ROW, d_ok, MAX_LEVEL)
+        is_nan = y != y
+        code = tl.where(is_nan, y, code)
+        if NOISE:
+            code = noise_dropout(code, noise_seed, noise_p, (b * N + tt) * (C * D) + chan)
+        rotated = rotate_codebooks(code, rot_ptr, dd, d_ok, D, True)
+        tl.store(out_ptr + (b * stride_ob + chan * stride_oc + tt * stride_on),
+                 cast_rne(rotated, out_ptr.dtype.element_ty), mask=mask)
+        if WRITE_INDICES or TRACK_USAGE:
+            basis = tl.load(int_ptr + dd * INT_COLS + COL_BASIS, mask=d_ok, other=0)
+            index = tl.sum(level * basis, axis=2)                       # (tokens, codebooks)
+            token_nan = tl.max(is_nan.to(tl.int32), axis=2) != 0
+            t2 = n_start + tl.arange(0, BLOCK_N)[:, None]
+            c2 = tl.arange(0, C_PAD)[None, :]
+            tok_ok = (t2 < N) & (c2 < C)
+            if WRITE_INDICES:
+                tl.store(idx_ptr + ((b * N + t2) * C + c2), tl.where(token_nan, -1, index), mask=tok_ok)
+            if TRACK_USAGE:
+                if OFFSET_64:
+                    hist_stride = hist_stride.to(tl.int64)
+                count_usage(hist_ptr + c2 * hist_stride, index, (tok_ok & (token_nan == 0)).to(tl.int8), 1)
+
+    if not CHANNEL_ROWS and not ROTATE:
         # Channel-last: `out` from a (tokens, codebooks, channels) tile, channels fastest (128-bit accesses).
         tt = n_start + tl.arange(0, BLOCK_N)[:, None, None]  # token
         cc = tl.arange(0, C_PAD)[None, :, None]             # codebook
@@ -217,7 +279,7 @@ def _fsq_forward_kernel(
     # rows are contiguous (128-bit accesses) and write `out`; channel-last rows re-read the tile above from L1 for
     # the index only (summing the tile's channels across the lanes that hold them would make the compiler
     # exchange the sums through shared memory).
-    if CHANNEL_ROWS or WRITE_INDICES or TRACK_USAGE:
+    if (CHANNEL_ROWS or WRITE_INDICES or TRACK_USAGE) and not ROTATE:
         nn = n_start + tl.arange(0, BLOCK_N)
         n_ok = nn < N
         if OFFSET_64:
@@ -276,13 +338,14 @@ def count_usage(row_ptr, index, counted, SPLIT: tl.constexpr):
 
 @triton.jit
 def _fsq_backward_kernel(
-    g_ptr, z_ptr, dz_ptr, val_ptr,
+    g_ptr, z_ptr, dz_ptr, val_ptr, rot_ptr,
     N, num_n_blocks, noise_seed, noise_p,
     stride_gb, stride_gc, stride_gn,
     stride_zb, stride_zc, stride_zn,
     stride_db, stride_dc, stride_dn,
     CD: tl.constexpr, D: tl.constexpr, CD_PAD: tl.constexpr, MAX_LEVEL: tl.constexpr,
     BLOCK_N: tl.constexpr, OFFSET_64: tl.constexpr, DENSE: tl.constexpr, NOISE: tl.constexpr,
+    ROTATE: tl.constexpr, C_PAD: tl.constexpr, D_PAD: tl.constexpr,
 ):
     """Straight-through FSQ backward, recomputed from the saved input ``z`` alone.
 
@@ -299,13 +362,67 @@ def _fsq_backward_kernel(
     ``NOISE``: the forward's noise dropout (:func:`noise_dropout`, same ``noise_seed``, ``noise_p``) is redrawn,
     and ``dz = 0`` where its clamp cut the noisy code (``code + offset`` outside ``[-1, 1]``, as torch's clamp
     passes no gradient there); the code is recomputed from ``z`` with the forward's thresholds. No extra traffic.
+    ``ROTATE`` (vqp's orthogonal rotation, ``R`` at ``rot_ptr``; ``C_PAD``, ``D_PAD`` pad the codebooks and channels):
+    per token and codebook, with ``y = z_c @ R`` recomputed, ``dz_c = ((g_c @ R) * (d code / d y)) @ R.T``, the
+    factor above evaluated at ``y`` (a (tokens, codebooks, channels) tile, :func:`rotate_codebooks`). No extra traffic.
     """
     b, n_start = tile_origin(num_n_blocks, BLOCK_N, OFFSET_64)
     if DENSE:  # see dense_token_stride
         stride_gn = CD
         stride_zn = CD
         stride_dn = CD
+    ROW: tl.constexpr = COL_THRESHOLDS + 2 * MAX_LEVEL - 1
 
+    if ROTATE:
+        tt = n_start + tl.arange(0, BLOCK_N)[:, None, None]
+        cc = tl.arange(0, C_PAD)[None, :, None]
+        dd = tl.arange(0, D_PAD)[None, None, :]
+        chan = cc * D + dd
+        if OFFSET_64:
+            chan = chan.to(tl.int64)
+        d_ok = dd < D
+        mask = (tt < N) & (cc < CD // D) & d_ok
+        g = tl.load(g_ptr + (b * stride_gb + chan * stride_gc + tt * stride_gn), mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + (b * stride_zb + chan * stride_zc + tt * stride_zn), mask=mask, other=0.0).to(tl.float32)
+        y = rotate_codebooks(z, rot_ptr, dd, d_ok, D, False)
+        g_y = rotate_codebooks(g, rot_ptr, dd, d_ok, D, False)
+        dy = straight_through_factor(g_y, y, val_ptr + dd * ROW, d_ok)
+        if NOISE:
+            _, code = quantize_levels(y, val_ptr + dd * ROW, d_ok, MAX_LEVEL)
+            hit, noisy = noise_draw(code, noise_seed, noise_p, (b * N + tt) * CD + chan)
+            dy = tl.where(hit & ((noisy < -1.0) | (noisy > 1.0)), 0.0, dy)
+        dz = rotate_codebooks(dy, rot_ptr, dd, d_ok, D, True)
+        tl.store(dz_ptr + (b * stride_db + chan * stride_dc + tt * stride_dn), cast_rne(dz, dz_ptr.dtype.element_ty),
+                 mask=mask)
+    else:
+        _straight_through_rows(g_ptr, z_ptr, dz_ptr, val_ptr, b, n_start, N, noise_seed, noise_p,
+                               stride_gb, stride_gc, stride_gn, stride_zb, stride_zc, stride_zn,
+                               stride_db, stride_dc, stride_dn, CD, D, CD_PAD, MAX_LEVEL, BLOCK_N, OFFSET_64, NOISE)
+
+
+@triton.jit
+def straight_through_factor(g, z, values, row_ok):
+    """``g * d code / d z`` per element (the math of :func:`_fsq_backward_kernel`), ``values`` each element's table
+    row (masked by ``row_ok``)."""
+    shift = tl.load(values + COL_SHIFT, mask=row_ok, other=0.0)
+    scale = tl.load(values + COL_GRAD_SCALE, mask=row_ok, other=0.0)
+    clamp_lo = tl.load(values + COL_CLAMP_LO, mask=row_ok, other=0.0)
+    clamp_hi = tl.load(values + COL_CLAMP_HI, mask=row_ok, other=0.0)
+    smooth = tl.load(values + COL_SMOOTH, mask=row_ok, other=0.0) != 0.0
+    u = tl.exp(-2.0 * tl.abs(z + shift))
+    sech2 = 4.0 * u / ((1.0 + u) * (1.0 + u))
+    inside = (z >= clamp_lo) & (z < clamp_hi)
+    return tl.where(smooth, g * scale * sech2, tl.where(inside, g * scale, 0.0))
+
+
+@triton.jit
+def _straight_through_rows(
+    g_ptr, z_ptr, dz_ptr, val_ptr, b, n_start, N, noise_seed, noise_p,
+    stride_gb, stride_gc, stride_gn, stride_zb, stride_zc, stride_zn, stride_db, stride_dc, stride_dn,
+    CD: tl.constexpr, D: tl.constexpr, CD_PAD: tl.constexpr, MAX_LEVEL: tl.constexpr, BLOCK_N: tl.constexpr,
+    OFFSET_64: tl.constexpr, NOISE: tl.constexpr,
+):
+    """The backward without rotation: a (channels, tokens) tile, element by element."""
     chan = tl.arange(0, CD_PAD)[:, None]
     nn = n_start + tl.arange(0, BLOCK_N)[None, :]
     c_ok = chan < CD
@@ -317,17 +434,7 @@ def _fsq_backward_kernel(
     g = tl.load(g_ptr + (b * stride_gb + chan * stride_gc + nn * stride_gn), mask=mask, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + (b * stride_zb + chan * stride_zc + nn * stride_zn), mask=mask, other=0.0).to(tl.float32)
     ROW: tl.constexpr = COL_THRESHOLDS + 2 * MAX_LEVEL - 1
-    shift = tl.load(val_ptr + j * ROW + COL_SHIFT, mask=c_ok, other=0.0)
-    scale = tl.load(val_ptr + j * ROW + COL_GRAD_SCALE, mask=c_ok, other=0.0)
-
-    clamp_lo = tl.load(val_ptr + j * ROW + COL_CLAMP_LO, mask=c_ok, other=0.0)
-    clamp_hi = tl.load(val_ptr + j * ROW + COL_CLAMP_HI, mask=c_ok, other=0.0)
-    smooth = tl.load(val_ptr + j * ROW + COL_SMOOTH, mask=c_ok, other=0.0) != 0.0
-
-    u = tl.exp(-2.0 * tl.abs(z + shift))
-    sech2 = 4.0 * u / ((1.0 + u) * (1.0 + u))
-    inside = (z >= clamp_lo) & (z < clamp_hi)
-    dz = tl.where(smooth, g * scale * sech2, tl.where(inside, g * scale, 0.0))
+    dz = straight_through_factor(g, z, val_ptr + j * ROW, c_ok)
     if NOISE:
         _, code = quantize_levels(z, val_ptr + j * ROW, c_ok, MAX_LEVEL)
         hit, noisy = noise_draw(code, noise_seed, noise_p, (b * N + nn) * CD + chan)
@@ -337,12 +444,12 @@ def _fsq_backward_kernel(
 
 @triton.jit
 def _fsq_decode_kernel(
-    idx_ptr, out_ptr, val_ptr, int_ptr,
+    idx_ptr, out_ptr, val_ptr, int_ptr, rot_ptr,
     N, num_n_blocks, codebook_size,
     stride_ob, stride_oc, stride_on,
     C: tl.constexpr, D: tl.constexpr, C_PAD: tl.constexpr, D_PAD: tl.constexpr,
     MAX_LEVEL: tl.constexpr, BLOCK_N: tl.constexpr, CHANNEL_ROWS: tl.constexpr, GROUPS: tl.constexpr,
-    OFFSET_64: tl.constexpr, DENSE: tl.constexpr,
+    OFFSET_64: tl.constexpr, DENSE: tl.constexpr, ROTATE: tl.constexpr,
 ):
     """``indices_to_codes``: token indices ``(b, n, c)`` to codes on the feature view ``(b, c*d, n)``.
 
@@ -354,6 +461,10 @@ def _fsq_decode_kernel(
     Otherwise (channel-last): a (tokens, codebooks x ``GROUPS``, channels / ``GROUPS``) tile whose lanes each
     hold 16 bytes of one token's codes and read that token's index themselves.
 
+    ``ROTATE`` (vqp's orthogonal rotation, ``R`` at ``rot_ptr``): each token's codes are ``codes_c @ R.T``
+    (:func:`rotate_codebooks`, in float32, then cast), on the tile of either layout with ``GROUPS = 1`` (a lane holds
+    whole tokens). No extra traffic (``R`` stays in cache).
+
     Memory traffic per element: write the code once (4 B float32, 2 B bfloat16/float16); read 4 B (int32)
     or 8 B (int64) of index per ``d`` elements (channel-last: per 16-byte group, the lanes of a token
     sharing one transaction).
@@ -361,7 +472,7 @@ def _fsq_decode_kernel(
     b, n_start = tile_origin(num_n_blocks, BLOCK_N, OFFSET_64)
     ROW: tl.constexpr = COL_THRESHOLDS + 2 * MAX_LEVEL - 1
 
-    if CHANNEL_ROWS:
+    if CHANNEL_ROWS and not ROTATE:
         # Channel-first: one contiguous row of BLOCK_N tokens per channel, its constants scalars (uniform).
         nn = n_start + tl.arange(0, BLOCK_N)
         n_ok = nn < N
@@ -403,6 +514,8 @@ def _fsq_decode_kernel(
         nlev = tl.load(int_ptr + dd * INT_COLS + COL_NUM_LEVELS, mask=d_ok, other=1)
         code = code_of_level((index // basis) % nlev, val_ptr + dd * ROW, d_ok, MAX_LEVEL)
         code = tl.where(valid, code, float("nan"))
+        if ROTATE:  # GROUPS == 1: cc is the codebook, dd the channel
+            code = rotate_codebooks(code, rot_ptr, dd, d_ok, D, True)
         chan = cc * D + dd
         if OFFSET_64:
             chan = chan.to(tl.int64)
@@ -455,11 +568,28 @@ def count_split(element_size: int, channels_last: bool, write_indices: bool, num
     return max(1, min(vector, 8, block_n // (32 * num_warps)))
 
 
-def noise_block_n(block_n: int, num_warps: int, channel_tile: int) -> int:
-    """``BLOCK_N`` for a forward launch with in-kernel noise dropout: at most 8 elements a thread (two Philox
-    draws an element; sm_90 on triton 3.6 and 3.9: 32 elements a thread took 254-255 registers, one block an SM)."""
+def capped_block_n(block_n: int, num_warps: int, channel_tile: int) -> int:
+    """``BLOCK_N`` for a launch with in-kernel noise dropout or rotation: at most 8 elements a thread (noise: two
+    Philox draws an element, sm_90 on triton 3.6 and 3.9: 32 elements a thread took 254-255 registers, one block an
+    SM; rotation: the tile lives on as the rotated values, the codes and the rotated-back codes)."""
     cap = max(16, 1 << max(0, (8 * 32 * num_warps // channel_tile).bit_length() - 1))
     return min(block_n, cap)
+
+
+def rotation_config(cfg: dict, channel_tile: int, element_size: int, channels_last: bool) -> dict:
+    """The launch configuration of a forward or backward with the orthogonal rotation (``ROTATE``), from ``cfg``.
+    Channel-first, where 16 bytes of every channel row a thread make at most 32 values: at most 4 warps, and as many
+    tokens as that, so that the warps tile the tokens only and each thread holds whole tokens. Otherwise
+    :func:`capped_block_n`. sm_90 (``bench/inspect_kernels.py``, 8 channels): float32 channel-first forward at 512
+    tokens / 4 warps, 168 registers (192 on triton 3.9) and no shared memory, where at the capped 128 tokens the
+    compiler spread the warps over the channels and the rotation's sums crossed warps through 2 KB of shared memory
+    with 55 barriers; bfloat16 channel-first would need 64 values a thread (255 registers, 312 B spilled on 3.9), so
+    it keeps the capped tile and those barriers."""
+    tokens_per_thread = 16 // element_size
+    if channels_last or tokens_per_thread * channel_tile > 32:
+        return dict(cfg, BLOCK_N=capped_block_n(cfg["BLOCK_N"], cfg["num_warps"], channel_tile))
+    num_warps = min(cfg["num_warps"], 4)
+    return dict(cfg, BLOCK_N=32 * num_warps * tokens_per_thread, num_warps=num_warps)
 
 
 def dense_token_stride(channels: int, *strides: tuple[int, int, int]) -> bool:
@@ -564,13 +694,16 @@ def _configured_launch(kernel_name: str, probe: torch.Tensor, tokens: int, chann
 
 
 def forward_triton(z, values, integers, num_codebooks: int, channels_last: bool, write_indices: bool = True,
-                   usage: torch.Tensor | None = None, noise: tuple[int, float] | None = None):
+                   usage: torch.Tensor | None = None, noise: tuple[int, float] | None = None,
+                   rotation: torch.Tensor | None = None):
     """Launch the forward kernel: z (b, c*d, n) -> out (b, c*d, n) in z's dtype, indices (b, n, c) int32.
 
     ``write_indices=False``: the kernel neither reduces nor stores the indices, and ``indices`` is an empty
     ``(0,)`` int32 tensor (so any codebook size works). ``usage``: a ``(c, codebook_size)`` int64 contiguous
     histogram on z's device, to which the kernel adds each counted token's code (in place, no host sync).
     ``noise``: ``(seed, p)``, vqp's noise dropout on ``out`` drawn in the kernel (:func:`noise_dropout`).
+    ``rotation``: vqp's orthogonal rotation ``R (d, d)``, float32 contiguous on z's device: the kernel quantizes
+    ``z_c @ R`` and writes ``codes_c @ R.T`` (``ROTATE``).
     """
     b, cd, n = z.shape
     d, max_level = integers.shape[0], _lv.max_level_of(values)
@@ -588,8 +721,10 @@ def forward_triton(z, values, integers, num_codebooks: int, channels_last: bool,
     noise_seed, noise_p = noise if noise is not None else (0, 0.0)
 
     def launch(cfg):
-        if noise is not None:
-            cfg = dict(cfg, BLOCK_N=noise_block_n(cfg["BLOCK_N"], cfg["num_warps"], c_pad * d_pad))
+        if rotation is not None:
+            cfg = rotation_config(cfg, c_pad * d_pad, z.element_size(), channels_last)
+        elif noise is not None:
+            cfg = dict(cfg, BLOCK_N=capped_block_n(cfg["BLOCK_N"], cfg["num_warps"], c_pad * d_pad))
         nblocks = cdiv(tokens, cfg["BLOCK_N"])
         common = dict(
             C=num_codebooks, D=d, C_PAD=c_pad, D_PAD=d_pad, MAX_LEVEL=max_level,
@@ -597,21 +732,24 @@ def forward_triton(z, values, integers, num_codebooks: int, channels_last: bool,
             num_warps=cfg["num_warps"],
         )
         hist = indices if usage is None else usage  # (unused without TRACK_USAGE)
-        split = 1 if usage is None else count_split(
+        split = 1 if usage is None or rotation is not None else count_split(
             z.element_size(), channels_last, write_indices, num_codebooks, cfg["BLOCK_N"], cfg["num_warps"])
         _launch(_fsq_forward_kernel, z)[(rows * nblocks,)](
-            z, out, indices, hist, values, integers, tokens, nblocks, hist.shape[-1] if usage is not None else 0,
+            z, out, indices, hist, values, integers, values if rotation is None else rotation,
+            tokens, nblocks, hist.shape[-1] if usage is not None else 0,
             noise_seed, noise_p, *sz, *so, **common,
             WRITE_INDICES=write_indices, TRACK_USAGE=usage is not None, COUNT_SPLIT=split, NOISE=noise is not None,
+            ROTATE=rotation is not None,
         )
 
     _configured_launch("forward", z, rows * tokens, c_pad * d_pad, z.dtype, channels_last, launch)
     return out, indices
 
 
-def backward_triton(grad_out, z, values, channels_last: bool, noise: tuple[int, float] | None = None):
+def backward_triton(grad_out, z, values, channels_last: bool, noise: tuple[int, float] | None = None,
+                    rotation: torch.Tensor | None = None):
     """Launch the backward kernel: grad_out, z (b, c*d, n) -> grad_z (b, c*d, n) in z's dtype; ``noise``: the
-    forward's ``(seed, p)``, whose clamp the gradient follows."""
+    forward's ``(seed, p)``, whose clamp the gradient follows; ``rotation``: the forward's ``R``."""
     b, cd, n = z.shape
     d, max_level = values.shape[0], _lv.max_level_of(values)
     grad_z = _empty_feature(z.shape, z.device, channels_last, z.dtype)
@@ -623,21 +761,28 @@ def backward_triton(grad_out, z, values, channels_last: bool, noise: tuple[int, 
     offset_64 = _needs_int64(grad_out, z, grad_z)
     noise_seed, noise_p = noise if noise is not None else (0, 0.0)
 
+    c_pad, d_pad = (next_pow2(cd // d), next_pow2(d)) if rotation is not None else (1, 1)
+
     def launch(cfg):
+        if rotation is not None:
+            cfg = rotation_config(cfg, c_pad * d_pad, z.element_size(), channels_last)
         nblocks = cdiv(tokens, cfg["BLOCK_N"])
         _launch(_fsq_backward_kernel, z)[(rows * nblocks,)](
-            grad_out, z, grad_z, values,
+            grad_out, z, grad_z, values, values if rotation is None else rotation,
             tokens, nblocks, noise_seed, noise_p, *sg, *sz, *sd,
             CD=cd, D=d, CD_PAD=cd_pad, MAX_LEVEL=max_level,
-            BLOCK_N=cfg["BLOCK_N"], OFFSET_64=offset_64, DENSE=dense, NOISE=noise is not None, num_warps=cfg["num_warps"],
+            BLOCK_N=cfg["BLOCK_N"], OFFSET_64=offset_64, DENSE=dense, NOISE=noise is not None,
+            ROTATE=rotation is not None, C_PAD=c_pad, D_PAD=d_pad, num_warps=cfg["num_warps"],
         )
 
     _configured_launch("backward", z, rows * tokens, cd_pad, z.dtype, channels_last, launch)
     return grad_z
 
 
-def decode_triton(indices, values, integers, codebook_size: int, channels_last: bool, dtype: torch.dtype):
-    """Launch the decode kernel: indices (b, n, c) -> codes (b, c*d, n) in ``dtype``."""
+def decode_triton(indices, values, integers, codebook_size: int, channels_last: bool, dtype: torch.dtype,
+                  rotation: torch.Tensor | None = None):
+    """Launch the decode kernel: indices (b, n, c) -> codes (b, c*d, n) in ``dtype``; ``rotation``: vqp's ``R``
+    (float32, contiguous, on the indices' device), the codes then being ``codes_c @ R.T``."""
     b, n, c = indices.shape
     d, max_level = integers.shape[0], _lv.max_level_of(values)
     out = _empty_feature((b, c * d, n), indices.device, channels_last, dtype)
@@ -649,14 +794,18 @@ def decode_triton(indices, values, integers, codebook_size: int, channels_last: 
     offset_64 = _needs_int64(indices, out)
     dense = dense_token_stride(c * d, so)
 
+    rotate = rotation is not None
+
     def launch(cfg):
+        if rotate:
+            cfg = dict(cfg, BLOCK_N=capped_block_n(cfg["BLOCK_N"], cfg["num_warps"], c_pad * d_pad))
         nblocks = cdiv(tokens, cfg["BLOCK_N"])
         _launch(_fsq_decode_kernel, out)[(rows * nblocks,)](
-            indices, out, values, integers,
+            indices, out, values, integers, values if rotation is None else rotation,
             tokens, nblocks, codebook_size, *so,
             C=c, D=d, C_PAD=c_pad, D_PAD=d_pad, MAX_LEVEL=max_level, BLOCK_N=cfg["BLOCK_N"],
-            CHANNEL_ROWS=not channels_last, GROUPS=max(1, d_pad * out.element_size() // 16),
-            OFFSET_64=offset_64, DENSE=dense, num_warps=cfg["num_warps"],
+            CHANNEL_ROWS=not channels_last, GROUPS=1 if rotate else max(1, d_pad * out.element_size() // 16),
+            OFFSET_64=offset_64, DENSE=dense, ROTATE=rotate, num_warps=cfg["num_warps"],
         )
 
     _configured_launch("decode", out, rows * tokens, c_pad * d_pad, dtype, channels_last, launch)
