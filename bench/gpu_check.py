@@ -715,8 +715,8 @@ def summary_markdown(results: dict) -> str:
     variants = _rows(results, "v")
     if variants:
         lines += ["", "## vqp 1.32's options (step v): parity with vqp, time over the plain forward", ""]
-        other = ("index_mismatches_vs_no_noise", "noised_fraction", "usage_count_mismatches", "usage_counted",
-                 "pct_of_bound", "cuda_graph_error", "indices", "vqp", "no_ratio", "error", "speed_error")
+        other = ("output_bit_differences", "index_mismatches_vs_no_noise", "noised_fraction", "usage_count_mismatches",
+                 "usage_counted", "pct_of_bound", "cuda_graph_error", "indices", "vqp", "no_ratio", "error", "speed_error")
         lines += _table(["variant", "options", "input", "index mismatches", "output mismatches", "max abs diff", "ms",
                          "x plain", "CUDA graph ms", "CUDA graph x plain", "other"], [
             [row.get("variant", "?"), _fmt(row.get("options")), _fmt(row.get("input")), _fmt(row.get("index_mismatches")),

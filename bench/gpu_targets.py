@@ -582,7 +582,13 @@ def _variant_parity(ours: FSQ, vqp, x: torch.Tensor, training: bool, keywords: d
             ref_out, ref_indices = vqp(x)
             if indices is not None or ref_indices is not None:
                 row["index_mismatches"] = bit_mismatches(indices, ref_indices)
-            if not training:  # noisy outputs are not compared (vqp draws with probability 0.5 whatever p is)
+            if not training and ours.orthogonal_rotation:
+                # by design: the kernel sums codes @ R.T in its own order (README), so out is vqp's to float32
+                # rounding; a mismatch is a value beyond that (1e-6 for codes in [-1, 1]), the bit differences a note
+                row["output_mismatches"] = int(((out.float() - ref_out.float()).abs() > 1e-6).sum())
+                row["output_bit_differences"] = bit_mismatches(out, ref_out.to(out.dtype))
+                row["max_abs_diff"] = max_abs_diff(out, ref_out)
+            elif not training:  # noisy outputs are not compared (vqp draws with probability 0.5 whatever p is)
                 row["output_mismatches"] = bit_mismatches(out, ref_out.to(out.dtype))
                 row["max_abs_diff"] = max_abs_diff(out, ref_out)
             del ref_out, ref_indices
