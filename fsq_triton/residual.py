@@ -428,8 +428,8 @@ class ResidualFSQ(nn.Module):
         tables = self._tables(feature.device)
         num_active = self.num_quantizers if cut is None else cut + 1
         kind = _ops.KINDS[self._kind]
-        return ops.ResidualFSQFunction.apply(feature, tables.stages, tables.channels, tables.basis, groups, num_active,
-                                             kind, mode, channels_last)
+        return ops.ResidualFSQFunction.apply(feature, tables.stages, tables.guess, tables.channels, tables.basis, groups,
+                                             num_active, kind, mode, channels_last)
 
     def _soft_clamp_runs_in_kernel(self, device: torch.device) -> bool:
         """``soft_clamp_in_kernel``, whose default (None) is: in the kernel except on CUDA (see the attribute)."""

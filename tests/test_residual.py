@@ -395,13 +395,107 @@ def test_kernels_cpu_twin_matches_the_kernels():
         tables = residual_tables((8, 5, 3), 3, semantics, kind, "cpu", soft)
         x = torch.randn(2, 6, 11) * 1.5
         mode = 0 if soft is None else 1
-        out_k, idx_k = ops.forward_triton(x, tables.stages, tables.channels, tables.basis, 2, 2, mode, False)
+        out_k, idx_k = ops.forward_triton(x, tables.stages, tables.guess, tables.channels, tables.basis, 2, 2, mode, False)
         out_t, idx_t = ops._torch_forward(x, tables.stages, tables.channels, tables.basis, 2, 2, mode)
         assert torch.equal(idx_k, idx_t) and torch.equal(out_k, out_t)
         g = torch.randn_like(x)
-        grad_k = ops.backward_triton(g, x, tables.stages, tables.channels, 2, 2, ops.KINDS[kind], mode, False)
+        grad_k = ops.backward_triton(g, x, tables.stages, tables.guess, tables.channels, 2, 2, ops.KINDS[kind], mode, False)
         grad_t = ops._torch_backward(g, x, tables.stages, tables.channels, 2, 2, ops.KINDS[kind], mode)
         torch.testing.assert_close(grad_k, grad_t, rtol=1e-5, atol=1e-6)
+
+
+GUESS_CONFIGS = [
+    ((8, 5, 5, 5), 8, "current", "sym_clamp"),
+    ((8, 5, 3, 2), 4, "current", "sym_tanh"),
+    ((8, 6, 5), 4, "pre-1.26", "tanh_shift"),
+    ((2, 3, 40), 3, "current", "sym_clamp"),     # padding rows past L_j = 2 and 3, MAX_LEVEL 40
+    ((10, 4), 5, "pre-1.26", "sym_tanh"),
+]
+
+
+def _stage_inputs(tables, levels):
+    """Per channel, every stage's thresholds and the floats just below them, plus large, infinite and random values:
+    ``(n, d)`` residuals that sit on each stage's steps."""
+    d = len(levels)
+    cols = []
+    for j, level in enumerate(levels):
+        thr = tables.thresholds[:, j, : level - 1].reshape(-1)
+        special = torch.tensor([0.0, -0.0, 3e38, -3e38, float("inf"), -float("inf")])
+        cols.append(torch.cat([thr, thr.nextafter(torch.tensor(-float("inf"))), thr.nextafter(torch.tensor(float("inf"))),
+                               special, torch.randn(64) * 2]))
+    n = max(c.numel() for c in cols)
+    return torch.stack([torch.cat([c, torch.randn(n - c.numel())]) for c in cols], dim=1)  # (n, d)
+
+
+@pytest.mark.parametrize("levels,q,semantics,kind", GUESS_CONFIGS, ids=lambda v: str(v).replace(" ", ""))
+def test_guess_table_gives_the_compare_chains_levels(levels, q, semantics, kind):
+    """The guess table's rule (``g = clamp(rne(r * a + b), 0, M - 2)``, then one threshold of row ``1 + g``),
+    emulated in torch, against the compare chain on every threshold, its neighbours and extreme values of every
+    stage; and the calibration keeps the guess for these configurations."""
+    from fsq_triton.residual_levels import GUESS_MAGIC
+
+    tables = residual_tables(levels, q, semantics, kind, "cpu")
+    assert tables.guess.shape == (q, len(levels), max(levels), 4)
+    r_all = _stage_inputs(tables, levels)
+    for s in range(q):
+        for j in range(len(levels)):
+            r = r_all[:, j]
+            head, rows = tables.guess[s, j, 0], tables.guess[s, j, 1:]
+            u = r * head[0] + head[1]
+            g = ((u + 8388608.0).view(torch.int32).clamp(GUESS_MAGIC, GUESS_MAGIC + max(levels) - 2) - GUESS_MAGIC).long()
+            row = rows[g]
+            passed = r >= row[:, 0]
+            index = row[:, 3].view(torch.int32) + torch.where(passed, tables.basis[j], 0)
+            quantized = torch.where(passed, row[:, 2], row[:, 1])
+            level = (r[:, None] >= tables.thresholds[s, j][None, :]).sum(1)
+            assert torch.equal(index, (level * tables.basis[j]).int()), (s, j)
+            assert torch.equal(quantized, tables.quantized[s, j][level]), (s, j)
+
+
+def test_guess_is_off_where_it_cannot_be_proven():
+    """tanh bounds with 12 levels: the affine guess strays more than half a level from some threshold, so the
+    calibration gives an empty table (the kernels count thresholds instead)."""
+    tables = residual_tables((12, 5), 2, "current", "sym_tanh", "cpu")
+    assert tables.guess.shape[0] == 0 and tables.guess.shape[1:] == (2, 12, 4)
+
+
+@pytest.mark.parametrize("levels,q,semantics,kind", GUESS_CONFIGS[:3] + [((12, 5), 3, "current", "sym_tanh")],
+                         ids=lambda v: str(v).replace(" ", ""))
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_kernels_with_and_without_the_guess_agree_bit_for_bit(levels, q, semantics, kind, channels_last):
+    """Guess and correction against the compare chain in the kernels themselves (both layouts; dense channel-last
+    tiles where ``d % 4 == 0``, 4-stage index rows where ``q % 4 == 0``), on inputs that put stage 0 on every step
+    and the later stages near theirs, with quantize dropout cutting the last stage, and against the torch twin."""
+    from fsq_triton.ops import residual as ops
+
+    if not interpreting():
+        pytest.skip("runs the kernels under the interpreter")
+    tables = residual_tables(levels, q, semantics, kind, "cpu")
+    d = len(levels)
+    x = _stage_inputs(tables, levels)                                   # (n, d), stage 0 on its steps
+    x = torch.cat([x, x * 1.0001, x + tables.quantized[0].max() * 0.5])
+    x[5, 1] = float("nan")
+    feature = x.t()[None].contiguous() if not channels_last else x[None].transpose(1, 2)   # (1, d, n)
+    empty = tables.guess[:0]
+    g = torch.randn_like(feature)
+    for num_active in (q, q - 1):
+        out_c, idx_c = ops.forward_triton(feature, tables.stages, empty, tables.channels, tables.basis, 1, num_active, 0,
+                                          channels_last)
+        out_t, idx_t = ops._torch_forward(feature, tables.stages, tables.channels, tables.basis, 1, num_active, 0)
+        assert torch.equal(idx_c, idx_t)
+        assert torch.equal(out_c.nan_to_num(7.0), out_t.nan_to_num(7.0))
+        grad_c = ops.backward_triton(g, feature, tables.stages, empty, tables.channels, 1, num_active, ops.KINDS[kind], 0,
+                                     channels_last)
+        if tables.guess.shape[0] == 0:
+            continue
+        out_k, idx_k = ops.forward_triton(feature, tables.stages, tables.guess, tables.channels, tables.basis, 1,
+                                          num_active, 0, channels_last)
+        assert torch.equal(idx_k, idx_c)
+        assert torch.equal(out_k.nan_to_num(7.0), out_c.nan_to_num(7.0))
+        assert torch.equal(out_k.isnan(), out_c.isnan())
+        grad_k = ops.backward_triton(g, feature, tables.stages, tables.guess, tables.channels, 1, num_active,
+                                     ops.KINDS[kind], 0, channels_last)
+        assert torch.equal(grad_k.nan_to_num(7.0), grad_c.nan_to_num(7.0))
 
 
 def test_exported_from_the_package():
@@ -417,21 +511,26 @@ from triton.compiler import ASTSource
 import fsq_triton.ops.residual as R
 
 ints = lambda *names: {n: "i32" for n in names}
-forward_types = {"x_ptr": "*bf16", "out_ptr": "*fp32", "idx_ptr": "*i32", "stage_ptr": "*fp32", "chan_ptr": "*fp32",
+forward_types = {"x_ptr": "*bf16", "out_ptr": "*fp32", "idx_ptr": "*i32", "stage_ptr": "*fp32", "guess_ptr": "*fp32", "chan_ptr": "*fp32",
                  "basis_ptr": "*i32", **ints("N", "num_n_blocks", "num_active", "stride_xb", "stride_xc", "stride_xn",
                                              "stride_ob", "stride_oc", "stride_on", "stride_ig", "stride_ib", "stride_in")}
-backward_types = {"g_ptr": "*fp32", "x_ptr": "*bf16", "dx_ptr": "*bf16", "stage_ptr": "*fp32", "chan_ptr": "*fp32",
+backward_types = {"g_ptr": "*fp32", "x_ptr": "*bf16", "dx_ptr": "*bf16", "stage_ptr": "*fp32", "guess_ptr": "*fp32", "chan_ptr": "*fp32",
                   **ints("N", "num_n_blocks", "num_active", "stride_gb", "stride_gc", "stride_gn", "stride_xb",
                          "stride_xc", "stride_xn", "stride_db", "stride_dc", "stride_dn")}
-common = dict(G=2, D=4, G_PAD=2, D_PAD=4, Q=8, MAX_LEVEL=8, SOFT_CLAMP=1, BLOCK_N=128, OFFSET_64=False)
+common = dict(G=2, D=4, Q=8, MAX_LEVEL=8, SOFT_CLAMP=1, GUESS=True, DENSE=True, INDEX_ROWS=True, BLOCK_N=128,
+              OFFSET_64=False)
+strided = dict(DENSE=False, INDEX_ROWS=False, OFFSET_64=True)
 rows = []
 for kernel, types, constexprs in (
     (R._residual_forward_kernel, forward_types, common),
     (R._residual_backward_kernel, backward_types, {**common, "KIND": 2}),
     (R._residual_backward_kernel, backward_types, {**common, "KIND": 0, "SOFT_CLAMP": 2}),
-    (R._residual_forward_kernel, forward_types, {**common, "MAX_LEVEL": 40, "OFFSET_64": True}),
+    (R._residual_forward_kernel, forward_types, {**common, **strided, "MAX_LEVEL": 40, "Q": 6}),
+    (R._residual_forward_kernel, forward_types, {**common, **strided, "MAX_LEVEL": 40, "GUESS": False}),
+    (R._residual_backward_kernel, backward_types, {**common, **strided, "KIND": 1, "GUESS": False}),
 ):
     names = kernel.arg_names
+    constexprs = {k: v for k, v in constexprs.items() if k in names}
     signature = {n: ("constexpr" if n in constexprs else types[n]) for n in names}
     source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
     log = io.StringIO()  # Triton prints its ptxas -v report (TRITON_DUMP_PTXAS_LOG, fresh cache): registers, spills
@@ -459,7 +558,7 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(result.stdout.strip().splitlines()[-1])
     assert [r["kernel"] for r in rows] == ["_residual_forward_kernel", "_residual_backward_kernel", "_residual_backward_kernel",
-                                           "_residual_forward_kernel"]
+                                           "_residual_forward_kernel", "_residual_forward_kernel", "_residual_backward_kernel"]
     assert rows[0]["ptx_has_tanh_path"] and rows[0]["div_rn"]
     for row in rows:
         assert row["spill_bytes"] == 0 and row["registers"] <= 255, row
@@ -491,9 +590,10 @@ def test_custom_ops_pass_opcheck():
     tables = residual_tables((8, 5, 5, 5), 3, "current", "sym_clamp", "cpu", (1.1, 1.2, 1.2, 1.2))
     x = torch.randn(2, 8, 7, requires_grad=True)
     torch.library.opcheck(torch.ops.fsq_triton.residual_quantize.default,
-                          (x, tables.stages, tables.channels, tables.basis, 2, 3, ops.KINDS["sym_clamp"], 1, False))
+                          (x, tables.stages, tables.guess, tables.channels, tables.basis, 2, 3, ops.KINDS["sym_clamp"], 1, False))
     torch.library.opcheck(torch.ops.fsq_triton.residual_quantize_backward.default,
-                          (torch.randn(2, 8, 7), x.detach(), tables.stages, tables.channels, 2, 3, ops.KINDS["sym_clamp"], 1, False))
+                          (torch.randn(2, 8, 7), x.detach(), tables.stages, tables.guess, tables.channels, 2, 3, ops.KINDS["sym_clamp"],
+                           1, False))
 
 
 def test_torch_compile_fullgraph_matches_eager(backend):

@@ -5,6 +5,11 @@ Shape letters: ``b`` batch, ``g`` groups (``GroupedResidualFSQ``; 1 for ``Residu
 strides (channel-first ``(b, g*d, *spatial)`` flattened, or channel-last ``(b, n, g*d)`` transposed: no copy), and
 write the quantized sum in the same view and the indices as ``(g, b, n, q)`` int32.
 
+A program takes ``BLOCK_N`` tokens of one group (grid axis 1). Each of the ``d`` channels is its own vector of tokens
+(the channel loops are unrolled; the vectors are Triton tuples), so every thread holds whole tokens: the index sums
+stay in the thread, a channel's per-stage constants are scalars, and nothing crosses lanes or shared memory (sm_90,
+triton 3.6 and 3.9; ``bench/inspect_kernels.py``'s residual rows).
+
 The stage math and its calibration are in :mod:`fsq_triton.residual_levels`. Offsets are int64 (``OFFSET_64``)
 whenever an address of the launch can pass 2**31.
 """
@@ -30,6 +35,7 @@ COL_SOFT_CLAMP = tl.constexpr(_rl.COL_SOFT_CLAMP)
 COL_SOFT_CLAMP_INV = tl.constexpr(_rl.COL_SOFT_CLAMP_INV)
 CHAN_COLS = tl.constexpr(_rl.CHANNEL_COLS)
 INTERPRET = tl.constexpr(interpreting())
+GUESS_MAGIC = tl.constexpr(_rl.GUESS_MAGIC)
 KIND_TANH_SHIFT = tl.constexpr(0)
 KIND_SYM_TANH = tl.constexpr(1)
 KIND_SYM_CLAMP = tl.constexpr(2)
@@ -63,70 +69,151 @@ def tanh_f32(x):
 
 
 @triton.jit
-def soft_clamp(x, chans, d_ok, SOFT_CLAMP: tl.constexpr):
-    """``tanh(x / c) * c`` (the soft clamp before the stages), and ``t = tanh(x / c)`` for the backward."""
-    c = tl.load(chans + COL_SOFT_CLAMP, mask=d_ok, other=1.0)
+def soft_clamp(x, chans, SOFT_CLAMP: tl.constexpr):
+    """``tanh(x / c) * c`` (the soft clamp before the stages), and ``t = tanh(x / c)`` for the backward; ``chans``
+    points at the channel's row of the channel table."""
+    c = tl.load(chans + COL_SOFT_CLAMP)
     if SOFT_CLAMP == 1:
         t = tanh_f32(tl.math.div_rn(x, c))
     else:
-        t = tanh_f32(x * tl.load(chans + COL_SOFT_CLAMP_INV, mask=d_ok, other=1.0))
+        t = tanh_f32(x * tl.load(chans + COL_SOFT_CLAMP_INV))
     return t * c, t
 
 
 @triton.jit
-def stage_step(r, srow, d_ok, MAX_LEVEL: tl.constexpr):
-    """One stage on the residual ``r``: ``(level, quantized)`` with ``level = #{k : r >= thr[k]}`` and
-    ``quantized = table[level]`` (the stage's scaled code), selected with a ``tl.where`` chain (no gather)."""
+def channel_offset(c, stride, OFFSET_64: tl.constexpr):
+    """``c * stride``, in int64 when the launch's addresses need it."""
+    if OFFSET_64:
+        return stride.to(tl.int64) * c
+    else:
+        return stride * c
+
+
+@triton.jit
+def split4(tile):
+    """The 4 columns of a ``(n, 4)`` tile (each thread holds its rows whole) as 4 vectors."""
+    even, odd = tl.split(tl.reshape(tile, [tile.shape[0], 2, 2]))  # columns (0, 2) and (1, 3)
+    c0, c2 = tl.split(even)
+    c1, c3 = tl.split(odd)
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def join4(c0, c1, c2, c3):
+    """The ``(n, 4)`` tile of 4 vectors as its columns (:func:`split4`'s inverse)."""
+    return tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), [c0.shape[0], 4])
+
+
+@triton.jit
+def load_channels(ptr, offset, nn, n_ok, stride_c, stride_n, first, D: tl.constexpr, C: tl.constexpr,
+                  DENSE: tl.constexpr, OFFSET_64: tl.constexpr):
+    """Channels ``first .. first + D - 1`` of the tokens ``nn`` as a tuple of ``D`` vectors (the tensor's dtype);
+    ``offset`` is the row's. ``DENSE``: channel-last contiguous (token stride ``C``), ``D % 4 == 0`` and aligned, so each
+    4 channels of a token are one 16-byte (8-byte) load."""
+    out = ()
+    if DENSE:
+        for k in tl.static_range(D // 4):
+            tile = tl.load(ptr + (offset + nn * C + first + 4 * k)[:, None] + tl.arange(0, 4)[None, :],
+                           mask=n_ok[:, None], other=0.0)
+            out = out + split4(tile)
+    else:
+        base = offset + channel_offset(first, stride_c, OFFSET_64) + nn * stride_n
+        for j in tl.static_range(D):
+            out = out + (tl.load(ptr + (base + channel_offset(j, stride_c, OFFSET_64)), mask=n_ok, other=0.0),)
+    return out
+
+
+@triton.jit
+def store_channels(ptr, offset, nn, n_ok, stride_c, stride_n, first, values, D: tl.constexpr, C: tl.constexpr,
+                   DENSE: tl.constexpr, OFFSET_64: tl.constexpr):
+    """Store the tuple of ``D`` channel vectors ``values`` (cast to the tensor's dtype) where :func:`load_channels`
+    reads them."""
+    if DENSE:
+        for k in tl.static_range(D // 4):
+            tile = join4(values[4 * k], values[4 * k + 1], values[4 * k + 2], values[4 * k + 3])
+            tl.store(ptr + (offset + nn * C + first + 4 * k)[:, None] + tl.arange(0, 4)[None, :],
+                     cast_rne(tile, ptr.dtype.element_ty), mask=n_ok[:, None])
+    else:
+        base = offset + channel_offset(first, stride_c, OFFSET_64) + nn * stride_n
+        for j in tl.static_range(D):
+            tl.store(ptr + (base + channel_offset(j, stride_c, OFFSET_64)), cast_rne(values[j], ptr.dtype.element_ty),
+                     mask=n_ok)
+
+
+@triton.jit
+def stage_chain(r, srow, MAX_LEVEL: tl.constexpr):
+    """One stage on a channel's residual ``r`` by the compare chain: ``(level, quantized)`` with
+    ``level = #{k : r >= thr[k]}`` and ``quantized = table[level]``, the stage row's thresholds and scaled codes
+    read as scalars (one row per channel and stage)."""
     COL_Q: tl.constexpr = COL_THRESHOLDS + MAX_LEVEL - 1
     level = tl.zeros(r.shape, dtype=tl.int32)
-    quantized = tl.zeros(r.shape, dtype=tl.float32) + tl.load(srow + COL_Q, mask=d_ok, other=0.0)
+    quantized = tl.zeros(r.shape, dtype=tl.float32) + tl.load(srow + COL_Q)
     if MAX_LEVEL <= 32:
         for k in tl.static_range(MAX_LEVEL - 1):
-            passed = r >= tl.load(srow + (COL_THRESHOLDS + k), mask=d_ok, other=float("nan"))
+            passed = r >= tl.load(srow + (COL_THRESHOLDS + k))
             level += passed.to(tl.int32)
-            quantized = tl.where(passed, tl.load(srow + (COL_Q + 1 + k), mask=d_ok, other=0.0), quantized)
+            quantized = tl.where(passed, tl.load(srow + (COL_Q + 1 + k)), quantized)
     else:
         for k in range(MAX_LEVEL - 1):
-            passed = r >= tl.load(srow + (COL_THRESHOLDS + k), mask=d_ok, other=float("nan"))
+            passed = r >= tl.load(srow + (COL_THRESHOLDS + k))
             level += passed.to(tl.int32)
-            quantized = tl.where(passed, tl.load(srow + (COL_Q + 1 + k), mask=d_ok, other=0.0), quantized)
+            quantized = tl.where(passed, tl.load(srow + (COL_Q + 1 + k)), quantized)
     return level, quantized
 
 
 @triton.jit
-def _group_tile(N, num_n_blocks, G: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr,
-                BLOCK_N: tl.constexpr, OFFSET_64: tl.constexpr):
-    """This program's (group, channel, token) tile: its origin, the index vectors, each element's channel and the mask."""
-    b, n_start = tile_origin(num_n_blocks, BLOCK_N, OFFSET_64)
-    gg = tl.arange(0, G_PAD)[:, None, None]              # group
-    dd = tl.arange(0, D_PAD)[None, :, None]              # channel within the group
-    nn = n_start + tl.arange(0, BLOCK_N)[None, None, :]  # token
-    chan = gg * D + dd
-    if OFFSET_64:
-        chan = chan.to(tl.int64)
-    d_ok = dd < D
-    return b, n_start, gg, dd, nn, chan, d_ok, (gg < G) & d_ok & (nn < N)
+def stage_guess(r, guess_ptr, s: tl.constexpr, j: tl.constexpr, D: tl.constexpr, a, b, MAX_LEVEL: tl.constexpr):
+    """One stage on a channel's residual ``r`` by guess and correction (:func:`fsq_triton.residual_levels.guess_table`):
+    ``g = clamp(rne(r * a + b), 0, MAX_LEVEL - 2)``, then row ``1 + g`` of the stage's guess table ``grow`` gives
+    ``(thr[g + 1], quantized[g], quantized[g + 1], g * basis)``: ``passed = r >= thr[g + 1]``, and the result is
+    ``(passed, quantized, g * basis)`` with ``quantized = passed ? quantized[g + 1] : quantized[g]``."""
+    u = r * a + b
+    g = (u + 8388608.0).to(tl.int32, bitcast=True)  # 2**23: its bits are GUESS_MAGIC + rne(u) for |u| < 2**22
+    g = tl.minimum(tl.maximum(g, GUESS_MAGIC), GUESS_MAGIC + (MAX_LEVEL - 2))
+    # row 1 + g of stage s, channel j: (guess_ptr - 4 * GUESS_MAGIC) + 4 * (GUESS_MAGIC + g) (one 64-bit multiply-add,
+    # the same base for every stage) + a constant (the load's immediate offset)
+    rows = (guess_ptr + (-4 * GUESS_MAGIC)) + g.to(tl.uint32).to(tl.int64) * 4
+    entry = tl.load(rows[:, None] + ((s * D + j) * (4 * MAX_LEVEL) + 4 + tl.arange(0, 4))[None, :])  # a 16-byte row
+    even, odd = tl.split(tl.reshape(entry, [r.shape[0], 2, 2]))  # columns (0, 2) and (1, 3)
+    thr, q_hi = tl.split(even)
+    q_lo, part = tl.split(odd)
+    passed = r >= thr
+    quantized = tl.where(passed, q_hi, q_lo)
+    return passed, quantized, part.to(tl.int32, bitcast=True)
 
 
 @triton.jit
+def guess_line(guess_ptr, s: tl.constexpr, j: tl.constexpr, D: tl.constexpr, MAX_LEVEL: tl.constexpr):
+    """``(a, b)``, the guess line of stage ``s`` and channel ``j`` (row 0 of its guess table): one 8-byte load."""
+    ab = tl.load((guess_ptr + (s * D + j) * (4 * MAX_LEVEL)).to(tl.pointer_type(tl.int64), bitcast=True))
+    return ab.to(tl.int32).to(tl.float32, bitcast=True), (ab >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+
+
+# The token strides are never specialised to a constexpr 1 (channel-first): their loads would then hold 4 consecutive
+# tokens a thread, while the guess table's 16-byte rows are gathered round-robin (token t in thread t mod 128), and
+# Triton would convert between the two through shared memory (sm_90, triton 3.6 and 3.9).
+@triton.jit(do_not_specialize=["stride_xn", "stride_on"])
 def _residual_forward_kernel(
-    x_ptr, out_ptr, idx_ptr, stage_ptr, chan_ptr, basis_ptr,
+    x_ptr, out_ptr, idx_ptr, stage_ptr, guess_ptr, chan_ptr, basis_ptr,
     N, num_n_blocks, num_active,
     stride_xb, stride_xc, stride_xn,
     stride_ob, stride_oc, stride_on,
     stride_ig, stride_ib, stride_in,
-    G: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr, Q: tl.constexpr,
-    MAX_LEVEL: tl.constexpr, SOFT_CLAMP: tl.constexpr, BLOCK_N: tl.constexpr, OFFSET_64: tl.constexpr,
+    G: tl.constexpr, D: tl.constexpr, Q: tl.constexpr, MAX_LEVEL: tl.constexpr, SOFT_CLAMP: tl.constexpr,
+    GUESS: tl.constexpr, DENSE: tl.constexpr, INDEX_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, OFFSET_64: tl.constexpr,
 ):
-    """Residual FSQ forward, all ``Q`` stages in registers, over a tile of ``BLOCK_N`` tokens x all ``g*d`` channels.
+    """Residual FSQ forward, all ``Q`` stages in registers, over ``BLOCK_N`` tokens x the ``D`` channels of one group.
 
     Math, per element ``x`` of channel ``j`` (float32; ``c_j`` the soft clamp, if any):
         r = tanh(x / c_j) * c_j   (or r = x)
         for s < Q:   level_s = #{k : r >= thr[s, j, k]}       (= vqp's stage quantizer of r / scale[s, j])
                      qv_s    = table[s, j, level_s]           (= code(level_s) * scale[s, j], vqp's float32 ops)
-                     r       = r - qv_s;  out += qv_s         (stages s >= num_active: index -1, qv_s = 0)
-        out = NaN where x is NaN
+                     r       = r - qv_s;  out += qv_s         (stages s >= num_active: skipped, index -1)
+        out = x where x is NaN
     per token, group and stage: index = sum_j level_s,j * basis_j, or -1 if a channel is NaN.
+    ``level_s`` and ``qv_s`` come from the guess table with ``GUESS`` (a multiply-add guesses the level, one
+    threshold corrects it: :func:`stage_guess`, exact as proven in :func:`fsq_triton.residual_levels.guess_table`),
+    else from the compare chain over the ``L - 1`` thresholds (:func:`stage_chain`); the same integers and floats.
     The thresholds were calibrated on this device with vqp's own ops, so the stages are exact (no division, no
     tanh). Only the soft clamp evaluates ``tanh``, after an IEEE division (``div_rn``) or the reciprocal multiply
     torch uses for a Python-float divisor on CUDA. Under the interpreter it is ``torch.tanh`` itself, so the kernel
@@ -136,54 +223,91 @@ def _residual_forward_kernel(
     zero. Not measured on a GPU yet: a one-ulp difference there moves an index only where ``r`` sits within an ulp of
     a deep stage's threshold, and the GPU check must count such mismatches against vqp.
 
+    A thread holds whole tokens (see the module docstring). ``DENSE`` (channel-last contiguous, ``d % 4 == 0``):
+    each 4 channels of a token are one 16-byte load and store; ``INDEX_ROWS`` (``q % 4 == 0``): each 4 stage indices
+    of a token are one 16-byte store. sm_90, 8 stages of [8, 5, 5, 5], float32 channel-last: 124 SASS instructions
+    per value (16 a thread, 160 registers, no spills, no shared memory; triton 3.6 and 3.9), against 444 for the
+    compare chain over lanes before (compiler figures, not GPU timings: ``bench/NOTES.md``).
+
     Memory traffic per element: read ``x`` once (4 B float32, 2 B bfloat16/float16), write ``out`` once (4 B
-    float32), and ``4 * q`` B of int32 indices per ``d`` elements; the tables (``q * d`` rows of a few dozen
-    floats) stay in cache.
+    float32), and ``4 * q`` B of int32 indices per ``d`` elements; the tables (``q * d`` rows of a few dozen floats,
+    and the guess table's ``q * d * max(L)`` 16-byte rows) stay in cache.
     """
-    b, n_start, gg, dd, nn, chan, d_ok, mask = _group_tile(N, num_n_blocks, G, D, G_PAD, D_PAD, BLOCK_N, OFFSET_64)
-
-    x = tl.load(x_ptr + (b * stride_xb + chan * stride_xc + nn * stride_xn), mask=mask, other=0.0).to(tl.float32)
-    chans = chan_ptr + dd * CHAN_COLS
-    if SOFT_CLAMP != 0:
-        r, _t = soft_clamp(x, chans, d_ok, SOFT_CLAMP)
-    else:
-        r = x
-    basis = tl.load(basis_ptr + dd, mask=d_ok, other=0)
-    is_nan = x != x
-    token_nan = tl.max(is_nan.to(tl.int32), axis=1) > 0          # (G_PAD, BLOCK_N)
-
-    g2 = tl.arange(0, G_PAD)[:, None]
-    n2 = n_start + tl.arange(0, BLOCK_N)[None, :]
-    if OFFSET_64:
-        g2 = g2.to(tl.int64)
-    idx_ptrs = idx_ptr + (g2 * stride_ig + b * stride_ib + n2 * stride_in)
-    idx_mask = (g2 < G) & (n2 < N)
-
+    b, n_start = tile_origin(num_n_blocks, BLOCK_N, OFFSET_64)
+    group = tl.program_id(1)
+    nn = n_start + tl.arange(0, BLOCK_N)
+    n_ok = nn < N
     ROW: tl.constexpr = COL_THRESHOLDS + 2 * MAX_LEVEL - 1
-    acc = tl.zeros(x.shape, dtype=tl.float32)
+
+    raw = load_channels(x_ptr, b * stride_xb, nn, n_ok, stride_xc, stride_xn, group * D, D, G * D, DENSE, OFFSET_64)
+    xs = ()
+    rs = ()
+    accs = ()
+    bases = ()
+    token_nan = tl.zeros([BLOCK_N], dtype=tl.int1)
+    for j in tl.static_range(D):
+        bases = bases + (tl.load(basis_ptr + j),)
+        x = raw[j].to(tl.float32)
+        if SOFT_CLAMP != 0:
+            r, _t = soft_clamp(x, chan_ptr + j * CHAN_COLS, SOFT_CLAMP)
+        else:
+            r = x
+        token_nan = token_nan | (x != x)
+        xs = xs + (x,)
+        rs = rs + (r,)
+        accs = accs + (tl.zeros([BLOCK_N], dtype=tl.float32),)
+
+    # indices (g, b, n, q): with INDEX_ROWS (q % 4 == 0) the group and batch strides come divided by 4, the token
+    # stride is q, and each 4 stages of a token go out as one 16-byte store
+    if INDEX_ROWS:
+        idx_rows = idx_ptr + (4 * (channel_offset(group, stride_ig, OFFSET_64) + b * stride_ib) + nn * Q)
+    else:
+        idx_rows = idx_ptr + (channel_offset(group, stride_ig, OFFSET_64) + b * stride_ib + nn * stride_in)
+    pending = ()
     for s in tl.static_range(Q):
-        level, quantized = stage_step(r, stage_ptr + (s * D + dd) * ROW, d_ok, MAX_LEVEL)
-        dropped = s >= num_active
-        index = tl.sum(level * basis, axis=1)
-        index = tl.where(token_nan | dropped, -1, index)
-        tl.store(idx_ptrs + s, index, mask=idx_mask)
-        quantized = tl.where(dropped, 0.0, quantized)
-        r = r - quantized
-        acc = acc + quantized
-    out = tl.where(is_nan, x, acc)
-    tl.store(out_ptr + (b * stride_ob + chan * stride_oc + nn * stride_on), cast_rne(out, out_ptr.dtype.element_ty), mask=mask)
+        if s < num_active:
+            new_rs = ()
+            new_accs = ()
+            index = tl.zeros([BLOCK_N], dtype=tl.int32)
+            for j in tl.static_range(D):
+                r = rs[j]
+                if GUESS:
+                    a, bb = guess_line(guess_ptr, s, j, D, MAX_LEVEL)
+                    passed, quantized, part = stage_guess(r, guess_ptr, s, j, D, a, bb, MAX_LEVEL)
+                    index += part + tl.where(passed, bases[j], 0)
+                else:
+                    level, quantized = stage_chain(r, stage_ptr + (s * D + j) * ROW, MAX_LEVEL)
+                    index += level * bases[j]
+                new_rs = new_rs + (r - quantized,)
+                new_accs = new_accs + (accs[j] + quantized,)
+            rs = new_rs
+            accs = new_accs
+            index = tl.where(token_nan, -1, index)
+        else:
+            index = tl.full([BLOCK_N], -1, dtype=tl.int32)
+        if INDEX_ROWS:
+            pending = pending + (index,)
+            if s % 4 == 3:
+                tl.store((idx_rows + (s - 3))[:, None] + tl.arange(0, 4)[None, :],
+                         join4(pending[0], pending[1], pending[2], pending[3]), mask=n_ok[:, None])
+                pending = ()
+        else:
+            tl.store(idx_rows + s, index, mask=n_ok)
+    outs = ()
+    for j in tl.static_range(D):
+        outs = outs + (tl.where(xs[j] != xs[j], xs[j], accs[j]),)
+    store_channels(out_ptr, b * stride_ob, nn, n_ok, stride_oc, stride_on, group * D, outs, D, G * D, DENSE, OFFSET_64)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_gn", "stride_xn", "stride_dn"])
 def _residual_backward_kernel(
-    g_ptr, x_ptr, dx_ptr, stage_ptr, chan_ptr,
+    g_ptr, x_ptr, dx_ptr, stage_ptr, guess_ptr, chan_ptr,
     N, num_n_blocks, num_active,
     stride_gb, stride_gc, stride_gn,
     stride_xb, stride_xc, stride_xn,
     stride_db, stride_dc, stride_dn,
-    G: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr, Q: tl.constexpr,
-    MAX_LEVEL: tl.constexpr, KIND: tl.constexpr, SOFT_CLAMP: tl.constexpr, BLOCK_N: tl.constexpr,
-    OFFSET_64: tl.constexpr,
+    G: tl.constexpr, D: tl.constexpr, Q: tl.constexpr, MAX_LEVEL: tl.constexpr, KIND: tl.constexpr,
+    SOFT_CLAMP: tl.constexpr, GUESS: tl.constexpr, DENSE: tl.constexpr, BLOCK_N: tl.constexpr, OFFSET_64: tl.constexpr,
 ):
     """Straight-through gradient of the residual FSQ forward, recomputed from ``x`` alone.
 
@@ -194,42 +318,66 @@ def _residual_backward_kernel(
         sym_clamp:   k_j if clamp_lo[s, j] <= r_s < clamp_hi[s, j] (i.e. -1 <= z <= 1) else 0
     and through the soft clamp ``1 - tanh(x / c)^2``. Stages at or past ``num_active`` (quantize dropout) add
     nothing. ``1 - tanh^2`` is evaluated as ``4u / (1 + u)^2``, ``u = exp(-2|.|)`` (no cancellation), within a few
-    ulp of autograd's ``1 - t * t``; the residuals are recomputed exactly as in the forward.
+    ulp of autograd's ``1 - t * t``; the residuals are recomputed exactly as in the forward (guess and correction
+    with ``GUESS``, else the compare chain). A program and its threads are laid out as in the forward.
 
     Memory traffic per element: read ``g`` (4 B) and ``x`` (4 B float32, 2 B half), write ``dx`` (``x``'s size).
     """
-    b, n_start, gg, dd, nn, chan, d_ok, mask = _group_tile(N, num_n_blocks, G, D, G_PAD, D_PAD, BLOCK_N, OFFSET_64)
-
-    g = tl.load(g_ptr + (b * stride_gb + chan * stride_gc + nn * stride_gn), mask=mask, other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + (b * stride_xb + chan * stride_xc + nn * stride_xn), mask=mask, other=0.0).to(tl.float32)
-    chans = chan_ptr + dd * CHAN_COLS
-    if SOFT_CLAMP != 0:
-        r, t = soft_clamp(x, chans, d_ok, SOFT_CLAMP)
-    else:
-        r = x
-    shift = tl.load(chans + COL_SHIFT, mask=d_ok, other=0.0)
-    grad_k = tl.load(chans + COL_GRAD_K, mask=d_ok, other=0.0)
-
+    b, n_start = tile_origin(num_n_blocks, BLOCK_N, OFFSET_64)
+    group = tl.program_id(1)
+    nn = n_start + tl.arange(0, BLOCK_N)
+    n_ok = nn < N
     ROW: tl.constexpr = COL_THRESHOLDS + 2 * MAX_LEVEL - 1
-    slope = tl.zeros(x.shape, dtype=tl.float32)
-    for s in tl.static_range(Q):
-        srow = stage_ptr + (s * D + dd) * ROW
-        if KIND == KIND_SYM_CLAMP:
-            lo = tl.load(srow + COL_CLAMP_LO, mask=d_ok, other=0.0)
-            hi = tl.load(srow + COL_CLAMP_HI, mask=d_ok, other=0.0)
-            d_stage = tl.where((r >= lo) & (r < hi), grad_k, 0.0)
+
+    raw = load_channels(x_ptr, b * stride_xb, nn, n_ok, stride_xc, stride_xn, group * D, D, G * D, DENSE, OFFSET_64)
+    rs = ()
+    ts = ()
+    slopes = ()
+    for j in tl.static_range(D):
+        x = raw[j].to(tl.float32)
+        if SOFT_CLAMP != 0:
+            r, t = soft_clamp(x, chan_ptr + j * CHAN_COLS, SOFT_CLAMP)
         else:
-            z = tl.math.div_rn(r, tl.load(srow + COL_SCALE, mask=d_ok, other=1.0)) + shift
-            u = tl.exp(-2.0 * tl.abs(z))
-            d_stage = grad_k * (4.0 * u / ((1.0 + u) * (1.0 + u)))
-        active = s < num_active
-        slope += tl.where(active, d_stage, 0.0)
-        _level, quantized = stage_step(r, srow, d_ok, MAX_LEVEL)
-        r = r - quantized
-    dx = g * slope
-    if SOFT_CLAMP != 0:
-        dx = dx * (1.0 - t * t)
-    tl.store(dx_ptr + (b * stride_db + chan * stride_dc + nn * stride_dn), cast_rne(dx, dx_ptr.dtype.element_ty), mask=mask)
+            r = x
+            t = x
+        rs = rs + (r,)
+        ts = ts + (t,)
+        slopes = slopes + (tl.zeros([BLOCK_N], dtype=tl.float32),)
+
+    for s in tl.static_range(Q):
+        if s < num_active:
+            new_rs = ()
+            new_slopes = ()
+            for j in tl.static_range(D):
+                r = rs[j]
+                srow = stage_ptr + (s * D + j) * ROW
+                grad_k = tl.load(chan_ptr + j * CHAN_COLS + COL_GRAD_K)
+                if KIND == KIND_SYM_CLAMP:
+                    inside = (r >= tl.load(srow + COL_CLAMP_LO)) & (r < tl.load(srow + COL_CLAMP_HI))
+                    d_stage = tl.where(inside, grad_k, 0.0)
+                else:
+                    z = tl.math.div_rn(r, tl.load(srow + COL_SCALE)) + tl.load(chan_ptr + j * CHAN_COLS + COL_SHIFT)
+                    u = tl.exp(-2.0 * tl.abs(z))
+                    d_stage = grad_k * (4.0 * u / ((1.0 + u) * (1.0 + u)))
+                new_slopes = new_slopes + (slopes[j] + d_stage,)
+                if s + 1 < Q:  # the last stage's residual is not needed
+                    if GUESS:
+                        a, bb = guess_line(guess_ptr, s, j, D, MAX_LEVEL)
+                        _passed, quantized, _part = stage_guess(r, guess_ptr, s, j, D, a, bb, MAX_LEVEL)
+                    else:
+                        _level, quantized = stage_chain(r, srow, MAX_LEVEL)
+                    r = r - quantized
+                new_rs = new_rs + (r,)
+            rs = new_rs
+            slopes = new_slopes
+    gs = load_channels(g_ptr, b * stride_gb, nn, n_ok, stride_gc, stride_gn, group * D, D, G * D, DENSE, OFFSET_64)
+    dxs = ()
+    for j in tl.static_range(D):
+        dx = gs[j].to(tl.float32) * slopes[j]
+        if SOFT_CLAMP != 0:
+            dx = dx * (1.0 - ts[j] * ts[j])
+        dxs = dxs + (dx,)
+    store_channels(dx_ptr, b * stride_db, nn, n_ok, stride_dc, stride_dn, group * D, dxs, D, G * D, DENSE, OFFSET_64)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -242,22 +390,37 @@ KINDS = {kind: i for i, kind in enumerate(_rl.STAGE_KINDS)}
 def _token_axes(b: int, n: int, *tensors: torch.Tensor):
     """(rows, tokens per row, each tensor's (batch, channel, token) strides): when every tensor's batch stride is ``n``
     times its token stride (channel-last contiguous), the batch folds into the token axis, so short sequences still
-    fill whole tiles. The indices ``(g, b, n, q)`` always qualify (their token stride is ``q``)."""
+    fill whole tiles. The indices ``(g, b, n, q)`` always qualify (their token stride is ``q``). With one row the
+    batch strides are passed as 0 (the kernels see them aligned)."""
     strides = [(t.stride(-3), t.stride(-2), t.stride(-1)) for t in tensors]
-    if b > 1 and all(sb == n * sn for sb, _, sn in strides):
+    if b == 1 or all(sb == n * sn for sb, _, sn in strides):
         return 1, b * n, [(0, sc, sn) for _, sc, sn in strides]
     return b, n, strides
 
 
-def _geometry(n: int, groups: int, d: int):
-    g_pad, d_pad = _pow2(groups), _pow2(d)
-    budget = 2048 if interpreting() else 1024  # elements a tile: Q stages of state stay in registers
-    block = max(16, min(1024, _pow2(max(n, 1)), 1 << max(0, (budget // (g_pad * d_pad)).bit_length() - 1)))
-    return g_pad, d_pad, block
+def _dense(rows: int, channels: int, d: int, *tensors: torch.Tensor) -> bool:
+    """The kernels' ``DENSE``: one row of tokens (:func:`_token_axes`), every tensor channel-last contiguous (channel
+    stride 1, token stride ``channels = g * d``), ``d % 4 == 0`` and each tensor's data 16-byte aligned (the
+    allocation's base is; Triton marks the pointer so), so that each 4 channels of a token are one vector access.
+    The kernels then take the token stride as the constexpr ``channels``."""
+    return rows == 1 and d % 4 == 0 and all(
+        t.stride(-2) == 1 and (t.shape[-1] <= 1 or t.stride(-1) == channels)
+        and t.storage_offset() * t.element_size() % 16 == 0 for t in tensors)
 
 
-def forward_triton(x, stages, channels, basis, groups: int, num_active: int, soft_clamp_mode: int, channels_last: bool):
-    """x (b, g*d, n) -> out (b, g*d, n) float32 in x's layout, indices (g, b, n, q) int32."""
+def _tile(n: int, d: int) -> tuple[int, int]:
+    """``(BLOCK_N, num_warps)``: each thread holds whole tokens (the ``d`` channels of one group), about 16 values
+    (4 tokens of 4 channels: sm_90 keeps them and a stage's gathered rows in 158 registers, no spills; 8 tokens
+    spill), on 4 warps, fewer for short inputs."""
+    per_thread = 1 << (max(1, 16 // d).bit_length() - 1)  # a power of two
+    block = max(16, min(_pow2(max(n, 1)), 128 * per_thread))
+    return block, max(1, min(4, block // 32))
+
+
+def forward_triton(x, stages, guess, channels, basis, groups: int, num_active: int, soft_clamp_mode: int,
+                   channels_last: bool):
+    """x (b, g*d, n) -> out (b, g*d, n) float32 in x's layout, indices (g, b, n, q) int32. ``guess``: the stages'
+    guess table, or an empty one (the compare chain)."""
     q, d = stages.shape[0], stages.shape[1]
     max_level = (stages.shape[2] - _rl.COL_THRESHOLDS + 1) // 2
     b, _, n = x.shape
@@ -266,21 +429,25 @@ def forward_triton(x, stages, channels, basis, groups: int, num_active: int, sof
     if out.numel() == 0 or (interpreting() and _is_fake(x)):
         return out, indices
     rows, tokens, (sx, so, si) = _token_axes(b, n, x, out, indices.permute(0, 1, 3, 2))
-    g_pad, d_pad, block = _geometry(tokens, groups, d)
+    block, warps = _tile(tokens, d)
     nblocks = _cdiv(tokens, block)
+    use_guess = guess.shape[0] > 0
+    index_rows = q % 4 == 0  # the (g, b, n, q) strides are multiples of 4: passed divided by 4 (see the kernel)
+    idx_strides = (indices.stride(0) // 4, si[0] // 4, si[2]) if index_rows else (indices.stride(0), si[0], si[2])
     with device_guard(x):
-        _launch(_residual_forward_kernel, x)[(rows * nblocks,)](
-            x, out, indices, stages, channels, basis,
+        _launch(_residual_forward_kernel, x)[(rows * nblocks, groups)](
+            x, out, indices, stages, guess if use_guess else stages, channels, basis,
             tokens, nblocks, num_active,
-            *sx, *so, indices.stride(0), si[0], si[2],
-            G=groups, D=d, G_PAD=g_pad, D_PAD=d_pad, Q=q, MAX_LEVEL=max_level, SOFT_CLAMP=soft_clamp_mode,
-            BLOCK_N=block, OFFSET_64=_needs_int64(x, out, indices), num_warps=4,
+            *sx, *so, *idx_strides,
+            G=groups, D=d, Q=q, MAX_LEVEL=max_level, SOFT_CLAMP=soft_clamp_mode, GUESS=use_guess,
+            DENSE=_dense(rows, groups * d, d, x, out), INDEX_ROWS=index_rows,
+            BLOCK_N=block, OFFSET_64=_needs_int64(x, out, indices), num_warps=warps,
         )
     return out, indices
 
 
-def backward_triton(grad_out, x, stages, channels, groups: int, num_active: int, kind: int, soft_clamp_mode: int,
-                    channels_last: bool):
+def backward_triton(grad_out, x, stages, guess, channels, groups: int, num_active: int, kind: int,
+                    soft_clamp_mode: int, channels_last: bool):
     """grad_out (b, g*d, n), x (b, g*d, n) -> grad_x (b, g*d, n) in x's dtype and layout."""
     q, d = stages.shape[0], stages.shape[1]
     max_level = (stages.shape[2] - _rl.COL_THRESHOLDS + 1) // 2
@@ -289,15 +456,17 @@ def backward_triton(grad_out, x, stages, channels, groups: int, num_active: int,
     if grad_x.numel() == 0 or (interpreting() and _is_fake(x)):
         return grad_x
     rows, tokens, (sg, sx, sd) = _token_axes(b, n, grad_out, x, grad_x)
-    g_pad, d_pad, block = _geometry(tokens, groups, d)
+    block, warps = _tile(tokens, d)
     nblocks = _cdiv(tokens, block)
+    use_guess = guess.shape[0] > 0
     with device_guard(x):
-        _launch(_residual_backward_kernel, x)[(rows * nblocks,)](
-            grad_out, x, grad_x, stages, channels,
+        _launch(_residual_backward_kernel, x)[(rows * nblocks, groups)](
+            grad_out, x, grad_x, stages, guess if use_guess else stages, channels,
             tokens, nblocks, num_active,
             *sg, *sx, *sd,
-            G=groups, D=d, G_PAD=g_pad, D_PAD=d_pad, Q=q, MAX_LEVEL=max_level, KIND=kind, SOFT_CLAMP=soft_clamp_mode,
-            BLOCK_N=block, OFFSET_64=_needs_int64(grad_out, x, grad_x), num_warps=4,
+            G=groups, D=d, Q=q, MAX_LEVEL=max_level, KIND=kind, SOFT_CLAMP=soft_clamp_mode, GUESS=use_guess,
+            DENSE=_dense(rows, groups * d, d, grad_out, x, grad_x), BLOCK_N=block,
+            OFFSET_64=_needs_int64(grad_out, x, grad_x), num_warps=warps,
         )
     return grad_x
 
@@ -348,8 +517,8 @@ def _torch_forward(x, stages, channels, basis, groups, num_active, soft_clamp_mo
 
 @torch.library.triton_op("fsq_triton::residual_quantize", mutates_args=())
 def residual_quantize(
-    x: torch.Tensor, stages: torch.Tensor, channels: torch.Tensor, basis: torch.Tensor, groups: int,
-    num_active: int, kind: int, soft_clamp_mode: int, channels_last: bool,
+    x: torch.Tensor, stages: torch.Tensor, guess: torch.Tensor, channels: torch.Tensor, basis: torch.Tensor,
+    groups: int, num_active: int, kind: int, soft_clamp_mode: int, channels_last: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Residual FSQ forward on the feature view ``x (b, g*d, n)`` -> ``(out (b, g*d, n) float32, indices (g, b, n, q))``.
 
@@ -357,19 +526,20 @@ def residual_quantize(
     tensors under the interpreter run the kernel; other CPU tensors, fake ones included, the same math in torch ops.
     """
     if _runs_triton(x):
-        return forward_triton(x, stages, channels, basis, groups, num_active, soft_clamp_mode, channels_last)
+        return forward_triton(x, stages, guess, channels, basis, groups, num_active, soft_clamp_mode, channels_last)
     out, indices = _torch_forward(x, stages, channels, basis, groups, num_active, soft_clamp_mode)
     return _empty_feature(out.shape, out.device, channels_last, out.dtype).copy_(out), indices
 
 
 @torch.library.triton_op("fsq_triton::residual_quantize_backward", mutates_args=())
 def residual_quantize_backward(
-    grad_out: torch.Tensor, x: torch.Tensor, stages: torch.Tensor, channels: torch.Tensor, groups: int,
-    num_active: int, kind: int, soft_clamp_mode: int, channels_last: bool,
+    grad_out: torch.Tensor, x: torch.Tensor, stages: torch.Tensor, guess: torch.Tensor, channels: torch.Tensor,
+    groups: int, num_active: int, kind: int, soft_clamp_mode: int, channels_last: bool,
 ) -> torch.Tensor:
     """Straight-through gradient of :func:`residual_quantize` with respect to ``x``, recomputed from ``x``."""
     if _runs_triton(x):
-        return backward_triton(grad_out, x, stages, channels, groups, num_active, kind, soft_clamp_mode, channels_last)
+        return backward_triton(grad_out, x, stages, guess, channels, groups, num_active, kind, soft_clamp_mode,
+                               channels_last)
     grad = _torch_backward(grad_out, x.float(), stages, channels, groups, num_active, kind, soft_clamp_mode)
     return _empty_feature(x.shape, x.device, channels_last, x.dtype).copy_(grad)
 
@@ -405,16 +575,16 @@ def _torch_backward(grad_out, x, stages, channels, groups, num_active, kind, sof
 
 
 def _residual_setup_context(ctx, inputs, output):
-    x, stages, channels, _basis, groups, num_active, kind, soft_clamp_mode, channels_last = inputs
-    ctx.save_for_backward(x, stages, channels)
+    x, stages, guess, channels, _basis, groups, num_active, kind, soft_clamp_mode, channels_last = inputs
+    ctx.save_for_backward(x, stages, guess, channels)
     ctx.config = (groups, num_active, kind, soft_clamp_mode, channels_last)
     ctx.mark_non_differentiable(output[1])
 
 
 def _residual_grad(ctx, grad_out, _grad_indices):
-    x, stages, channels = ctx.saved_tensors
-    grad_x = torch.ops.fsq_triton.residual_quantize_backward(grad_out, x, stages, channels, *ctx.config)
-    return grad_x, None, None, None, None, None, None, None, None
+    x, stages, guess, channels = ctx.saved_tensors
+    grad_x = torch.ops.fsq_triton.residual_quantize_backward(grad_out, x, stages, guess, channels, *ctx.config)
+    return grad_x, None, None, None, None, None, None, None, None, None
 
 
 # The op's own gradient, for callers of torch.ops.fsq_triton.residual_quantize; ResidualFSQFunction does the same.
@@ -422,28 +592,30 @@ residual_quantize.register_autograd(_residual_grad, setup_context=_residual_setu
 
 
 class ResidualFSQFunction(torch.autograd.Function):
-    """``(out, indices) = ResidualFSQFunction.apply(x, tables, groups, num_active, soft_clamp_mode, channels_last)``
-    on the feature view; backward recomputes the stages from the saved ``x``."""
+    """``(out, indices) = ResidualFSQFunction.apply(x, stages, guess, channels, basis, groups, num_active, kind,
+    soft_clamp_mode, channels_last)`` on the feature view; backward recomputes the stages from the saved ``x``."""
 
     @staticmethod
-    def forward(ctx, x, stages, channels, basis, groups, num_active, kind, soft_clamp_mode, channels_last):
+    def forward(ctx, x, stages, guess, channels, basis, groups, num_active, kind, soft_clamp_mode, channels_last):
         if torch.compiler.is_compiling() or not _runs_triton(x):
             out, indices = torch.ops.fsq_triton.residual_quantize(
-                x, stages, channels, basis, groups, num_active, kind, soft_clamp_mode, channels_last)
+                x, stages, guess, channels, basis, groups, num_active, kind, soft_clamp_mode, channels_last)
         else:
-            out, indices = forward_triton(x, stages, channels, basis, groups, num_active, soft_clamp_mode, channels_last)
-        ctx.save_for_backward(x, stages, channels)
+            out, indices = forward_triton(x, stages, guess, channels, basis, groups, num_active, soft_clamp_mode,
+                                          channels_last)
+        ctx.save_for_backward(x, stages, guess, channels)
         ctx.config = (groups, num_active, kind, soft_clamp_mode, channels_last)
         ctx.mark_non_differentiable(indices)
         return out, indices
 
     @staticmethod
     def backward(ctx, grad_out, _grad_indices):
-        x, stages, channels = ctx.saved_tensors
+        x, stages, guess, channels = ctx.saved_tensors
         groups, num_active, kind, soft_clamp_mode, channels_last = ctx.config
         if torch.compiler.is_compiling() or not _runs_triton(x):
             grad_x = torch.ops.fsq_triton.residual_quantize_backward(
-                grad_out, x, stages, channels, groups, num_active, kind, soft_clamp_mode, channels_last)
+                grad_out, x, stages, guess, channels, groups, num_active, kind, soft_clamp_mode, channels_last)
         else:
-            grad_x = backward_triton(grad_out, x, stages, channels, groups, num_active, kind, soft_clamp_mode, channels_last)
-        return grad_x, None, None, None, None, None, None, None, None
+            grad_x = backward_triton(grad_out, x, stages, guess, channels, groups, num_active, kind, soft_clamp_mode,
+                                     channels_last)
+        return grad_x, None, None, None, None, None, None, None, None, None
