@@ -41,6 +41,17 @@ def backend(request):
     return request.param
 
 
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request):
+    """Where the Triton path runs: CPU tensors under the interpreter (CI), CUDA tensors with compiled kernels on a
+    GPU machine."""
+    if request.param == "cpu" and not interpreting():
+        pytest.skip("the Triton path runs on CPU tensors only with TRITON_INTERPRET=1")
+    if request.param == "cuda" and not gpu_available():
+        pytest.skip("needs a CUDA GPU and compiled kernels (TRITON_INTERPRET=0)")
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def golden():
     return torch.load(GOLDEN_PATH, weights_only=True)

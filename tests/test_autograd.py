@@ -13,18 +13,8 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from conftest import interpreting
-
 from fsq_triton import FSQ, level_tables, torch_impl
 
-
-
-@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def device(request):
-    """CPU tensors under the interpreter (CI), CUDA tensors with compiled kernels on a GPU machine."""
-    if request.param == "cpu" and not interpreting():
-        pytest.skip("the Triton path runs on CPU tensors only with TRITON_INTERPRET=1")
-    return request.param
 
 ops = torch.ops.fsq_triton
 

@@ -25,14 +25,6 @@ import fsq_triton.module
 from fsq_triton import FSQ
 
 
-
-@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def device(request):
-    """CPU tensors under the interpreter (CI), CUDA tensors with compiled kernels on a GPU machine."""
-    if request.param == "cpu" and not interpreting():
-        pytest.skip("the Triton path runs on CPU tensors only with TRITON_INTERPRET=1")
-    return request.param
-
 LEVELS = [8, 5, 5, 5]
 DIM = 12
 

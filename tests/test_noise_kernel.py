@@ -11,20 +11,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import interpreting
-
 from fsq_triton import FSQ
 from fsq_triton import ops as fsq_ops
-
-
-@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def device(request):
-    """CPU tensors under the interpreter (CI), CUDA tensors with compiled kernels on a GPU machine."""
-    if request.param == "cpu" and not interpreting():
-        pytest.skip("the Triton path runs on CPU tensors only with TRITON_INTERPRET=1")
-    if request.param == "cuda" and (interpreting() or not torch.cuda.is_available()):
-        pytest.skip("needs a CUDA GPU and compiled kernels (TRITON_INTERPRET=0)")
-    return request.param
 
 
 def noisy_module(device, p=1.0, levels=(7, 5, 4)):

@@ -146,6 +146,21 @@ def noise_dropout(code, seed, p, element):
 
 
 @triton.jit
+def codebook_tile(n_start, N, C: tl.constexpr, D: tl.constexpr, C_PAD: tl.constexpr, D_PAD: tl.constexpr,
+                  BLOCK_N: tl.constexpr, OFFSET_64: tl.constexpr):
+    """The ids of a (tokens, codebooks, channels) tile: ``(token, codebook, channel within it, channel, channel
+    in range, element in range)``, broadcastable to ``(BLOCK_N, C_PAD, D_PAD)``."""
+    tt = n_start + tl.arange(0, BLOCK_N)[:, None, None]
+    cc = tl.arange(0, C_PAD)[None, :, None]
+    dd = tl.arange(0, D_PAD)[None, None, :]
+    chan = cc * D + dd
+    if OFFSET_64:
+        chan = chan.to(tl.int64)
+    d_ok = dd < D
+    return tt, cc, dd, chan, d_ok, (tt < N) & (cc < C) & d_ok
+
+
+@triton.jit
 def rotate_codebooks(t, rot_ptr, dd, d_ok, D: tl.constexpr, TRANSPOSED: tl.constexpr):
     """``t @ R`` per token and codebook (``TRANSPOSED``: ``t @ R.T``), ``t (tokens, codebooks, D_PAD)`` float32 with
     the channels on the last axis (``dd``, ``d_ok``: its channel ids and their mask), ``R (D, D)`` float32 row-major:
@@ -225,14 +240,7 @@ def _fsq_forward_kernel(
 
     if ROTATE:
         # Either layout: a (tokens, codebooks, channels) tile, rotated per codebook, quantized, rotated back.
-        tt = n_start + tl.arange(0, BLOCK_N)[:, None, None]
-        cc = tl.arange(0, C_PAD)[None, :, None]
-        dd = tl.arange(0, D_PAD)[None, None, :]
-        chan = cc * D + dd
-        if OFFSET_64:
-            chan = chan.to(tl.int64)
-        d_ok = dd < D
-        mask = (tt < N) & (cc < C) & d_ok
+        tt, cc, dd, chan, d_ok, mask = codebook_tile(n_start, N, C, D, C_PAD, D_PAD, BLOCK_N, OFFSET_64)
         zt = tl.load(z_ptr + (b * stride_zb + chan * stride_zc + tt * stride_zn), mask=mask, other=0.0).to(tl.float32)
         y = rotate_codebooks(zt, rot_ptr, dd, d_ok, D, False)
         level, code = quantize_levels(y, val_ptr + dd * ROW, d_ok, MAX_LEVEL)
@@ -374,14 +382,7 @@ def _fsq_backward_kernel(
     ROW: tl.constexpr = COL_THRESHOLDS + 2 * MAX_LEVEL - 1
 
     if ROTATE:
-        tt = n_start + tl.arange(0, BLOCK_N)[:, None, None]
-        cc = tl.arange(0, C_PAD)[None, :, None]
-        dd = tl.arange(0, D_PAD)[None, None, :]
-        chan = cc * D + dd
-        if OFFSET_64:
-            chan = chan.to(tl.int64)
-        d_ok = dd < D
-        mask = (tt < N) & (cc < CD // D) & d_ok
+        tt, cc, dd, chan, d_ok, mask = codebook_tile(n_start, N, CD // D, D, C_PAD, D_PAD, BLOCK_N, OFFSET_64)
         g = tl.load(g_ptr + (b * stride_gb + chan * stride_gc + tt * stride_gn), mask=mask, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + (b * stride_zb + chan * stride_zc + tt * stride_zn), mask=mask, other=0.0).to(tl.float32)
         y = rotate_codebooks(z, rot_ptr, dd, d_ok, D, False)
