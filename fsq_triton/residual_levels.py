@@ -214,9 +214,10 @@ def guess_table(thresholds: torch.Tensor, quantized: torch.Tensor, lv: torch.Ten
     ``g(r) <= g(prev(thr[m + 1])) <= m``. Both hold if, for every ``k = 1 .. L - 1``,
     ``g(thr[k]) >= k - 1`` and ``g(prev(thr[k])) <= k - 1``, i.e. ``fl(u(thr[k])) > k - 1.5`` and
     ``fl(u(prev(thr[k]))) < k - 0.5``. The kernel's ``fl(u)`` is within ``2**-23 * (|a r| + |u|)`` of the exact
-    ``a * r + b`` (one rounding if fused, two if not; a flushed denormal moves it by less than ``2**-126``), so
-    checking the exact values (float64: the float32 product is exact there) against the bounds with the margin
-    ``2**-21 * (|a r| + |b| + 1)`` proves it. The symmetric hard clamp (vqp >= 1.26's default) has evenly spaced
+    ``a * r + b`` (one rounding if fused, two if not), plus ``|a| * 2**-126 + 2**-126`` where a flush-to-zero
+    flushes a denormal ``r`` or product, so checking the exact values (float64: the float32 product is exact there)
+    against the bounds with the margin ``2**-21 * (|a r| + |b| + 1) + |a| * 2**-125`` proves it (``r`` the point
+    checked). The symmetric hard clamp (vqp >= 1.26's default) has evenly spaced
     thresholds (errors of about ``1e-6`` levels); the tanh bounds pass up to ``L = 10`` (their thresholds
     spread by ``atanh``), and any stage that fails turns the guess off for the whole configuration.
     """
@@ -238,9 +239,13 @@ def guess_table(thresholds: torch.Tensor, quantized: torch.Tensor, lv: torch.Ten
     b32 = b.float()
     prev = thr.nextafter(torch.tensor(-float("inf")))
     ad, bd = a32.double()[:, None], b32.double()[:, None]
-    u_at, u_prev = ad * t64 + bd - k, ad * prev.double() + bd - k
-    margin = GUESS_MARGIN * ((ad * t64).abs() + bd.abs() + 1)
-    ok = (u_at > -0.5 + margin) & (u_prev < 0.5 - margin) & (a32 > 0)[:, None] & torch.isfinite(a32)[:, None]
+    p64 = prev.double()
+    u_at, u_prev = ad * t64 + bd - k, ad * p64 + bd - k
+
+    def margin(r):
+        return GUESS_MARGIN * ((ad * r).abs() + bd.abs() + 1) + ad.abs() * 2.0 ** -125
+
+    ok = (u_at > -0.5 + margin(t64)) & (u_prev < 0.5 - margin(p64)) & (a32 > 0)[:, None] & torch.isfinite(a32)[:, None]
     ok &= torch.isfinite(b32)[:, None]
     if not bool(torch.where(valid, ok, True).all()):
         return torch.empty((0, d, max_level, 4), dtype=torch.float32, device=device)
