@@ -45,6 +45,7 @@ COL_THRESHOLDS = tl.constexpr(_lv.COL_THRESHOLDS)
 COL_BASIS = tl.constexpr(_lv.COL_BASIS)
 COL_NUM_LEVELS = tl.constexpr(_lv.COL_NUM_LEVELS)
 INT_COLS = tl.constexpr(3)
+TWICE_LEVEL_BIAS = tl.constexpr(0x4A800000)  # the bits of 2**22 (see twice_level)
 # Triton's interpreter truncates float32 -> bfloat16 instead of rounding to nearest even; round by hand there.
 EMULATE_BF16_RNE = tl.constexpr(interpreting())
 
@@ -99,6 +100,43 @@ def quantize_levels(z, values, row_ok, MAX_LEVEL: tl.constexpr):
             level += passed.to(tl.int32)
             code = tl.where(passed, table_entry(values, COL_CODES + 1 + k, row_ok, 0.0), code)
     return level, code
+
+
+@triton.jit
+def quantize_row(z, values, MAX_LEVEL: tl.constexpr):
+    """``(code, s)`` of a row of one channel, its table row ``values`` shared by the tile (scalars): each element's
+    code as :func:`quantize_levels` finds it, selected threshold by threshold (one compare and one select each, no
+    level counted), and the channel's ``s``, from which :func:`twice_level` reads each level back.
+
+    ``s = 1 / |codes[1] - codes[0]|`` (a reciprocal square root of the step squared: one MUFU on a GPU, within 2 ulp).
+    The codes are ``(k - hw) / hw`` (exactly ``s = hw``) or ``2 / (L - 1) * k - 1`` (``s = (L - 1) / 2``) rounded to
+    float32, so the step is ``1 / s`` to within ``2**-24`` and ``s`` is within ``s**2 * 2**-23`` (below 0.03 for
+    the largest level, 1000, that ``validate_levels`` takes) of that multiple of 1/2."""
+    COL_CODES: tl.constexpr = COL_THRESHOLDS + MAX_LEVEL - 1
+    code0 = tl.load(values + COL_CODES)
+    code1 = tl.load(values + COL_CODES + 1)
+    code = tl.where(z >= tl.load(values + COL_THRESHOLDS), code1, code0)
+    if MAX_LEVEL <= 64:
+        for k in tl.static_range(1, MAX_LEVEL - 1):
+            code = tl.where(z >= tl.load(values + COL_THRESHOLDS + k), tl.load(values + COL_CODES + 1 + k), code)
+    else:
+        for k in range(1, MAX_LEVEL - 1):
+            code = tl.where(z >= tl.load(values + COL_THRESHOLDS + k), tl.load(values + COL_CODES + 1 + k), code)
+    step = code1 - code0
+    return code, tl.math.rsqrt(step * step)
+
+
+@triton.jit
+def twice_level(code, s):
+    """``bits(2**22) + 2 * level`` of a code of the table, ``s`` its channel's (:func:`quantize_row`):
+    ``bits(fma(code, s, s + 2**22))``.
+
+    float32 numbers in ``[2**22, 2**23)`` are 1/2 apart and ``s`` is within 1/4 of a multiple of 1/2, so ``s + 2**22``
+    is that multiple plus ``2**22`` exactly; ``code * s`` is within 1/4 of ``level - s`` (each code is a few ulp from
+    exact), so the sum rounds to ``2**22 + level``, fused or not (the interpreter multiplies, then adds), for every
+    code of every valid level set and bound (``tests/test_level_from_code.py`` checks them all). Its bits are
+    ``bits(2**22) + 2 * level``."""
+    return tl.fma(code, s, s + 4194304.0).to(tl.int32, bitcast=True)
 
 
 @triton.jit
@@ -209,7 +247,8 @@ def _fsq_forward_kernel(
     evaluated and the result is the reference's, bit for bit.
 
     ``CHANNEL_ROWS`` (channel-first): channel by channel, a row of ``BLOCK_N`` tokens with the channel's
-    constants as scalars. Otherwise (channel-last): ``out`` from a (tokens, codebooks, channels) tile, and the
+    constants as scalars; a row's code is selected threshold by threshold and its level read back from the code
+    (:func:`quantize_row`, :func:`twice_level`: the same level, without counting). Otherwise (channel-last): ``out`` from a (tokens, codebooks, channels) tile, and the
     index from the channel rows of the same tokens, re-read from L1 (no reduction across lanes; skipped
     when neither flag needs the index). ``DENSE``: ``z`` and ``out`` are channel-last contiguous, and their
     token stride is the constexpr ``C * D`` (:func:`dense_token_stride`).
@@ -296,22 +335,27 @@ def _fsq_forward_kernel(
             if TRACK_USAGE:
                 hist_stride = hist_stride.to(tl.int64)
         for c in tl.static_range(C):
-            index = tl.zeros((BLOCK_N,), dtype=tl.int32)
+            twice = tl.zeros((BLOCK_N,), dtype=tl.int32)  # sum_j bits(2**22 + level_j) * basis_j (mod 2**32)
+            bias = tl.zeros((BLOCK_N,), dtype=tl.int32)   # sum_j basis_j (the same for every token: one register)
             token_nan = tl.zeros((BLOCK_N,), dtype=tl.int1)
             for j in tl.static_range(D):
                 z = tl.load(z_ptr + (b * stride_zb + (c * D + j) * stride_zc + nn * stride_zn), mask=n_ok, other=0.0)
                 z = z.to(tl.float32)
-                level, code = quantize_levels(z, val_ptr + j * ROW, None, MAX_LEVEL)
+                code, s = quantize_row(z, val_ptr + j * ROW, MAX_LEVEL)
                 is_nan = z != z
+                if WRITE_INDICES or TRACK_USAGE:
+                    basis = tl.load(int_ptr + j * INT_COLS + COL_BASIS)
+                    twice += twice_level(code, s) * basis
+                    bias += basis
+                    token_nan = token_nan | is_nan
                 if CHANNEL_ROWS:
                     code = tl.where(is_nan, z, code)
                     if NOISE:
                         code = noise_dropout(code, noise_seed, noise_p, (b * N + nn) * (C * D) + (c * D + j))
                     tl.store(out_ptr + (b * stride_ob + (c * D + j) * stride_oc + nn * stride_on),
                              cast_rne(code, out_ptr.dtype.element_ty), mask=n_ok)
-                if WRITE_INDICES or TRACK_USAGE:
-                    index += level * tl.load(int_ptr + j * INT_COLS + COL_BASIS)
-                    token_nan = token_nan | is_nan
+            # 2 * index = twice - bits(2**22) * sum_j basis_j, below 2**32 for any int32 index: halved unsigned
+            index = ((twice - bias * TWICE_LEVEL_BIAS).to(tl.uint32, bitcast=True) >> 1).to(tl.int32, bitcast=True)
             if WRITE_INDICES:
                 tl.store(idx_ptr + ((b * N + nn) * C + c), tl.where(token_nan, -1, index), mask=n_ok)
             if TRACK_USAGE:
