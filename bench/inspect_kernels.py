@@ -262,7 +262,8 @@ def _residual_variants() -> list[Variant]:
     import fsq_triton.ops.residual as R
 
     block, warps = R._tile(1 << 22, 4)
-    common = dict(G=1, D=4, Q=8, MAX_LEVEL=8, BLOCK_N=block, OFFSET_64=False, SOFT_CLAMP=0, GUESS=True)
+    rows = 14  # residual_tables((8, 5, 5, 5), 8, "current", "sym_clamp", ...).guess.shape[2] - 1
+    common = dict(G=1, D=4, Q=8, MAX_LEVEL=8, BLOCK_N=block, OFFSET_64=False, SOFT_CLAMP=0, GUESS_ROWS=rows)
     tags = {"kind": "residual", "dtype": "fp32", "values_per_thread": block * 4 // (32 * warps)}
     forward_types = {"x_ptr": "*fp32", "out_ptr": "*fp32", "idx_ptr": "*i32", "stage_ptr": "*fp32", "guess_ptr": "*fp32",
                      "chan_ptr": "*fp32", "basis_ptr": "*i32",
@@ -282,7 +283,7 @@ def _residual_variants() -> list[Variant]:
                 {**common, "DENSE": False, "INDEX_ROWS": True}, forward_aligned + ("stride_xc", "stride_oc"), warps,
                 tags=tags),
         Variant("residual forward fp32 channel-last, 8x[8,5,5,5], compare chain", R._residual_forward_kernel,
-                forward_types, {**common, **last, "GUESS": False}, forward_aligned, warps, tags=tags),
+                forward_types, {**common, **last, "GUESS_ROWS": 0}, forward_aligned, warps, tags=tags),
         Variant("residual backward fp32 channel-last, 8x[8,5,5,5]", R._residual_backward_kernel, backward_types,
                 {**common, "stride_gc": 1, "stride_xc": 1, "stride_dc": 1, "DENSE": True, "KIND": 2},
                 ("g_ptr", "x_ptr", "dx_ptr", "stage_ptr", "guess_ptr", "chan_ptr", "N", "stride_gb", "stride_xb",

@@ -26,9 +26,9 @@ vqp's own op sequence in torch on the device. ``level = #{k : r >= thr[k]}`` and
 division and no ``tanh``. The straight-through gradient of ``"sym_clamp"`` passes where ``-1 <= z <= 1``; that
 mask is two more thresholds in residual space (``clamp_lo <= r < clamp_hi``).
 
-Counting ``L - 1`` thresholds costs a compare and two selects each. The kernels instead guess the level with one
-multiply-add and correct the guess with one threshold (:func:`guess_table`, which proves the result equal to the
-count for every float, or turns the guess off for the configuration: the kernels then count).
+Counting ``L - 1`` thresholds costs a compare and two selects each. The kernels instead locate ``r`` on a grid of
+half levels with one multiply-add and correct with at most one threshold (:func:`guess_table`, which proves the
+result equal to the count for every float, or turns the guess off for the configuration: the kernels then count).
 """
 
 from __future__ import annotations
@@ -86,8 +86,8 @@ class ResidualTables:
     ``channels`` (d, 4) float32: ``shift`` (the tanh argument's shift of ``"tanh_shift"``, 0 otherwise), ``grad_k``
     (d code / d bounded value, times d bounded / d tanh: the straight-through gradient's constant), ``soft_clamp``
     (the soft clamp value ``c_j``, NaN without soft clamp) and ``soft_clamp_inv`` (``1 / c_j`` in float32).
-    ``basis`` (d,) int32. ``guess`` (q, d, max(L), 4) float32: each stage's guess-and-correction table
-    (:func:`guess_table`), or ``(0, d, max(L), 4)`` where the guess cannot be proven exact.
+    ``basis`` (d,) int32. ``guess`` (q, d, 1 + R, 4) float32: each stage's guess-and-correction table
+    (:func:`guess_table`), or ``(0, d, 1 + R, 4)`` where the guess cannot be proven exact.
     """
 
     stages: torch.Tensor
@@ -165,104 +165,88 @@ def _build(levels: tuple[int, ...], num_quantizers: int, semantics: str, kind: s
     return ResidualTables(stages.float().contiguous(), channels.contiguous(), basis.contiguous(), kind, guess)
 
 
-GUESS_MAGIC = 0x4B000000  # float32 bits of 2**23: fl(u + 2**23) holds round-half-even(u) in its low bits
-GUESS_MARGIN = 2.0 ** -21  # relative bound on the kernel's error in u = r * a + b (fused or not, flushed or not)
-
-
-def _guess_line(t: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Per row of ``t`` (rows, L-1) float64 thresholds (``valid`` marks a row's L_j - 1 entries, at least two), the
-    slope ``a`` minimising ``max_k |a * t_k + b - k|`` over the valid ``k`` (with the best ``b``): that error is
-    convex in ``a`` and its minimum lies between the smallest and largest ``1 / (t_{k+1} - t_k)``; ternary search."""
-    k = torch.arange(t.shape[1], dtype=torch.float64)
-    steps = torch.where(valid[:, 1:], 1.0 / (t[:, 1:] - t[:, :-1]), float("nan"))
-    lo = torch.nan_to_num(steps, nan=float("inf")).amin(1)
-    hi = torch.nan_to_num(steps, nan=float("-inf")).amax(1)
-
-    def spread(a):
-        e = a[:, None] * t - k
-        return (torch.where(valid, e, -float("inf")).amax(1) - torch.where(valid, e, float("inf")).amin(1)) / 2
-
-    for _ in range(100):
-        m1, m2 = lo + (hi - lo) / 3, hi - (hi - lo) / 3
-        left = spread(m1) <= spread(m2)
-        lo, hi = torch.where(left, lo, m1), torch.where(left, m2, hi)
-    return (lo + hi) / 2
+GUESS_MAGIC = 0x4A800000  # float32 bits of 2**22, whose float32 neighbours are 0.5 apart
+GUESS_OFFSET = 2.0 ** 22
+GUESS_MAX_ROWS = 256       # past this many rows a stage, the kernels keep the compare chain
 
 
 def guess_table(thresholds: torch.Tensor, quantized: torch.Tensor, lv: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """The guess-and-correct table of every stage, ``(q, d, max(L), 4)`` float32 on the tables' device, or an empty
-    ``(0, d, max(L), 4)`` tensor where the guess cannot be proven exact for some stage (the kernels then count
-    thresholds: the compare chain).
+    """The guess-and-correction table of every stage, ``(q, d, 1 + R, 4)`` float32 on the tables' device, or an empty
+    ``(0, d, 1 + R, 4)`` tensor where the guess cannot be proven exact (the kernels then count thresholds: the
+    compare chain). ``R = 2 * max(L) - 3`` rows or more (as many as the widest stage needs).
 
-    For stage ``s`` and channel ``j`` (``L = L_j``, ``M = max(L)``, ``thr[k]`` the ``k``-th threshold, 1-based, so that
-    ``level(r) = #{k : r >= thr[k]}``):
+    For stage ``s`` and channel ``j`` (``L = L_j``; ``thr[k]`` the ``k``-th threshold, 1-based, so that
+    ``level(r) = #{k : r >= thr[k]}``), with ``u(r) = a * r + b`` the exact line (``a = 1 / min_k (thr[k+1] -
+    thr[k])`` in float32, so consecutive thresholds lie at least 1 apart in ``u``; ``b`` a multiple of 1/2 that puts
+    ``u(thr[1])`` within 1/4 of 0):
 
-    - row 0: ``(a, b, 0, 0)``, float32 with ``a > 0``: the line ``u(r) = a * r + b`` nearest (minimax) to
-      ``u(thr[k]) = k - 1``;
-    - row ``1 + g`` for ``g = 0 .. M - 2``: ``(thr[g + 1], quantized[g], quantized[g + 1], g * basis_j)`` for
-      ``g <= L - 2``, and ``(NaN, quantized[L - 1], quantized[L - 1], (L - 1) * basis_j)`` past it (the last
-      column is the int32's bits).
+    - row 0: ``(a, 2**22 + b, 0, 0)`` (the sum is exact);
+    - row ``1 + i`` for ``i = 0 .. R - 1``: ``(t_i, quantized[lo_i], quantized[lo_i + 1], lo_i * basis_j)`` (the
+      last column the int32's bits), ``lo_i`` the number of thresholds surely below the band of ``i`` and ``t_i`` the
+      one threshold that may fall in the band (NaN if none, which no comparison passes; then ``quantized[lo_i]``
+      twice).
 
-    The kernel computes ``g = clamp(rne(fl(r * a + b)), 0, M - 2)`` (``rne`` by adding ``2**23``; the clamp on the
-    integer bits, which also sends NaN and infinities to an end) and takes, from row ``1 + g``,
-    ``level = g + [r >= thr[g + 1]]`` and ``quantized = [r >= thr[g + 1]] ? quantized[g + 1] : quantized[g]`` (a NaN
-    threshold never passes). This is the compare chain's result for every ``r`` iff ``g`` is ``level`` or
-    ``level - 1`` (below ``L - 1``) and ``g >= L - 1`` only where ``level = L - 1``. Proof that the check below
-    ensures it: ``g`` is a non-decreasing function of ``r`` (``a > 0``; rounding, ``+ 2**23`` and the clamp are
-    monotone), and so is ``level``. Let ``level(r) = m``. If ``m >= 1``, ``r >= thr[m]``, so
-    ``g(r) >= g(thr[m]) >= m - 1``. If ``m <= L - 2``, ``r <= prev(thr[m + 1])`` (the float below), so
-    ``g(r) <= g(prev(thr[m + 1])) <= m``. Both hold if, for every ``k = 1 .. L - 1``,
-    ``g(thr[k]) >= k - 1`` and ``g(prev(thr[k])) <= k - 1``, i.e. ``fl(u(thr[k])) > k - 1.5`` and
-    ``fl(u(prev(thr[k]))) < k - 0.5``. The kernel's ``fl(u)`` is within ``2**-23 * (|a r| + |u|)`` of the exact
-    ``a * r + b`` (one rounding if fused, two if not), plus ``|a| * 2**-126 + 2**-126`` where a flush-to-zero
-    flushes a denormal ``r`` or product, so checking the exact values (float64: the float32 product is exact there)
-    against the bounds with the margin ``2**-21 * (|a r| + |b| + 1) + |a| * 2**-125`` proves it (``r`` the point
-    checked). The symmetric hard clamp (vqp >= 1.26's default) has evenly spaced
-    thresholds (errors of about ``1e-6`` levels); the tanh bounds pass up to ``L = 10`` (their thresholds
-    spread by ``atanh``), and any stage that fails turns the guess off for the whole configuration.
+    The kernel computes ``i = clamp(bits(fl(r * a + (2**22 + b))) - bits(2**22), 0, R - 1)``: floats in
+    ``[2**22, 2**23)`` are 1/2 apart, so for ``u(r) >= -1/4`` the bits count half units, ``i = rne(2 * fl(u))``, and
+    a NaN or infinite ``r`` lands at an end. Then ``level = lo_i + [r >= t_i]`` and ``quantized`` is the matching
+    column. Proof of exactness: ``i`` is non-decreasing in ``r`` (``a > 0``; rounding and the clamp are monotone).
+    The kernel's ``fl(u)`` (one rounding if the multiply-add is fused, else the product's too, ``2**-24 * |a r|``,
+    plus ``|a| * 2**-126 + 2**-126`` where a denormal ``r`` or product is flushed) is within ``eta`` of ``u(r)``, so
+    every ``r`` with index ``i`` has ``u(r)`` in the band ``[i/2 - 1/4 - eta, i/2 + 1/4 + eta]`` (open below for
+    ``i = 0``, above for ``i = R - 1``). A threshold whose ``u`` (computed in float64, exact for the float32
+    product) lies below the band is ``< r`` for all those ``r``, one above it is ``> r``: so if at most one threshold
+    lies in each band, ``level(r) = lo_i + [r >= t_i]`` for every float ``r``. The check below enforces it with
+    ``eta = 2**-22 * (R + |b| + 2) + |a| * 2**-124``; the bands are 1/2 wide and the thresholds at least 1 apart, so
+    it fails only for a degenerate stage (equal or underflowing thresholds, or more than :data:`GUESS_MAX_ROWS`
+    rows: thresholds spread far more unevenly than ``atanh`` spreads them up to hundreds of levels).
     """
     q, d, m1 = thresholds.shape
     max_level = m1 + 1
     device = thresholds.device
+    rows_min = max(1, 2 * max_level - 3)
+    empty = torch.empty((0, d, 1 + rows_min, 4), dtype=torch.float32, device=device)
     thr = thresholds.detach().cpu().reshape(q * d, m1)
+    n = q * d
     lv_rows = lv.cpu().repeat(q)                                           # (q*d,) L_j of each row
     k = torch.arange(m1)
     valid = k[None, :] < (lv_rows[:, None] - 1)
     t64 = thr.double()
-    a = torch.ones(q * d, dtype=torch.float64)                             # L = 2: any a > 0 (one threshold)
-    many = lv_rows > 2
-    if many.any():
-        a[many] = _guess_line(t64[many], valid[many])
-    a32 = a.float()
-    e = a32.double()[:, None] * t64 - k
-    b = -(torch.where(valid, e, -float("inf")).amax(1) + torch.where(valid, e, float("inf")).amin(1)) / 2
-    b32 = b.float()
-    prev = thr.nextafter(torch.tensor(-float("inf")))
-    ad, bd = a32.double()[:, None], b32.double()[:, None]
-    p64 = prev.double()
-    u_at, u_prev = ad * t64 + bd - k, ad * p64 + bd - k
-
-    def margin(r):
-        return GUESS_MARGIN * ((ad * r).abs() + bd.abs() + 1) + ad.abs() * 2.0 ** -125
-
-    ok = (u_at > -0.5 + margin(t64)) & (u_prev < 0.5 - margin(p64)) & (a32 > 0)[:, None] & torch.isfinite(a32)[:, None]
-    ok &= torch.isfinite(b32)[:, None]
-    if not bool(torch.where(valid, ok, True).all()):
-        return torch.empty((0, d, max_level, 4), dtype=torch.float32, device=device)
-
-    qv = quantized.detach().cpu().reshape(q * d, max_level)
-    basis_rows = basis.cpu().to(torch.int32).repeat(q)
-    g = torch.arange(max_level - 1)
+    gaps = torch.where(valid[:, 1:], t64[:, 1:] - t64[:, :-1], float("inf")).amin(1) if m1 > 1 else torch.full((n,), float("inf"))
+    first = t64[:, 0]
+    scale = torch.where(torch.isfinite(gaps), gaps, first.abs().clamp_min(1e-30))  # one threshold: any a > 0
+    a32 = (1.0 / scale).float()
+    ad = a32.double()
+    b = -torch.round(2 * ad * first) / 2                                   # a multiple of 1/2 near -a * thr[1]
+    u = ad[:, None] * t64 + b[:, None]                                     # each threshold's u (exact line)
+    u = torch.where(valid, u, float("nan"))
+    top = torch.nan_to_num(u, nan=-float("inf")).amax(1)
+    if not (torch.isfinite(a32).all() and (a32 > 0).all() and torch.isfinite(top).all() and torch.isfinite(gaps[lv_rows > 2]).all()):
+        return empty
+    rows = max(rows_min, int(torch.floor(2 * top.max()).item()) + 2)
+    if rows > GUESS_MAX_ROWS or (b.abs() >= 2.0 ** 20).any():
+        return empty
+    eta = 2.0 ** -22 * (rows + b.abs() + 2) + ad * 2.0 ** -124            # (q*d,)
+    i = torch.arange(rows, dtype=torch.float64)
+    lower = torch.where(i > 0, i / 2 - 0.25, -float("inf"))[None, :] - eta[:, None]       # band of row i
+    upper = torch.where(i < rows - 1, i / 2 + 0.25, float("inf"))[None, :] + eta[:, None]
+    below = (u[:, None, :] < lower[:, :, None]) & valid[:, None, :]        # (q*d, R, L-1)
+    inside = (u[:, None, :] <= upper[:, :, None]) & ~below & valid[:, None, :]
+    if (inside.sum(2) > 1).any():
+        return empty
+    lo = below.sum(2)                                                      # (q*d, R)
+    has = inside.any(2)
+    which = torch.where(has, inside.int().argmax(2), 0)
+    t_col = torch.where(has, thr.gather(1, which), float("nan"))
+    qv = quantized.detach().cpu().reshape(n, max_level)
     last = (lv_rows - 1)[:, None]
-    inside = g[None, :] <= last - 1                                        # g <= L - 2
-    thr_col = torch.where(inside, thr, float("nan"))
-    lo_col = qv.gather(1, torch.minimum(g[None, :], last).expand(q * d, -1))
-    hi_col = qv.gather(1, torch.minimum(g[None, :] + 1, last).expand(q * d, -1))
-    contribution = (torch.minimum(g[None, :], last).to(torch.int32) * basis_rows[:, None]).view(torch.float32)
-    rows = torch.stack([thr_col, lo_col, hi_col, contribution], dim=2)     # (q*d, M-1, 4)
-    head = torch.zeros(q * d, 1, 4)
-    head[:, 0, 0], head[:, 0, 1] = a32, b32
-    return torch.cat([head, rows], dim=1).reshape(q, d, max_level, 4).contiguous().to(device)
+    lo_col = qv.gather(1, lo.clamp(max=max_level - 1))
+    hi_col = torch.where(has, qv.gather(1, torch.minimum(lo + 1, last)), lo_col)
+    contribution = (lo.to(torch.int32) * basis.cpu().to(torch.int32).repeat(q)[:, None]).view(torch.float32)
+    body = torch.stack([t_col, lo_col, hi_col, contribution], dim=2)       # (q*d, R, 4)
+    head = torch.zeros(n, 1, 4)
+    head[:, 0, 0] = a32
+    head[:, 0, 1] = (GUESS_OFFSET + b).float()                            # exact: |b| < 2**20, a multiple of 1/2
+    return torch.cat([head, body], dim=1).reshape(q, d, 1 + rows, 4).contiguous().to(device)
 
 
 _TABLES: dict[tuple, ResidualTables] = {}

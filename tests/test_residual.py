@@ -410,6 +410,7 @@ GUESS_CONFIGS = [
     ((8, 6, 5), 4, "pre-1.26", "tanh_shift"),
     ((2, 3, 40), 3, "current", "sym_clamp"),     # padding rows past L_j = 2 and 3, MAX_LEVEL 40
     ((10, 4), 5, "pre-1.26", "sym_tanh"),
+    ((16, 12, 5), 3, "current", "sym_tanh"),     # atanh-spread thresholds: more half-level rows than 2 * max(L) - 3
 ]
 
 
@@ -429,21 +430,22 @@ def _stage_inputs(tables, levels):
 
 @pytest.mark.parametrize("levels,q,semantics,kind", GUESS_CONFIGS, ids=lambda v: str(v).replace(" ", ""))
 def test_guess_table_gives_the_compare_chains_levels(levels, q, semantics, kind):
-    """The guess table's rule (``g = clamp(rne(r * a + b), 0, M - 2)``, then one threshold of row ``1 + g``),
-    emulated in torch, against the compare chain on every threshold, its neighbours and extreme values of every
-    stage; and the calibration keeps the guess for these configurations."""
+    """The guess table's rule (``i = clamp(bits(fl(r * a + b)) - bits(2**22), 0, R - 1)``, then at most one threshold
+    of row ``1 + i``), emulated in torch, against the compare chain on every threshold, its neighbours and extreme
+    values of every stage; and the calibration keeps the guess for these configurations."""
     from fsq_triton.residual_levels import GUESS_MAGIC
 
     tables = residual_tables(levels, q, semantics, kind, "cpu")
-    assert tables.guess.shape == (q, len(levels), max(levels), 4)
+    rows = tables.guess.shape[2] - 1
+    assert tables.guess.shape[:2] == (q, len(levels)) and rows >= 2 * max(levels) - 3
     r_all = _stage_inputs(tables, levels)
     for s in range(q):
         for j in range(len(levels)):
             r = r_all[:, j]
-            head, rows = tables.guess[s, j, 0], tables.guess[s, j, 1:]
-            u = r * head[0] + head[1]
-            g = ((u + 8388608.0).view(torch.int32).clamp(GUESS_MAGIC, GUESS_MAGIC + max(levels) - 2) - GUESS_MAGIC).long()
-            row = rows[g]
+            head, body = tables.guess[s, j, 0], tables.guess[s, j, 1:]
+            bits = (r * head[0] + head[1]).view(torch.int32)
+            i = (bits.clamp(GUESS_MAGIC, GUESS_MAGIC + rows - 1) - GUESS_MAGIC).long()
+            row = body[i]
             passed = r >= row[:, 0]
             index = row[:, 3].view(torch.int32) + torch.where(passed, tables.basis[j], 0)
             quantized = torch.where(passed, row[:, 2], row[:, 1])
@@ -453,13 +455,14 @@ def test_guess_table_gives_the_compare_chains_levels(levels, q, semantics, kind)
 
 
 def test_guess_is_off_where_it_cannot_be_proven():
-    """tanh bounds with 12 levels: the affine guess strays more than half a level from some threshold, so the
-    calibration gives an empty table (the kernels count thresholds instead)."""
-    tables = residual_tables((12, 5), 2, "current", "sym_tanh", "cpu")
-    assert tables.guess.shape[0] == 0 and tables.guess.shape[1:] == (2, 12, 4)
+    """Stages whose thresholds underflow (80 stages of [8, 5, 5, 5]: equal thresholds) or spread too unevenly (tanh with
+    64 levels: more than GUESS_MAX_ROWS half levels) get an empty table: the kernels count thresholds instead."""
+    assert residual_tables((8, 5, 5, 5), 80, "current", "sym_clamp", "cpu").guess.shape[0] == 0
+    assert residual_tables((64, 5), 2, "current", "sym_tanh", "cpu").guess.shape[0] == 0
+    assert residual_tables((12, 5), 2, "current", "sym_tanh", "cpu").guess.shape[0] == 2
 
 
-@pytest.mark.parametrize("levels,q,semantics,kind", GUESS_CONFIGS[:3] + [((12, 5), 3, "current", "sym_tanh")],
+@pytest.mark.parametrize("levels,q,semantics,kind", GUESS_CONFIGS[:3] + [((64, 5), 3, "current", "sym_tanh")],
                          ids=lambda v: str(v).replace(" ", ""))
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_kernels_with_and_without_the_guess_agree_bit_for_bit(levels, q, semantics, kind, channels_last):
@@ -517,7 +520,7 @@ forward_types = {"x_ptr": "*bf16", "out_ptr": "*fp32", "idx_ptr": "*i32", "stage
 backward_types = {"g_ptr": "*fp32", "x_ptr": "*bf16", "dx_ptr": "*bf16", "stage_ptr": "*fp32", "guess_ptr": "*fp32", "chan_ptr": "*fp32",
                   **ints("N", "num_n_blocks", "num_active", "stride_gb", "stride_gc", "stride_gn", "stride_xb",
                          "stride_xc", "stride_xn", "stride_db", "stride_dc", "stride_dn")}
-common = dict(G=2, D=4, Q=8, MAX_LEVEL=8, SOFT_CLAMP=1, GUESS=True, DENSE=True, INDEX_ROWS=True, BLOCK_N=128,
+common = dict(G=2, D=4, Q=8, MAX_LEVEL=8, SOFT_CLAMP=1, GUESS_ROWS=14, DENSE=True, INDEX_ROWS=True, BLOCK_N=128,
               OFFSET_64=False)
 strided = dict(DENSE=False, INDEX_ROWS=False, OFFSET_64=True)
 rows = []
@@ -525,9 +528,9 @@ for kernel, types, constexprs in (
     (R._residual_forward_kernel, forward_types, common),
     (R._residual_backward_kernel, backward_types, {**common, "KIND": 2}),
     (R._residual_backward_kernel, backward_types, {**common, "KIND": 0, "SOFT_CLAMP": 2}),
-    (R._residual_forward_kernel, forward_types, {**common, **strided, "MAX_LEVEL": 40, "Q": 6}),
-    (R._residual_forward_kernel, forward_types, {**common, **strided, "MAX_LEVEL": 40, "GUESS": False}),
-    (R._residual_backward_kernel, backward_types, {**common, **strided, "KIND": 1, "GUESS": False}),
+    (R._residual_forward_kernel, forward_types, {**common, **strided, "MAX_LEVEL": 40, "Q": 6, "GUESS_ROWS": 80}),
+    (R._residual_forward_kernel, forward_types, {**common, **strided, "MAX_LEVEL": 40, "GUESS_ROWS": 0}),
+    (R._residual_backward_kernel, backward_types, {**common, **strided, "KIND": 1, "GUESS_ROWS": 0}),
 ):
     names = kernel.arg_names
     constexprs = {k: v for k, v in constexprs.items() if k in names}

@@ -139,13 +139,13 @@ RESIDUAL = ["residual forward fp32 channel-last, 8x[8,5,5,5]", "residual forward
 @pytest.mark.parametrize("name", RESIDUAL)
 def test_residual_kernels_are_lean(rows, name):
     """The fused residual kernels (issue 12), 8 stages of [8, 5, 5, 5]: each thread holds whole tokens, so no shared
-    memory, no barrier, no spill, and two blocks an SM; by guess and correction at most 140 SASS instructions per
-    value (128 forward, 131 backward on triton 3.6 and 3.9, against 444 and 220 with the compare chain over lanes
-    before, 2026-11-28), the compare chain in the same layout at most 320."""
+    memory, no barrier, no spill, and two blocks an SM; by guess and correction at most 130 SASS instructions per
+    value (116 forward channel-last, 124 channel-first, 120.5 backward on triton 3.6 and 3.9, against 444 and 220
+    with the compare chain over lanes before, 2026-11-28), the compare chain in the same layout at most 320."""
     row = rows[name]
     assert row["spill_bytes"] == 0 and row["shared_bytes"] == 0 and row["barriers"] == 0, row
     assert row["blocks_per_sm"] >= 2, row
-    limit = 320 if "compare chain" in name else 140
+    limit = 320 if "compare chain" in name else 130
     assert row["instructions"] <= limit * row["values_per_thread"], row
     if "channel-last" in name:
         assert row["ldg128"] > 0 and row["stg128"] > 0, row

@@ -162,18 +162,18 @@ def stage_chain(r, srow, MAX_LEVEL: tl.constexpr):
 
 
 @triton.jit
-def stage_guess(r, guess_ptr, s: tl.constexpr, j: tl.constexpr, D: tl.constexpr, a, b, MAX_LEVEL: tl.constexpr):
+def stage_guess(r, guess_ptr, s: tl.constexpr, j: tl.constexpr, D: tl.constexpr, a, b, ROWS: tl.constexpr):
     """One stage on a channel's residual ``r`` by guess and correction (:func:`fsq_triton.residual_levels.guess_table`):
-    ``g = clamp(rne(r * a + b), 0, MAX_LEVEL - 2)``, then row ``1 + g`` of the stage's guess table ``grow`` gives
-    ``(thr[g + 1], quantized[g], quantized[g + 1], g * basis)``: ``passed = r >= thr[g + 1]``, and the result is
-    ``(passed, quantized, g * basis)`` with ``quantized = passed ? quantized[g + 1] : quantized[g]``."""
-    u = r * a + b
-    g = (u + 8388608.0).to(tl.int32, bitcast=True)  # 2**23: its bits are GUESS_MAGIC + rne(u) for |u| < 2**22
-    g = tl.minimum(tl.maximum(g, GUESS_MAGIC), GUESS_MAGIC + (MAX_LEVEL - 2))
-    # row 1 + g of stage s, channel j: (guess_ptr - 4 * GUESS_MAGIC) + 4 * (GUESS_MAGIC + g) (one 64-bit multiply-add,
+    ``i = clamp(bits(fl(r * a + b)) - GUESS_MAGIC, 0, ROWS - 1)`` (``b`` holds ``2**22``: ``i`` counts half levels),
+    then row ``1 + i`` of the stage's guess table gives ``(t_i, quantized[lo], quantized[lo + 1], lo * basis)``:
+    ``passed = r >= t_i``, and the result is ``(passed, quantized, lo * basis)`` with
+    ``quantized = passed ? quantized[lo + 1] : quantized[lo]``."""
+    i = (r * a + b).to(tl.int32, bitcast=True)
+    i = tl.minimum(tl.maximum(i, GUESS_MAGIC), GUESS_MAGIC + (ROWS - 1))
+    # row 1 + i of stage s, channel j: (guess_ptr - 4 * GUESS_MAGIC) + 4 * (GUESS_MAGIC + i) (one 64-bit multiply-add,
     # the same base for every stage) + a constant (the load's immediate offset)
-    rows = (guess_ptr + (-4 * GUESS_MAGIC)) + g.to(tl.uint32).to(tl.int64) * 4
-    entry = tl.load(rows[:, None] + ((s * D + j) * (4 * MAX_LEVEL) + 4 + tl.arange(0, 4))[None, :])  # a 16-byte row
+    rows = (guess_ptr + (-4 * GUESS_MAGIC)) + i.to(tl.uint32).to(tl.int64) * 4
+    entry = tl.load(rows[:, None] + ((s * D + j) * (4 * (ROWS + 1)) + 4 + tl.arange(0, 4))[None, :])  # a 16-byte row
     even, odd = tl.split(tl.reshape(entry, [r.shape[0], 2, 2]))  # columns (0, 2) and (1, 3)
     thr, q_hi = tl.split(even)
     q_lo, part = tl.split(odd)
@@ -183,9 +183,9 @@ def stage_guess(r, guess_ptr, s: tl.constexpr, j: tl.constexpr, D: tl.constexpr,
 
 
 @triton.jit
-def guess_line(guess_ptr, s: tl.constexpr, j: tl.constexpr, D: tl.constexpr, MAX_LEVEL: tl.constexpr):
+def guess_line(guess_ptr, s: tl.constexpr, j: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr):
     """``(a, b)``, the guess line of stage ``s`` and channel ``j`` (row 0 of its guess table): one 8-byte load."""
-    ab = tl.load((guess_ptr + (s * D + j) * (4 * MAX_LEVEL)).to(tl.pointer_type(tl.int64), bitcast=True))
+    ab = tl.load((guess_ptr + (s * D + j) * (4 * (ROWS + 1))).to(tl.pointer_type(tl.int64), bitcast=True))
     return ab.to(tl.int32).to(tl.float32, bitcast=True), (ab >> 32).to(tl.int32).to(tl.float32, bitcast=True)
 
 
@@ -200,7 +200,8 @@ def _residual_forward_kernel(
     stride_ob, stride_oc, stride_on,
     stride_ig, stride_ib, stride_in,
     G: tl.constexpr, D: tl.constexpr, Q: tl.constexpr, MAX_LEVEL: tl.constexpr, SOFT_CLAMP: tl.constexpr,
-    GUESS: tl.constexpr, DENSE: tl.constexpr, INDEX_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, OFFSET_64: tl.constexpr,
+    GUESS_ROWS: tl.constexpr, DENSE: tl.constexpr, INDEX_ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    OFFSET_64: tl.constexpr,
 ):
     """Residual FSQ forward, all ``Q`` stages in registers, over ``BLOCK_N`` tokens x the ``D`` channels of one group.
 
@@ -211,8 +212,9 @@ def _residual_forward_kernel(
                      r       = r - qv_s;  out += qv_s         (stages s >= num_active: skipped, index -1)
         out = x where x is NaN
     per token, group and stage: index = sum_j level_s,j * basis_j, or -1 if a channel is NaN.
-    ``level_s`` and ``qv_s`` come from the guess table with ``GUESS`` (a multiply-add guesses the level, one
-    threshold corrects it: :func:`stage_guess`, exact as proven in :func:`fsq_triton.residual_levels.guess_table`),
+    ``level_s`` and ``qv_s`` come from the guess table with ``GUESS_ROWS`` (its rows a stage; a multiply-add places
+    ``r`` on a grid of half levels, one threshold corrects: :func:`stage_guess`, exact as proven in
+    :func:`fsq_triton.residual_levels.guess_table`),
     else from the compare chain over the ``L - 1`` thresholds (:func:`stage_chain`); the same integers and floats.
     The thresholds were calibrated on this device with vqp's own ops, so the stages are exact (no division, no
     tanh). Only the soft clamp evaluates ``tanh``, after an IEEE division (``div_rn``) or the reciprocal multiply
@@ -225,7 +227,7 @@ def _residual_forward_kernel(
 
     A thread holds whole tokens (see the module docstring). ``DENSE`` (channel-last contiguous, ``d % 4 == 0``):
     each 4 channels of a token are one 16-byte load and store; ``INDEX_ROWS`` (``q % 4 == 0``): each 4 stage indices
-    of a token are one 16-byte store. sm_90, 8 stages of [8, 5, 5, 5], float32 channel-last: 124 SASS instructions
+    of a token are one 16-byte store. sm_90, 8 stages of [8, 5, 5, 5], float32 channel-last: 116 SASS instructions
     per value (16 a thread, 160 registers, no spills, no shared memory; triton 3.6 and 3.9), against 444 for the
     compare chain over lanes before (compiler figures, not GPU timings: ``bench/NOTES.md``).
 
@@ -271,9 +273,9 @@ def _residual_forward_kernel(
             index = tl.zeros([BLOCK_N], dtype=tl.int32)
             for j in tl.static_range(D):
                 r = rs[j]
-                if GUESS:
-                    a, bb = guess_line(guess_ptr, s, j, D, MAX_LEVEL)
-                    passed, quantized, part = stage_guess(r, guess_ptr, s, j, D, a, bb, MAX_LEVEL)
+                if GUESS_ROWS > 0:
+                    a, bb = guess_line(guess_ptr, s, j, D, GUESS_ROWS)
+                    passed, quantized, part = stage_guess(r, guess_ptr, s, j, D, a, bb, GUESS_ROWS)
                     index += part + tl.where(passed, bases[j], 0)
                 else:
                     level, quantized = stage_chain(r, stage_ptr + (s * D + j) * ROW, MAX_LEVEL)
@@ -307,7 +309,8 @@ def _residual_backward_kernel(
     stride_xb, stride_xc, stride_xn,
     stride_db, stride_dc, stride_dn,
     G: tl.constexpr, D: tl.constexpr, Q: tl.constexpr, MAX_LEVEL: tl.constexpr, KIND: tl.constexpr,
-    SOFT_CLAMP: tl.constexpr, GUESS: tl.constexpr, DENSE: tl.constexpr, BLOCK_N: tl.constexpr, OFFSET_64: tl.constexpr,
+    SOFT_CLAMP: tl.constexpr, GUESS_ROWS: tl.constexpr, DENSE: tl.constexpr, BLOCK_N: tl.constexpr,
+    OFFSET_64: tl.constexpr,
 ):
     """Straight-through gradient of the residual FSQ forward, recomputed from ``x`` alone.
 
@@ -319,7 +322,7 @@ def _residual_backward_kernel(
     and through the soft clamp ``1 - tanh(x / c)^2``. Stages at or past ``num_active`` (quantize dropout) add
     nothing. ``1 - tanh^2`` is evaluated as ``4u / (1 + u)^2``, ``u = exp(-2|.|)`` (no cancellation), within a few
     ulp of autograd's ``1 - t * t``; the residuals are recomputed exactly as in the forward (guess and correction
-    with ``GUESS``, else the compare chain). A program and its threads are laid out as in the forward.
+    with ``GUESS_ROWS``, else the compare chain). A program and its threads are laid out as in the forward.
 
     Memory traffic per element: read ``g`` (4 B) and ``x`` (4 B float32, 2 B half), write ``dx`` (``x``'s size).
     """
@@ -361,9 +364,9 @@ def _residual_backward_kernel(
                     d_stage = grad_k * (4.0 * u / ((1.0 + u) * (1.0 + u)))
                 new_slopes = new_slopes + (slopes[j] + d_stage,)
                 if s + 1 < Q:  # the last stage's residual is not needed
-                    if GUESS:
-                        a, bb = guess_line(guess_ptr, s, j, D, MAX_LEVEL)
-                        _passed, quantized, _part = stage_guess(r, guess_ptr, s, j, D, a, bb, MAX_LEVEL)
+                    if GUESS_ROWS > 0:
+                        a, bb = guess_line(guess_ptr, s, j, D, GUESS_ROWS)
+                        _passed, quantized, _part = stage_guess(r, guess_ptr, s, j, D, a, bb, GUESS_ROWS)
                     else:
                         _level, quantized = stage_chain(r, srow, MAX_LEVEL)
                     r = r - quantized
@@ -431,15 +434,15 @@ def forward_triton(x, stages, guess, channels, basis, groups: int, num_active: i
     rows, tokens, (sx, so, si) = _token_axes(b, n, x, out, indices.permute(0, 1, 3, 2))
     block, warps = _tile(tokens, d)
     nblocks = _cdiv(tokens, block)
-    use_guess = guess.shape[0] > 0
+    guess_rows = guess.shape[2] - 1 if guess.shape[0] > 0 else 0
     index_rows = q % 4 == 0  # the (g, b, n, q) strides are multiples of 4: passed divided by 4 (see the kernel)
     idx_strides = (indices.stride(0) // 4, si[0] // 4, si[2]) if index_rows else (indices.stride(0), si[0], si[2])
     with device_guard(x):
         _launch(_residual_forward_kernel, x)[(rows * nblocks, groups)](
-            x, out, indices, stages, guess if use_guess else stages, channels, basis,
+            x, out, indices, stages, guess if guess_rows else stages, channels, basis,
             tokens, nblocks, num_active,
             *sx, *so, *idx_strides,
-            G=groups, D=d, Q=q, MAX_LEVEL=max_level, SOFT_CLAMP=soft_clamp_mode, GUESS=use_guess,
+            G=groups, D=d, Q=q, MAX_LEVEL=max_level, SOFT_CLAMP=soft_clamp_mode, GUESS_ROWS=guess_rows,
             DENSE=_dense(rows, groups * d, d, x, out), INDEX_ROWS=index_rows,
             BLOCK_N=block, OFFSET_64=_needs_int64(x, out, indices), num_warps=warps,
         )
@@ -458,13 +461,13 @@ def backward_triton(grad_out, x, stages, guess, channels, groups: int, num_activ
     rows, tokens, (sg, sx, sd) = _token_axes(b, n, grad_out, x, grad_x)
     block, warps = _tile(tokens, d)
     nblocks = _cdiv(tokens, block)
-    use_guess = guess.shape[0] > 0
+    guess_rows = guess.shape[2] - 1 if guess.shape[0] > 0 else 0
     with device_guard(x):
         _launch(_residual_backward_kernel, x)[(rows * nblocks, groups)](
-            grad_out, x, grad_x, stages, guess if use_guess else stages, channels,
+            grad_out, x, grad_x, stages, guess if guess_rows else stages, channels,
             tokens, nblocks, num_active,
             *sg, *sx, *sd,
-            G=groups, D=d, Q=q, MAX_LEVEL=max_level, KIND=kind, SOFT_CLAMP=soft_clamp_mode, GUESS=use_guess,
+            G=groups, D=d, Q=q, MAX_LEVEL=max_level, KIND=kind, SOFT_CLAMP=soft_clamp_mode, GUESS_ROWS=guess_rows,
             DENSE=_dense(rows, groups * d, d, grad_out, x, grad_x), BLOCK_N=block,
             OFFSET_64=_needs_int64(grad_out, x, grad_x), num_warps=warps,
         )
