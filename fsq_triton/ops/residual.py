@@ -413,7 +413,7 @@ def _dense(rows: int, channels: int, d: int, *tensors: torch.Tensor) -> bool:
 
 def _tile(n: int, d: int) -> tuple[int, int]:
     """``(BLOCK_N, num_warps)``: each thread holds whole tokens (the ``d`` channels of one group), about 16 values
-    (4 tokens of 4 channels: sm_90 keeps them and a stage's gathered rows in 158 registers, no spills; 8 tokens
+    (4 tokens of 4 channels: sm_90 keeps them and a stage's gathered rows in 160 registers, no spills; 8 tokens
     spill), on 4 warps, fewer for short inputs."""
     per_thread = 1 << (max(1, 16 // d).bit_length() - 1)  # a power of two
     block = max(16, min(_pow2(max(n, 1)), 128 * per_thread))
