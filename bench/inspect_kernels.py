@@ -23,7 +23,8 @@ launch: a stride of 1 becomes a constant, values divisible by 16 are marked so):
 (channel stride 1, token strides marked divisible by 16: c*d a multiple of 16), the float32 channel-last ones
 again with a token stride of 8 (8 channels, not divisible by 16), the forward's flag kernel (no indices, usage
 counted in the kernel, or noise dropout drawn in it) in float32 and bfloat16 and both layouts, plus the 64-bit-offset forward with large levels
-and the fused projections.
+and the fused projections (forward and decode: the default launches, and with usage counted or the orthogonal
+rotation in them).
 
 ``--json`` prints one JSON object per line, one per kernel. Run it with the interpreter off (its kernels
 cannot be compiled); ``tests/test_sm90_compile.py`` asserts the goals on this output.
@@ -180,25 +181,30 @@ def _forward_flags(dt: str, layout: str, write_indices: bool, track_usage: bool,
     )
 
 
-def _projected_forward(dt: str, track_usage: bool = False, write_indices: bool = True) -> Variant:
-    """``_fsq_projected_forward_kernel`` as ``forward_projected_triton`` launches it: channel-last, dim 1024, one
-    codebook of 4 channels, ``h`` saved; the default launch (the histogram pointer is the index tensor, its stride
-    0), or counting usage (``TRACK_USAGE``, the launcher's ``COUNT_SPLIT``), with or without the indices."""
+def _projected_forward(dt: str, track_usage: bool = False, write_indices: bool = True, rotate: bool = False,
+                       num_codebooks: int = 1) -> Variant:
+    """``_fsq_projected_forward_kernel`` as ``forward_projected_triton`` launches it: channel-last, dim 1024,
+    codebooks of 4 channels (one unless ``num_codebooks``), ``h`` saved; the default launch (the histogram pointer is
+    the index tensor, its stride 0, the rotation pointer the value table), or counting usage (``TRACK_USAGE``, the
+    launcher's ``COUNT_SPLIT``), with or without the indices, or with the orthogonal rotation (``ROTATE``)."""
     what = ", usage counted" if track_usage else ""
     what += "" if write_indices else ", no indices"
+    what += f", {num_codebooks} codebooks" if num_codebooks > 1 else ""
+    what += ", rotation" if rotate else ""
+    kind = "projected-usage" if track_usage else "projected-rotation" if rotate else "projected"
     return Variant(
         f"projected forward {dt} channel-last, dim 1024{what}", P._fsq_projected_forward_kernel,
         {"x_ptr": "*" + dt, "w_in_ptr": "*" + dt, "b_in_ptr": "*" + dt, "w_out_ptr": "*" + dt, "b_out_ptr": "*" + dt,
          "out_ptr": "*" + dt, "idx_ptr": "*i32", "h_ptr": "*fp32", "hist_ptr": "*i64" if track_usage else "*i32",
-         "val_ptr": "*fp32", "int_ptr": "*i32",
+         "val_ptr": "*fp32", "int_ptr": "*i32", "rot_ptr": "*fp32",
          **_ints("N", "num_n_blocks", "hist_stride", "stride_xb", "stride_xn", "stride_ob", "stride_on")},
-        dict(stride_xc=1, stride_oc=1, DIM=1024, C=1, D=4, E_PAD=16, MAX_LEVEL=8, BLOCK_N=128, BLOCK_K=64,
-             SAVE_H=True, IEEE_DOT=dt == "fp32", DOT_IN_F32=False, OFFSET_64=False, HAS_B_IN=True, HAS_B_OUT=True,
-             WRITE_INDICES=write_indices, TRACK_USAGE=track_usage,
-             COUNT_SPLIT=P.PROJECTED_COUNT_SPLIT if track_usage else 1),
-        ("x_ptr", "w_in_ptr", "w_out_ptr", "out_ptr", "idx_ptr", "h_ptr", "hist_ptr", "val_ptr", "int_ptr", "N",
-         *(() if track_usage else ("hist_stride",)), "stride_xb", "stride_xn", "stride_ob", "stride_on"), num_warps=8,
-        tags={"kind": "projected-usage" if track_usage else "projected", "dtype": dt},
+        dict(stride_xc=1, stride_oc=1, DIM=1024, C=num_codebooks, D=4, E_PAD=P._e_pad(4 * num_codebooks), MAX_LEVEL=8,
+             BLOCK_N=128, BLOCK_K=64, SAVE_H=True, IEEE_DOT=dt == "fp32", DOT_IN_F32=False, OFFSET_64=False,
+             HAS_B_IN=True, HAS_B_OUT=True, WRITE_INDICES=write_indices, TRACK_USAGE=track_usage,
+             COUNT_SPLIT=P.PROJECTED_COUNT_SPLIT if track_usage else 1, ROTATE=rotate),
+        ("x_ptr", "w_in_ptr", "w_out_ptr", "out_ptr", "idx_ptr", "h_ptr", "hist_ptr", "val_ptr", "int_ptr", "rot_ptr",
+         "N", *(() if track_usage else ("hist_stride",)), "stride_xb", "stride_xn", "stride_ob", "stride_on"),
+        num_warps=8, tags={"kind": kind, "dtype": dt},
     )
 
 
@@ -240,15 +246,22 @@ def variants() -> list[Variant]:
     for dt in ("fp32", "bf16"):
         out.append(_projected_forward(dt, track_usage=True))
     out.append(_projected_forward("bf16", track_usage=True, write_indices=False))
-    out.append(Variant(
-        "projected decode bf16, 2 codebooks", P._fsq_projected_decode_kernel,
-        {"idx_ptr": "*i32", "w_out_ptr": "*bf16", "b_out_ptr": "*bf16", "out_ptr": "*bf16", "val_ptr": "*fp32",
-         "int_ptr": "*i32", **_ints("N", "num_n_blocks", "codebook_size", "stride_ob", "stride_on")},
-        dict(stride_oc=1, DIM=1024, C=2, D=4, E_PAD=16, MAX_LEVEL=8, BLOCK_N=128, BLOCK_K=64, IEEE_DOT=False,
-             DOT_IN_F32=False, OFFSET_64=False, HAS_B_OUT=True),
-        ("idx_ptr", "w_out_ptr", "out_ptr", "val_ptr", "int_ptr", "N", "stride_ob", "stride_on"), num_warps=8,
-        tags={"kind": "projected", "dtype": "bf16"},
-    ))
+    # ... and with the orthogonal rotation in the same pass (h_c @ R quantized, code_c @ R.T projected out), one
+    # codebook and two (against the default launch with two)
+    for dt in ("fp32", "bf16"):
+        out.append(_projected_forward(dt, rotate=True))
+    out.append(_projected_forward("bf16", num_codebooks=2))
+    out.append(_projected_forward("bf16", rotate=True, num_codebooks=2))
+    for rotate in (False, True):  # the default launch (the rotation pointer is the value table), and ROTATE
+        out.append(Variant(
+            "projected decode bf16, 2 codebooks" + (", rotation" if rotate else ""), P._fsq_projected_decode_kernel,
+            {"idx_ptr": "*i32", "w_out_ptr": "*bf16", "b_out_ptr": "*bf16", "out_ptr": "*bf16", "val_ptr": "*fp32",
+             "int_ptr": "*i32", "rot_ptr": "*fp32", **_ints("N", "num_n_blocks", "codebook_size", "stride_ob", "stride_on")},
+            dict(stride_oc=1, DIM=1024, C=2, D=4, E_PAD=16, MAX_LEVEL=8, BLOCK_N=128, BLOCK_K=64, IEEE_DOT=False,
+                 DOT_IN_F32=False, OFFSET_64=False, HAS_B_OUT=True, ROTATE=rotate),
+            ("idx_ptr", "w_out_ptr", "out_ptr", "val_ptr", "int_ptr", "rot_ptr", "N", "stride_ob", "stride_on"),
+            num_warps=8, tags={"kind": "projected-rotation" if rotate else "projected", "dtype": "bf16"},
+        ))
     out += _residual_variants()
     return out
 

@@ -86,22 +86,56 @@ def _project_out_store(
 
 
 @triton.jit
+def rotate_token_codebooks(t, rot_ptr, ee, e_ok, C: tl.constexpr, D: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """vqp's orthogonal rotation on a ``(tokens, E_PAD)`` tile whose channel ``e = c * D + j`` is channel ``j`` of
+    codebook ``c`` (``ee``, ``e_ok``: the channel ids and their mask): per token and codebook ``t_c @ R``
+    (``TRANSPOSED``: ``t_c @ R.T``), ``R (D, D)`` float32 row-major, in float32:
+
+        out[:, c*D + j] = (((t[:, c*D] * R[0, j]) + t[:, c*D + 1] * R[1, j]) + ...) + t[:, c*D + D-1] * R[D-1, j]
+
+    the order of :func:`fsq.rotate_codebooks` (mul, then add, in channel order: torch's CPU matmul of a
+    ``(m, d) @ (d, d)`` product with ``d <= 8``, so the interpreter gives the unfused path's values bit for bit; on a
+    GPU each step is one FMA), on this 2-d tile: the channels of a codebook need not be a power of two here, so they
+    cannot be split into an axis of their own. Channel ``c*D + k`` is taken out by a sum of one nonzero term (exact)
+    across the tile's channels, in whatever layout the dot left them (no conversion), and broadcast to the channels
+    of its codebook. Padding channels come out 0."""
+    jj = ee % D
+    book = ee // D
+    acc = tl.zeros(t.shape, dtype=tl.float32)
+    for k in tl.static_range(D):
+        if C == 1:
+            t_k = tl.sum(tl.where((ee == k)[None, :], t, 0.0), axis=1)[:, None]
+        else:
+            t_k = tl.zeros(t.shape, dtype=tl.float32)
+            for c in tl.static_range(C):
+                column = tl.sum(tl.where((ee == c * D + k)[None, :], t, 0.0), axis=1)
+                t_k = tl.where((book == c)[None, :], column[:, None], t_k)
+        if TRANSPOSED:
+            r = tl.load(rot_ptr + jj * D + k, mask=e_ok, other=0.0)  # R.T[k, j] = R[j, k]
+        else:
+            r = tl.load(rot_ptr + k * D + jj, mask=e_ok, other=0.0)  # R[k, j]
+        acc = acc + t_k * r[None, :]
+    return tl.where(e_ok[None, :], acc, 0.0)  # (an infinite t times a padding 0 would be NaN there)
+
+
+@triton.jit
 def _fsq_projected_forward_kernel(
     x_ptr, w_in_ptr, b_in_ptr, w_out_ptr, b_out_ptr,
     out_ptr, idx_ptr, h_ptr, val_ptr, int_ptr,
     N, num_n_blocks, DIM: tl.constexpr,
     stride_xb, stride_xc, stride_xn,
     stride_ob, stride_oc, stride_on,
-    hist_ptr, hist_stride,
+    hist_ptr, hist_stride, rot_ptr,
     C: tl.constexpr, D: tl.constexpr, E_PAD: tl.constexpr, MAX_LEVEL: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SAVE_H: tl.constexpr, IEEE_DOT: tl.constexpr, DOT_IN_F32: tl.constexpr, OFFSET_64: tl.constexpr,
     HAS_B_IN: tl.constexpr, HAS_B_OUT: tl.constexpr,
-    WRITE_INDICES: tl.constexpr, TRACK_USAGE: tl.constexpr, COUNT_SPLIT: tl.constexpr,
+    WRITE_INDICES: tl.constexpr, TRACK_USAGE: tl.constexpr, COUNT_SPLIT: tl.constexpr, ROTATE: tl.constexpr,
 ):
     """project_in -> FSQ -> project_out for ``BLOCK_N`` tokens of one batch row (the default launch:
-    ``WRITE_INDICES``, no ``TRACK_USAGE``; ``hist_ptr`` and ``hist_stride``, the last runtime arguments so that
-    the others keep their parameter offsets, are then unused: the same machine code as without them).
+    ``WRITE_INDICES``, no ``TRACK_USAGE``, no ``ROTATE``; ``hist_ptr``, ``hist_stride`` and ``rot_ptr``, the last
+    runtime arguments so that the others keep their parameter offsets, are then unused: the same machine code as
+    without them).
 
     Math, per token (``x`` a row of ``dim`` features, ``e = c * d``):
         h     = round_to_weight_dtype(x W_in^T + b_in)                     (e,)
@@ -111,6 +145,10 @@ def _fsq_projected_forward_kernel(
         ``TRACK_USAGE``:   hist[c, index_c] += 1 (int64, relaxed atomic, :func:`fsq.count_usage`), for every
                            in-range token whose codebook channels are all non-NaN (a NaN token counts nowhere)
         out   = code W_out^T + b_out                                        (dim,)
+    ``ROTATE`` (vqp's orthogonal rotation, ``R (d, d)`` float32 at ``rot_ptr``): per codebook ``y_c = h_c @ R``
+    (:func:`rotate_token_codebooks`, float32) is what the thresholds count and the index is made of (a NaN in ``h_c``
+    makes all of ``y_c`` NaN: index -1, NaN codes), and ``code_c @ R.T`` goes to ``project_out``; the saved ``h`` is
+    ``h`` (before the rotation), from which the backward recomputes ``y``. No memory traffic (``R`` stays in cache).
     Memory traffic per token: read ``dim`` elements of ``x``, write ``dim`` of ``out`` (2 B each in
     bfloat16, 4 B in float32), and ``4 e`` B of ``h`` when saved for the backward; the weights
     (``2 * dim * e`` elements) are read by every program from L2. Without a bias (``HAS_B_IN``/``HAS_B_OUT``
@@ -154,13 +192,17 @@ def _fsq_projected_forward_kernel(
         h = acc + tl.load(b_in_ptr + ee, mask=e_ok, other=0.0).to(tl.float32)[None, :]
     h = cast_rne(h, w_in_ptr.dtype.element_ty).to(tl.float32)
 
-    # FSQ on h: count the calibrated thresholds (NaN padding never counts), look the code up
+    # FSQ on h (ROTATE: on y = h_c @ R per codebook): count the calibrated thresholds (NaN padding never counts),
+    # look the code up
     jj = ee % D
     values = val_ptr + jj * ROW
-    level, code = quantize_levels(h, values[None, :], e_ok[None, :], MAX_LEVEL)
-    is_nan = h != h
-    code = tl.where(is_nan, h, code)
-    if SAVE_H:
+    y = h
+    if ROTATE:
+        y = rotate_token_codebooks(h, rot_ptr, ee, e_ok, C, D, False)
+    level, code = quantize_levels(y, values[None, :], e_ok[None, :], MAX_LEVEL)
+    is_nan = y != y
+    code = tl.where(is_nan, y, code)
+    if SAVE_H:  # h itself (ROTATE: before the rotation)
         tl.store(h_ptr + ((b * N + nn)[:, None] * E + ee[None, :]), h, mask=tile_ok)
 
     # one index per codebook: stored (WRITE_INDICES) and/or counted into the histogram (TRACK_USAGE)
@@ -181,6 +223,8 @@ def _fsq_projected_forward_kernel(
                 # carry both tensors to the atomic's layout (sm_90: 4 more barriers on triton 3.9)
                 count_usage(hist_ptr + c * hist_stride, index, (n_ok & (index >= 0)).to(tl.int8), COUNT_SPLIT)
 
+    if ROTATE:  # code_c @ R.T per codebook, in float32, before the cast to the weights' dtype
+        code = rotate_token_codebooks(code, rot_ptr, ee, e_ok, C, D, True)
     _project_out_store(code, w_out_ptr, b_out_ptr, out_ptr + b * stride_ob, nn, n_ok, ee, e_ok, DIM,
                        stride_oc, stride_on, E, BLOCK_K, IEEE_DOT, DOT_IN_F32, OFFSET_64, HAS_B_OUT)
 
@@ -189,15 +233,18 @@ def _fsq_projected_forward_kernel(
 def _fsq_projected_decode_kernel(
     idx_ptr, w_out_ptr, b_out_ptr, out_ptr, val_ptr, int_ptr,
     N, num_n_blocks, DIM: tl.constexpr, codebook_size,
-    stride_ob, stride_oc, stride_on,
+    stride_ob, stride_oc, stride_on, rot_ptr,
     C: tl.constexpr, D: tl.constexpr, E_PAD: tl.constexpr, MAX_LEVEL: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE_DOT: tl.constexpr, DOT_IN_F32: tl.constexpr,
-    OFFSET_64: tl.constexpr, HAS_B_OUT: tl.constexpr,
+    OFFSET_64: tl.constexpr, HAS_B_OUT: tl.constexpr, ROTATE: tl.constexpr,
 ):
     """Decode with ``project_out`` fused: token indices ``(b, n, c)`` -> features ``(b, dim, n)``.
 
     Math, per token: ``level_j = (index_{j // d} // basis[j % d]) % L[j % d]``, ``code_j = codes[j % d, level_j]``
-    (NaN for an index outside ``[0, prod(levels))``), ``out = code W_out^T + b_out``.
+    (NaN for an index outside ``[0, prod(levels))``), ``out = code W_out^T + b_out``; with ``ROTATE`` (vqp's
+    orthogonal rotation, ``R`` at ``rot_ptr``, the last runtime argument: unused otherwise) ``code_c @ R.T`` per
+    codebook in float32 (summed as :func:`rotate_token_codebooks` does) before the cast to the weights' dtype, as the
+    forward.
     Memory traffic per token: read ``4 c`` B of indices, write ``dim`` elements (the weights' dtype).
     """
     b, n_start = tile_origin(num_n_blocks, BLOCK_N, OFFSET_64)
@@ -214,11 +261,23 @@ def _fsq_projected_decode_kernel(
     index = tl.load(idx_ptr + ((b * N + nn)[:, None] * C + (ee // D)[None, :]), mask=tile_ok, other=0)
     valid = (index >= 0) & (index < codebook_size)
     index = tl.where(valid, index, 0)
-    basis = tl.load(int_ptr + jj * INT_COLS + COL_BASIS, mask=e_ok, other=1)
-    nlev = tl.load(int_ptr + jj * INT_COLS + COL_NUM_LEVELS, mask=e_ok, other=1)
-    level = (index // basis[None, :]) % nlev[None, :]
-    code = code_of_level(level, (val_ptr + jj * ROW)[None, :], e_ok[None, :], MAX_LEVEL)
-    code = tl.where(valid | ~tile_ok, code, float("nan"))
+    if ROTATE:
+        # code_c @ R.T in the order of rotate_token_codebooks (mul, then add, channel by channel), with channel k of
+        # each element's codebook decoded again from the codebook's index, which every element of the tile holds:
+        # no sums across the channels (sm_90, triton 3.6: those took 23 more barriers)
+        code = tl.zeros((BLOCK_N, E_PAD), dtype=tl.float32)
+        for k in tl.static_range(D):
+            basis_k = tl.load(int_ptr + k * INT_COLS + COL_BASIS)
+            level_k = (index // basis_k) % tl.load(int_ptr + k * INT_COLS + COL_NUM_LEVELS)
+            code_k = code_of_level(level_k, val_ptr + k * ROW, None, MAX_LEVEL)
+            code = code + code_k * tl.load(rot_ptr + jj * D + k, mask=e_ok, other=0.0)[None, :]  # R.T[k, j] = R[j, k]
+        code = tl.where(valid | ~tile_ok, code, float("nan"))
+    else:
+        basis = tl.load(int_ptr + jj * INT_COLS + COL_BASIS, mask=e_ok, other=1)
+        nlev = tl.load(int_ptr + jj * INT_COLS + COL_NUM_LEVELS, mask=e_ok, other=1)
+        level = (index // basis[None, :]) % nlev[None, :]
+        code = code_of_level(level, (val_ptr + jj * ROW)[None, :], e_ok[None, :], MAX_LEVEL)
+        code = tl.where(valid | ~tile_ok, code, float("nan"))
 
     _project_out_store(code, w_out_ptr, b_out_ptr, out_ptr + b * stride_ob, nn, n_ok, ee, e_ok, DIM,
                        stride_oc, stride_on, E, BLOCK_K, IEEE_DOT, DOT_IN_F32, OFFSET_64, HAS_B_OUT)
@@ -236,6 +295,16 @@ def _fsq_projected_decode_kernel(
 PROJECTED_COUNT_SPLIT = 1
 
 
+def _check_rotation(rotation: torch.Tensor, d: int, device: torch.device) -> None:
+    """The kernels read ``R`` as ``d * d`` float32 values, row-major, on the launch's device: anything else is refused
+    (a ValueError that says what was passed) rather than read wrong."""
+    if (rotation.shape != (d, d) or rotation.dtype != torch.float32 or not rotation.is_contiguous()
+            or rotation.device != device):
+        raise ValueError(
+            f"rotation must be a contiguous float32 ({d}, {d}) tensor on {device}, found {rotation.dtype} "
+            f"{tuple(rotation.shape)} on {rotation.device}{'' if rotation.is_contiguous() else ' (not contiguous)'}")
+
+
 def _e_pad(e: int) -> int:
     return max(16, next_pow2(e))  # tl.dot needs every dimension >= 16
 
@@ -246,16 +315,20 @@ def _block_k(dim: int) -> int:
 
 def forward_projected_triton(x, w_in, b_in, w_out, b_out, values, integers, num_codebooks: int,
                              channels_last: bool, save_h: bool, write_indices: bool = True,
-                             usage: torch.Tensor | None = None):
+                             usage: torch.Tensor | None = None, rotation: torch.Tensor | None = None):
     """x (b, dim, n) in the weights' dtype -> out (b, dim, n), indices (b, n, c) int32, h (b, n, e) float32 or (0,).
 
     ``write_indices=False``: no index is stored, and ``indices`` is an empty ``(0,)`` int32 tensor. ``usage``: a
     ``(c, codebook_size)`` int64 contiguous histogram on x's device, to which the kernel adds each counted token's
-    code (in place, no host sync; see :func:`fsq.forward_triton`).
+    code (in place, no host sync; see :func:`fsq.forward_triton`). ``rotation``: vqp's orthogonal rotation
+    ``R (d, d)``, float32 contiguous on x's device: the kernel quantizes ``h_c @ R`` and projects ``code_c @ R.T``
+    (``ROTATE``); ``h`` is still the unrotated projection.
     """
     b, dim, n = x.shape
     d, max_level = integers.shape[0], _lv.max_level_of(values)
     e = num_codebooks * d
+    if rotation is not None:
+        _check_rotation(rotation, d, x.device)
     out = _empty_feature(x.shape, x.device, channels_last, x.dtype)
     if write_indices:
         indices = torch.empty((b, n, num_codebooks), dtype=torch.int32, device=x.device)
@@ -275,22 +348,27 @@ def forward_projected_triton(x, w_in, b_in, w_out, b_out, values, integers, num_
         _launch(_fsq_projected_forward_kernel, x)[(rows * nblocks,)](
             x, w_in, b_in, w_out, b_out, out, indices, h, values, integers,
             tokens, nblocks, dim, *sx, *so, hist, hist.shape[-1] if usage is not None else 0,
+            values if rotation is None else rotation,
             C=num_codebooks, D=d, E_PAD=e_pad, MAX_LEVEL=max_level,
             BLOCK_N=block_n, BLOCK_K=block_k, SAVE_H=save_h, IEEE_DOT=x.dtype == torch.float32,
             DOT_IN_F32=interpreting(), OFFSET_64=offset_64, HAS_B_IN=b_in.numel() > 0, HAS_B_OUT=b_out.numel() > 0,
             WRITE_INDICES=write_indices, TRACK_USAGE=usage is not None, COUNT_SPLIT=PROJECTED_COUNT_SPLIT,
-            num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
+            ROTATE=rotation is not None, num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
         )
 
     _configured_launch("projected_forward", x, rows * tokens, block_k, x.dtype, channels_last, launch)
     return out, indices, h
 
 
-def decode_projected_triton(indices, w_out, b_out, values, integers, codebook_size: int, channels_last: bool):
-    """indices (b, n, c) -> out (b, dim, n) in the weights' dtype."""
+def decode_projected_triton(indices, w_out, b_out, values, integers, codebook_size: int, channels_last: bool,
+                            rotation: torch.Tensor | None = None):
+    """indices (b, n, c) -> out (b, dim, n) in the weights' dtype; ``rotation``: vqp's ``R (d, d)`` (float32,
+    contiguous, on the indices' device), the codes then being ``code_c @ R.T`` before ``project_out``."""
     b, n, c = indices.shape
     dim = w_out.shape[0]
     d, max_level = integers.shape[0], _lv.max_level_of(values)
+    if rotation is not None:
+        _check_rotation(rotation, d, indices.device)
     out = _empty_feature((b, dim, n), indices.device, channels_last, w_out.dtype)
     if out.numel() == 0:
         return out
@@ -304,10 +382,10 @@ def decode_projected_triton(indices, w_out, b_out, values, integers, codebook_si
         nblocks = cdiv(tokens, block_n)
         _launch(_fsq_projected_decode_kernel, out)[(rows * nblocks,)](
             indices, w_out, b_out, out, values, integers,
-            tokens, nblocks, dim, codebook_size, *so,
+            tokens, nblocks, dim, codebook_size, *so, values if rotation is None else rotation,
             C=c, D=d, E_PAD=e_pad, MAX_LEVEL=max_level,
             BLOCK_N=block_n, BLOCK_K=block_k, IEEE_DOT=w_out.dtype == torch.float32,
-            DOT_IN_F32=interpreting(), OFFSET_64=offset_64, HAS_B_OUT=b_out.numel() > 0,
+            DOT_IN_F32=interpreting(), OFFSET_64=offset_64, HAS_B_OUT=b_out.numel() > 0, ROTATE=rotation is not None,
             num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3),
         )
 
