@@ -335,12 +335,17 @@ def _fsq_forward_kernel(
             if TRACK_USAGE:
                 hist_stride = hist_stride.to(tl.int64)
         for c in tl.static_range(C):
+            # Every row of the codebook is loaded before any `out` row is stored: `z` and `out` may alias as far as
+            # the compiler knows, so a row loaded after a store waits for it, one row in flight a thread at a time.
+            rows = ()
+            for j in tl.static_range(D):
+                rows = rows + (tl.load(z_ptr + (b * stride_zb + (c * D + j) * stride_zc + nn * stride_zn), mask=n_ok,
+                                       other=0.0),)
             twice = tl.zeros((BLOCK_N,), dtype=tl.int32)  # sum_j bits(2**22 + level_j) * basis_j (mod 2**32)
             bias = tl.zeros((BLOCK_N,), dtype=tl.int32)   # sum_j basis_j (the same for every token: one register)
             token_nan = tl.zeros((BLOCK_N,), dtype=tl.int1)
             for j in tl.static_range(D):
-                z = tl.load(z_ptr + (b * stride_zb + (c * D + j) * stride_zc + nn * stride_zn), mask=n_ok, other=0.0)
-                z = z.to(tl.float32)
+                z = rows[j].to(tl.float32)
                 code, s = quantize_row(z, val_ptr + j * ROW, MAX_LEVEL)
                 is_nan = z != z
                 if WRITE_INDICES or TRACK_USAGE:
