@@ -475,11 +475,21 @@ class FSQ(nn.Module):
         tables = level_tables(self.levels, indices.device, self.bound_kind)
         ops = self._triton_ops(tokens)
 
-        if ops is not None and project and self._fuses_projections() and not self.orthogonal_rotation:
+        fused_rotation = None  # orthogonal_rotation in the fused decode (plain eager calls)
+        if ops is not None and project and self._fuses_projections() and self.orthogonal_rotation:
+            fused_rotation = self._rotation_in_kernel(tokens)
+        if ops is not None and project and self._fuses_projections() and (
+                not self.orthogonal_rotation or fused_rotation is not None):
             w_out, b_out = self._projection_params(self.project_out)
-            feature = ops.apply_indices_to_codes_projected(
-                tokens, w_out, b_out, tables.values, tables.integers, self.codebook_size, not is_img_or_video
-            )                                                  # (b, dim, n)
+            if fused_rotation is not None:  # code_c @ R.T, then project_out, in the one kernel
+                feature = ops.decode_projected_rotated(
+                    tokens, w_out, b_out, fused_rotation, tables.values, tables.integers, self.codebook_size,
+                    not is_img_or_video,
+                )
+            else:
+                feature = ops.apply_indices_to_codes_projected(
+                    tokens, w_out, b_out, tables.values, tables.integers, self.codebook_size, not is_img_or_video
+                )                                              # (b, dim, n)
         else:
             dtype = _param_dtype(self.project_out, torch.float32) if project else torch.float32
             rotation = self._rotation_in_kernel(tokens)
@@ -601,20 +611,29 @@ class FSQ(nn.Module):
         spatial = z.shape[2:] if is_img_or_video else z.shape[1:2]
         dtype = _param_dtype(self.project_in, z.dtype)
         with _autocast_off(z.device.type):
-            if self._fuses_projections() and not (self.orthogonal_rotation or self._noise_active()):
+            if self._fuses_projections() and not self._noise_active():
                 feature = (z.flatten(2) if is_img_or_video else z.transpose(1, 2)).to(dtype)   # (b, dim, n)
                 ops = self._triton_ops(feature)
-                if ops is not None:
+                # orthogonal_rotation: in the fused kernel where it runs in the kernels (plain eager calls), else the
+                # projections are called as modules around the rotated quantizer
+                rotation = self._rotation_in_kernel(feature) if ops is not None else None
+                if ops is not None and (rotation is not None or not self.orthogonal_rotation):
                     tables = level_tables(self.levels, z.device, self.bound_kind)
                     usage = self.usage_counts if self.track_usage else None
                     if usage is not None and usage.device != feature.device:
                         raise RuntimeError(
                             f"usage_counts is on {usage.device} and the input on {feature.device}: move the module with .to()"
                         )
-                    out, indices = ops.apply_quantize_projected(  # the kernel counts usage itself (track_usage)
-                        feature, *self._projection_params(), tables.values, tables.integers,
-                        self.num_codebooks, not is_img_or_video, self.return_indices, usage,
-                    )
+                    if rotation is not None:  # h_c @ R quantized, code_c @ R.T projected out, in the one kernel
+                        out, indices = ops.apply_quantize_projected_rotated(
+                            feature, *self._projection_params(), rotation, tables.values, tables.integers,
+                            self.num_codebooks, not is_img_or_video, self.return_indices, usage,
+                        )
+                    else:
+                        out, indices = ops.apply_quantize_projected(  # the kernel counts usage itself (track_usage)
+                            feature, *self._projection_params(), tables.values, tables.integers,
+                            self.num_codebooks, not is_img_or_video, self.return_indices, usage,
+                        )
                     out = out.reshape(b, self.dim, *spatial) if is_img_or_video else out.transpose(1, 2)
                     return out.to(z.dtype), indices if self.return_indices else None
             x = rearrange(z, "b d ... -> b (...) d") if is_img_or_video else z

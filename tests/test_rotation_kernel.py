@@ -27,13 +27,20 @@ def pair(device, **kwargs):
 
 @pytest.fixture
 def spy(monkeypatch):
-    """Records the ``rotation`` argument of every forward and backward launch."""
-    seen = {"forward": [], "backward": []}
+    """Records the ``rotation`` argument of every forward and backward launch (the forward's: the plain kernel's, or
+    with fused projections the projected kernel's, which ``seen["projected"]`` also lists)."""
+    seen = {"forward": [], "backward": [], "projected": []}
     forward, backward = fsq_autograd.forward_triton, fsq_autograd.backward_triton
+    projected = fsq_autograd.forward_projected_triton
 
     def forward_spy(*args, rotation=None, **kwargs):
         seen["forward"].append(rotation)
         return forward(*args, rotation=rotation, **kwargs)
+
+    def projected_spy(*args, rotation=None, **kwargs):
+        seen["forward"].append(rotation)
+        seen["projected"].append(rotation)
+        return projected(*args, rotation=rotation, **kwargs)
 
     def backward_spy(*args, rotation=None, **kwargs):
         seen["backward"].append(rotation)
@@ -41,6 +48,7 @@ def spy(monkeypatch):
 
     monkeypatch.setattr(fsq_autograd, "forward_triton", forward_spy)
     monkeypatch.setattr(fsq_autograd, "backward_triton", backward_spy)
+    monkeypatch.setattr(fsq_autograd, "forward_projected_triton", projected_spy)
     return seen
 
 
@@ -249,3 +257,239 @@ def test_decode_inverts_the_forward(device):
     with torch.no_grad():
         out, indices = fused(z)
         torch.testing.assert_close(fused.indices_to_codes(indices), out, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# With fused projections: project_in, h_c @ R, the quantizer, code_c @ R.T and project_out in one kernel
+# --------------------------------------------------------------------------------------------------
+
+PROJECTED = [
+    # (FSQ kwargs, input shape)
+    (dict(levels=[8, 5, 5, 5], dim=12), (2, 17, 12)),                                      # sequence
+    (dict(levels=[7, 5, 3], dim=10, num_codebooks=2), (2, 9, 10)),                          # 2 codebooks of 3 (e = 6)
+    (dict(levels=[8, 5, 5, 5], dim=20, num_codebooks=2), (2, 20, 3, 5)),                    # image, channel-first
+    (dict(levels=[5, 5, 5], dim=7, channel_first=True, preserve_symmetry=True), (2, 7, 13)),  # (b, dim, n)
+]
+
+
+class LinearRoundingOnce(torch.nn.Linear):
+    """``nn.Linear`` whose output is rounded to the weights' dtype once, from float32 ``x W^T + b``: what the fused
+    kernel computes, and what cuBLAS gives on a GPU. Torch's CPU ``nn.Linear`` in bfloat16 with a bias rounds ``x W^T``
+    to bfloat16 before adding the bias (twice), which moves some ``h`` by an ulp and, now and then, an index; the
+    oracle's ``project_in`` is this one where that matters (bfloat16 with a bias), so the comparison stays exact."""
+
+    def forward(self, x):
+        bias = None if self.bias is None else self.bias.float()
+        return torch.nn.functional.linear(x.float(), self.weight.float(), bias).to(self.weight.dtype)
+
+
+def round_project_in_once(plain):
+    """Swap the oracle's ``project_in`` for a :class:`LinearRoundingOnce` with the same parameters."""
+    old = plain.project_in
+    new = LinearRoundingOnce(old.in_features, old.out_features, bias=old.bias is not None,
+                             device=old.weight.device, dtype=old.weight.dtype)
+    new.load_state_dict(old.state_dict())
+    plain.project_in = new
+
+
+def close_grads(fused, plain, dtype):
+    """Every parameter's gradient, the fused module's against the PyTorch module's."""
+    params = dict(plain.named_parameters())
+    assert params.keys() == dict(fused.named_parameters()).keys()
+    for name, p in fused.named_parameters():
+        q = params[name]
+        if dtype == torch.float32:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        else:  # half-precision sums with cancellation: tolerance relative to the tensor's scale
+            torch.testing.assert_close(p.grad, q.grad, rtol=2e-2, atol=2e-2 * max(1.0, q.grad.abs().max().item()),
+                                       msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("kwargs, shape", PROJECTED, ids=str)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_projected_rotation_matches_the_torch_path(device, spy, kwargs, shape, bias, dtype):
+    """The fused projected kernel with ``ROTATE`` (one launch, no plain quantizer) against vqp's ops: indices bit for
+    bit, ``out`` to float32 rounding (bfloat16: the weights' rounding), the gradient of the input and every parameter
+    (the backward: cuBLAS products around the rotated straight-through kernel, on the saved ``h``)."""
+    fused, plain = pair(device, **kwargs, projection_has_bias=bias)
+    fused.to(dtype), plain.to(dtype)
+    if dtype == torch.bfloat16 and bias:
+        round_project_in_once(plain)
+    torch.manual_seed(2)
+    z = (torch.randn(shape, device=device) * 2).to(dtype)
+    zf, zp = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
+    out, indices = fused(zf)
+    out_ref, indices_ref = plain(zp)
+
+    assert len(spy["projected"]) == 1 and spy["projected"][0] is not None, "the fused kernel did not rotate"
+    assert len(spy["forward"]) == 1, "a plain quantizer launch ran beside the fused projections"
+    assert out.shape == out_ref.shape and out.dtype == out_ref.dtype == dtype
+    assert torch.equal(indices, indices_ref)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(out, out_ref, **tol)
+
+    g = torch.randn(out.shape, device=device).to(dtype)
+    out.backward(g)
+    out_ref.backward(g)
+    assert spy["backward"] and all(r is not None for r in spy["backward"]), "the backward did not rotate"
+    torch.testing.assert_close(zf.grad, zp.grad, **(dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else
+                                                   dict(rtol=2e-2, atol=2e-2 * max(1.0, zp.grad.abs().max().item()))))
+    close_grads(fused, plain, dtype)
+
+
+def test_projected_rotation_saves_h_before_the_rotation(device, monkeypatch):
+    """The saved ``h`` is ``x W_in^T + b_in`` itself (the backward rotates it again), not ``h @ R``."""
+    saved = []
+    projected = fsq_autograd.forward_projected_triton
+
+    def keep_h(*args, **kwargs):
+        result = projected(*args, **kwargs)
+        saved.append(result[2])
+        return result
+
+    monkeypatch.setattr(fsq_autograd, "forward_projected_triton", keep_h)
+    fused, _ = pair(device, levels=[8, 5, 5, 5], dim=12, num_codebooks=2)
+    z = torch.randn(2, 5, 12, device=device, requires_grad=True)
+    fused(z)
+    with torch.no_grad():
+        h = fused.project_in(z)
+    assert saved[0].shape == h.shape
+    torch.testing.assert_close(saved[0], h, rtol=1e-6, atol=1e-6)
+
+
+def test_projected_rotation_gradient_of_the_gradient(device, spy):
+    """create_graph=True through the fused projections with rotation: a gradient penalty on the input and the
+    weights, differentiated again, as the PyTorch path gives it."""
+    fused, plain = pair(device, levels=[7, 5, 5], dim=9, num_codebooks=2)
+    z = torch.randn(2, 11, 9, device=device)
+    results = []
+    for module in (fused, plain):
+        zz = z.clone().requires_grad_(True)
+        params = [zz, *module.parameters()]
+        out, _ = module(zz)
+        grads = torch.autograd.grad(out.pow(2).sum(), params, create_graph=True)
+        second = torch.autograd.grad(sum(g.pow(2).sum() for g in grads), params)
+        results.append(([g.detach() for g in grads], second))
+    assert spy["projected"] and spy["projected"][0] is not None
+    for ours, theirs in zip(results[0][0] + list(results[0][1]), results[1][0] + list(results[1][1])):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_projected_rotation_without_autograd_skips_the_function(device, spy, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the autograd.Function ran for a call that records nothing")
+
+    monkeypatch.setattr(fsq_autograd.RotatedProjectedFunction, "apply", refuse)
+    fused, plain = pair(device, levels=[8, 5, 5, 5], dim=12)
+    z = torch.randn(2, 9, 12, device=device)
+    with torch.no_grad():
+        out, indices = fused(z)
+        out_ref, indices_ref = plain(z)
+    assert spy["projected"] == [spy["projected"][0]] and spy["projected"][0] is not None
+    assert torch.equal(indices, indices_ref)
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("return_indices", [True, False])
+def test_projected_rotation_counts_usage(device, spy, return_indices):
+    """track_usage with the rotation in the fused kernel: the kernel counts the rotated codes (vqp's indices), with
+    or without storing them."""
+    fused, plain = pair(device, levels=[8, 5, 5, 5], dim=12, num_codebooks=2, track_usage=True,
+                        return_indices=return_indices)
+    z = torch.randn(3, 21, 12, device=device)
+    with torch.no_grad():
+        out, indices = fused(z)
+        out_ref, indices_ref = plain(z)
+    assert spy["projected"][0] is not None
+    assert (indices is None) == (not return_indices)
+    if return_indices:
+        assert torch.equal(indices, indices_ref)
+    assert fused.usage_counts.sum() == 3 * 21 * 2
+    assert torch.equal(fused.usage_counts, plain.usage_counts)
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_projected_rotation_nan_token(device):
+    """A NaN feature makes every ``y`` of its token's codebooks NaN: index -1, NaN out (as vqp)."""
+    fused, plain = pair(device, levels=[5, 5, 5], dim=8)
+    z = torch.randn(1, 5, 8, device=device)
+    z[0, 2, 3] = float("nan")
+    with torch.no_grad():
+        out, indices = fused(z)
+        out_ref, indices_ref = plain(z)
+    assert indices[0, 2] == -1 and torch.equal(indices, indices_ref)
+    assert out[0, 2].isnan().all() and not out[0, [0, 1, 3, 4]].isnan().any()
+
+
+def test_projected_rotation_refuses_a_bad_rotation(device):
+    """The launchers read ``R`` as d*d float32 values: another shape, dtype or layout is a clear error."""
+    from fsq_triton.levels import level_tables
+    from fsq_triton.ops import fsq_projected
+
+    fused, _ = pair(device, levels=[8, 5, 5, 5], dim=12)
+    tables = level_tables(fused.levels, device, fused.bound_kind)
+    (w_in, b_in, w_out, b_out) = (t.detach() for t in fused._projection_params())
+    x = torch.randn(1, 12, 5, device=device)
+    rot = fused.orthogonal_rot.float()
+    for bad in (rot[:3, :3].contiguous(), rot.double(), rot.t()):
+        with pytest.raises(ValueError, match="rotation must be a contiguous float32 \\(4, 4\\)"):
+            fsq_projected.forward_projected_triton(x, w_in, b_in, w_out, b_out, tables.values, tables.integers, 1,
+                                                   True, False, rotation=bad)
+        with pytest.raises(ValueError, match="rotation must be a contiguous float32"):
+            fsq_projected.decode_projected_triton(torch.zeros(1, 5, 1, dtype=torch.int32, device=device), w_out, b_out,
+                                                  tables.values, tables.integers, fused.codebook_size, True, rotation=bad)
+
+
+def test_projected_rotation_under_transforms_keeps_the_modules(device, spy):
+    """torch.func and dispatch modes: the projections and the rotation stay torch ops (no projected launch)."""
+    fused, plain = pair(device, levels=[5, 5, 5], dim=6)
+    z = torch.randn(2, 7, 6, device=device)
+    grad = torch.func.grad(lambda t: fused(t)[0].pow(2).sum())(z)
+    zz = z.clone().requires_grad_(True)
+    plain(zz)[0].pow(2).sum().backward()
+    torch.testing.assert_close(grad, zz.grad, rtol=1e-5, atol=1e-6)
+    with FlopCounterMode(display=False) as counter:
+        fused(z)
+    assert counter.get_total_flops() > 0
+    assert spy["projected"] == [] and all(r is None for r in spy["forward"])
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("image", [False, True], ids=["sequence", "image"])
+def test_projected_decode_rotates_in_the_kernel(device, monkeypatch, bias, dtype, image):
+    """indices_to_codes with project_out fused: ``code_c @ R.T`` then project_out in the one decode kernel, against
+    the PyTorch path; the gradient of the projection's parameters (decoder fine-tuning); decoding the forward's
+    indices gives back its ``out``."""
+    seen = []
+    decode = fsq_autograd.decode_projected_triton
+
+    def decode_spy(*args, rotation=None, **kw):
+        seen.append(rotation)
+        return decode(*args, rotation=rotation, **kw)
+
+    monkeypatch.setattr(fsq_autograd, "decode_projected_triton", decode_spy)
+    fused, plain = pair(device, levels=[8, 5, 5, 5], dim=10, num_codebooks=2, projection_has_bias=bias)
+    fused.to(dtype), plain.to(dtype)
+    shape = (2, 3, 4, 2) if image else (2, 9, 2)
+    indices = torch.randint(0, fused.codebook_size, shape, device=device)
+    codes = fused.indices_to_codes(indices)
+    codes_ref = plain.indices_to_codes(indices)
+    assert seen and all(r is not None for r in seen), "the rotation did not run in the fused decode"
+    assert codes.shape == codes_ref.shape and codes.dtype == codes_ref.dtype == dtype
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(codes, codes_ref, **tol)
+    g = torch.randn(codes.shape, device=device).to(dtype)
+    codes.backward(g)
+    codes_ref.backward(g)
+    for name in ("project_out.weight",) + (("project_out.bias",) if bias else ()):
+        ours, theirs = fused.get_parameter(name).grad, plain.get_parameter(name).grad
+        torch.testing.assert_close(ours, theirs, **(tol if dtype == torch.float32 else
+                                                    dict(rtol=2e-2, atol=2e-2 * max(1.0, theirs.abs().max().item()))))
+    assert fused.project_in.weight.grad is None
+
+    z = torch.randn((2, 10, 3, 4) if image else (2, 9, 10), device=device).to(dtype)
+    with torch.no_grad():
+        out, forward_indices = fused(z)
+        torch.testing.assert_close(fused.indices_to_codes(forward_indices), out, **tol)

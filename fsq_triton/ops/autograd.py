@@ -558,6 +558,79 @@ def apply_quantize_rotated(z, rotation, values, integers, num_codebooks: int, ch
         z, rotation, values, integers, num_codebooks, channels_last, write_indices, usage, noise)
 
 
+def _rotated_building_blocks(rotation: torch.Tensor, num_codebooks: int, graph: bool):
+    """``(quantize_fn, backward_fn)`` for :func:`_projected_grads` with vqp's orthogonal rotation around the quantizer:
+    ``quantize_fn(h)`` gives ``codes(h_c @ R)_c @ R.T`` and ``backward_fn(g, h)`` gives
+    ``((g_c @ R) * d code / d y (h_c @ R))_c @ R.T``, per codebook. Without a graph, the plain kernels with ``ROTATE``;
+    with one (``create_graph``), torch ops around ``fsq_triton::quantize_backward`` and the quantizer (as
+    :meth:`RotatedQuantizeFunction.backward`), so that autograd can differentiate them again."""
+    c = num_codebooks
+    if not graph:
+        def quantize_fn(h, values, integers, _c, channels_last):
+            return forward_triton(h, values, integers, c, channels_last, rotation=rotation)
+
+        def backward_fn(g, h, values, channels_last):
+            return backward_triton(g, h, values, channels_last, rotation=rotation)
+
+        return quantize_fn, backward_fn
+
+    def quantize_graph(h, values, integers, _c, channels_last):
+        codes, indices = FSQFunction.apply(_rotate_codebooks(h, rotation, c), values, integers, c, channels_last)
+        return _rotate_codebooks(codes, rotation.t(), c), indices
+
+    def backward_graph(g, h, values, channels_last):
+        g_y = _ops.quantize_backward(_rotate_codebooks(g, rotation, c), _rotate_codebooks(h, rotation, c), values,
+                                     channels_last)
+        return _rotate_codebooks(g_y, rotation.t(), c)
+
+    return quantize_graph, backward_graph
+
+
+class RotatedProjectedFunction(torch.autograd.Function):
+    """``(out, indices) = RotatedProjectedFunction.apply(x, w_in, b_in, w_out, b_out, rotation, values, integers, c,
+    channels_last, save_h, write_indices, usage)``: the fused projections with vqp's orthogonal rotation in the kernel
+    (``ROTATE``): ``h = x W_in^T + b_in``, per codebook ``y_c = h_c @ R`` quantized, ``code_c @ R.T`` projected out.
+    Eager only (:func:`noise_in_kernel` decides), ``R`` a buffer (no gradient).
+
+    The backward is :func:`_projected_grads` on the saved ``h`` (recomputed when not saved), whose quantizer steps
+    carry the rotation (:func:`_rotated_building_blocks`): the rotated straight-through gradient from the backward
+    kernel with ``ROTATE``, or under ``create_graph`` torch ops around ``fsq_triton::quantize_backward``, so that a
+    gradient of the gradient works as on the unrotated path.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w_in, b_in, w_out, b_out, rotation, values, integers, num_codebooks, channels_last, save_h,
+                write_indices, usage):
+        out, indices, h = forward_projected_triton(x, w_in, b_in, w_out, b_out, values, integers, num_codebooks,
+                                                   channels_last, save_h, write_indices, usage, rotation=rotation)
+        ctx.save_for_backward(x, w_in, b_in, w_out, h, values, integers, rotation)
+        ctx.num_codebooks = num_codebooks
+        ctx.mark_non_differentiable(indices)
+        return out, indices
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_indices):
+        x, w_in, b_in, w_out, h, values, integers, rotation = ctx.saved_tensors
+        quantize_fn, backward_fn = _rotated_building_blocks(rotation, ctx.num_codebooks, torch.is_grad_enabled())
+        grads = _projected_grads(ctx, grad_out, x, w_in, b_in, w_out, h, values, integers, ctx.num_codebooks,
+                                 quantize_fn, backward_fn)
+        return (*grads, None, None, None, None, None, None, None, None)
+
+
+def apply_quantize_projected_rotated(x, w_in, b_in, w_out, b_out, rotation, values, integers, num_codebooks: int,
+                                     channels_last: bool, write_indices: bool = True, usage=None):
+    """:func:`apply_quantize_projected` with vqp's orthogonal rotation ``rotation (d, d)`` (float32, contiguous, on x's
+    device, a buffer: no gradient) in the fused kernel: ``(out (b, dim, n), indices (b, n, c))``. For plain eager calls
+    only (:func:`noise_in_kernel`); the rotation's products never leave the kernel."""
+    save_h = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w_in, b_in, w_out, b_out))
+    if not save_h and _needs_no_autograd(x, w_in, b_in, w_out, b_out):
+        out, indices, _ = forward_projected_triton(x, w_in, b_in, w_out, b_out, values, integers, num_codebooks,
+                                                   channels_last, False, write_indices, usage, rotation=rotation)
+        return out, indices
+    return RotatedProjectedFunction.apply(x, w_in, b_in, w_out, b_out, rotation, values, integers, num_codebooks,
+                                          channels_last, save_h, write_indices, usage)
+
+
 def apply_quantize_projected(x, w_in, b_in, w_out, b_out, values, integers, num_codebooks: int, channels_last: bool,
                              write_indices: bool = True, usage=None):
     """Differentiable fused project_in -> quantize -> project_out: ``(out (b, dim, n), indices (b, n, c))``.
@@ -594,6 +667,46 @@ def decode_rotated(indices, rotation, values, integers, codebook_size: int, chan
     """:func:`apply_indices_to_codes` with vqp's orthogonal rotation in the decode kernel: ``codes_c @ R.T`` per token
     (``R`` float32, contiguous, a buffer: no gradient). Plain eager calls only (:func:`noise_in_kernel`)."""
     return decode_triton(indices, values, integers, codebook_size, channels_last, dtype, rotation=rotation)
+
+
+class RotatedDecodeProjectedFunction(torch.autograd.Function):
+    """``out = RotatedDecodeProjectedFunction.apply(indices, w_out, b_out, rotation, values, integers, codebook_size,
+    channels_last)``: :class:`IndicesToCodesProjectedFunction` with vqp's orthogonal rotation in the decode kernel
+    (``code_c @ R.T`` before ``project_out``; ``R`` a buffer, no gradient). Eager only. The backward is
+    ``grad_w_out = g^T codes`` (the rotated codes, from the plain decode kernel with ``ROTATE``) and
+    ``grad_b_out = sum g``: torch products in ``g``, so differentiable again under ``create_graph``."""
+
+    @staticmethod
+    def forward(ctx, indices, w_out, b_out, rotation, values, integers, codebook_size, channels_last):
+        ctx.save_for_backward(indices, w_out, rotation, values, integers)
+        ctx.codebook_size = codebook_size
+        return decode_projected_triton(indices, w_out, b_out, values, integers, codebook_size, channels_last,
+                                       rotation=rotation)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        indices, w_out, rotation, values, integers = ctx.saved_tensors
+        dim = w_out.shape[0]
+        g = _tokens(grad_out).reshape(-1, dim).to(w_out.dtype)                      # (t, dim)
+        grad_w_out = grad_b_out = None
+        if ctx.needs_input_grad[1]:
+            codes = decode_triton(indices, values, integers, ctx.codebook_size, True, w_out.dtype, rotation=rotation)
+            grad_w_out = g.t() @ _tokens(codes).reshape(-1, codes.shape[1])
+        if ctx.needs_input_grad[2]:
+            grad_b_out = g.sum(dim=0)
+        return None, grad_w_out, grad_b_out, None, None, None, None, None
+
+
+def decode_projected_rotated(indices, w_out, b_out, rotation, values, integers, codebook_size: int,
+                             channels_last: bool):
+    """:func:`apply_indices_to_codes_projected` with vqp's orthogonal rotation ``rotation (d, d)`` (float32,
+    contiguous, on the indices' device) in the fused decode: ``(b, dim, n)`` in the weights' dtype, differentiable in
+    ``w_out`` and ``b_out``. Plain eager calls only (:func:`noise_in_kernel`)."""
+    if _needs_no_autograd(w_out, b_out):
+        return decode_projected_triton(indices, w_out, b_out, values, integers, codebook_size, channels_last,
+                                       rotation=rotation)
+    return RotatedDecodeProjectedFunction.apply(indices, w_out, b_out, rotation, values, integers, codebook_size,
+                                                channels_last)
 
 
 def apply_indices_to_codes_projected(indices, w_out, b_out, values, integers, codebook_size: int, channels_last: bool):
