@@ -493,3 +493,20 @@ def test_projected_decode_rotates_in_the_kernel(device, monkeypatch, bias, dtype
     with torch.no_grad():
         out, forward_indices = fused(z)
         torch.testing.assert_close(fused.indices_to_codes(forward_indices), out, **tol)
+
+
+@pytest.mark.parametrize("dim", [None, 12], ids=["no-projections", "projections"])
+def test_jit_trace_with_rotation_records_the_ops(device, dim):
+    """torch.jit.trace records no kernel launch: while tracing, the rotation stays torch matmuls around the custom
+    ops (which the trace holds), with and without projections; the traced program is the module's."""
+    fused, _ = pair(device, levels=[8, 5, 5, 5], dim=dim)
+    channels = fused.dim
+    z = torch.randn(2, channels, 3, 4, device=device)
+    traced = torch.jit.trace(fused, (z,), check_trace=False)
+    z2 = torch.randn(2, channels, 3, 4, device=device)
+    out, indices = traced(z2)
+    with torch.no_grad():
+        ref_out, ref_indices = fused(z2)
+    assert torch.equal(indices, ref_indices)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    assert any("fsq_triton::" in node.kind() for node in traced.inlined_graph.nodes())
