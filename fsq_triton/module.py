@@ -570,9 +570,12 @@ class FSQ(nn.Module):
         """``R`` (float32, contiguous) where this call's orthogonal rotation runs in the kernel (the forward's, or the
         decode's with ``h`` the indices): on the Triton path, in a plain eager call (as the noise,
         :meth:`_noise_in_kernel`), ``R`` on ``h``'s device and needing no gradient (a buffer, as in vqp). Else None:
-        torch.compile, export, torch.jit.trace, torch.func and dispatch modes take the products in torch ops around
-        the kernels (a trace records the custom ops there, where it would record no kernel launch)."""
+        torch.compile, export, torch.jit.trace, torch.func, dispatch modes and forward-mode AD take the products in
+        torch ops around the kernels (a trace records the custom ops there, where it would record no kernel launch;
+        their Functions have the ``jvp`` that the rotated ones lack)."""
         if not self.orthogonal_rotation or torch.jit.is_tracing():  # a trace must record the ops (not a launch)
+            return None
+        if torch.autograd.forward_ad._current_level >= 0:  # forward-mode AD: the kernels' Functions have no jvp
             return None
         rot = self.orthogonal_rot
         if rot.requires_grad or rot.device != h.device or rot.shape != (self.codebook_dim, self.codebook_dim):

@@ -510,3 +510,24 @@ def test_jit_trace_with_rotation_records_the_ops(device, dim):
     assert torch.equal(indices, ref_indices)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
     assert any("fsq_triton::" in node.kind() for node in traced.inlined_graph.nodes())
+
+
+@pytest.mark.parametrize("dim", [None, 12], ids=["no-projections", "projections"])
+def test_forward_mode_ad_with_rotation(device, dim):
+    """Forward-mode AD (dual tensors): the rotated kernels' Functions have no jvp, so while a dual level is open the
+    rotation stays torch matmuls around the fused quantizer (whose Function has one); the tangent is the PyTorch
+    path's."""
+    import torch.autograd.forward_ad as fwAD
+
+    fused, plain = pair(device, levels=[8, 5, 5, 5], dim=dim)
+    z = torch.randn(2, 5, fused.dim, device=device)
+    tangent = torch.randn_like(z)
+    results = []
+    for module in (fused, plain):
+        with fwAD.dual_level():
+            out, indices = module(fwAD.make_dual(z, tangent))
+            primal, out_t = fwAD.unpack_dual(out)
+            results.append((primal, out_t, indices))
+    assert torch.equal(results[0][2], results[1][2])
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-5)
