@@ -327,6 +327,10 @@ def _fsq_forward_kernel(
     # the index only (summing the tile's channels across the lanes that hold them would make the compiler
     # exchange the sums through shared memory).
     if (CHANNEL_ROWS or WRITE_INDICES or TRACK_USAGE) and not ROTATE:
+        # READ_BACK: each row's level read back from its selected code (quantize_row), not counted: fewer instructions
+        # wherever `out` is written from the rows, and for 4-byte channel-last index rows; 2-byte channel-last index
+        # rows compiled to more (sm_90, triton 3.6 and 3.9: bench/NOTES.md), so they count.
+        READ_BACK: tl.constexpr = CHANNEL_ROWS or z_ptr.dtype.element_ty == tl.float32
         nn = n_start + tl.arange(0, BLOCK_N)
         n_ok = nn < N
         if OFFSET_64:
@@ -341,17 +345,24 @@ def _fsq_forward_kernel(
             for j in tl.static_range(D):
                 rows = rows + (tl.load(z_ptr + (b * stride_zb + (c * D + j) * stride_zc + nn * stride_zn), mask=n_ok,
                                        other=0.0),)
-            twice = tl.zeros((BLOCK_N,), dtype=tl.int32)  # sum_j bits(2**22 + level_j) * basis_j (mod 2**32)
+            twice = tl.zeros((BLOCK_N,), dtype=tl.int32)  # READ_BACK: sum_j bits(2**22 + level_j) * basis_j (mod 2**32)
             bias = tl.zeros((BLOCK_N,), dtype=tl.int32)   # sum_j basis_j (the same for every token: one register)
+            index = tl.zeros((BLOCK_N,), dtype=tl.int32)  # otherwise: sum_j level_j * basis_j
             token_nan = tl.zeros((BLOCK_N,), dtype=tl.int1)
             for j in tl.static_range(D):
                 z = rows[j].to(tl.float32)
-                code, s = quantize_row(z, val_ptr + j * ROW, MAX_LEVEL)
+                if READ_BACK:
+                    code, s = quantize_row(z, val_ptr + j * ROW, MAX_LEVEL)
+                else:
+                    level, code = quantize_levels(z, val_ptr + j * ROW, None, MAX_LEVEL)
                 is_nan = z != z
                 if WRITE_INDICES or TRACK_USAGE:
                     basis = tl.load(int_ptr + j * INT_COLS + COL_BASIS)
-                    twice += twice_level(code, s) * basis
-                    bias += basis
+                    if READ_BACK:
+                        twice += twice_level(code, s) * basis
+                        bias += basis
+                    else:
+                        index += level * basis
                     token_nan = token_nan | is_nan
                 if CHANNEL_ROWS:
                     code = tl.where(is_nan, z, code)
@@ -359,8 +370,9 @@ def _fsq_forward_kernel(
                         code = noise_dropout(code, noise_seed, noise_p, (b * N + nn) * (C * D) + (c * D + j))
                     tl.store(out_ptr + (b * stride_ob + (c * D + j) * stride_oc + nn * stride_on),
                              cast_rne(code, out_ptr.dtype.element_ty), mask=n_ok)
-            # 2 * index = twice - bits(2**22) * sum_j basis_j, below 2**32 for any int32 index: halved unsigned
-            index = ((twice - bias * TWICE_LEVEL_BIAS).to(tl.uint32, bitcast=True) >> 1).to(tl.int32, bitcast=True)
+            if READ_BACK:
+                # 2 * index = twice - bits(2**22) * sum_j basis_j, below 2**32 for any int32 index: halved unsigned
+                index = ((twice - bias * TWICE_LEVEL_BIAS).to(tl.uint32, bitcast=True) >> 1).to(tl.int32, bitcast=True)
             if WRITE_INDICES:
                 tl.store(idx_ptr + ((b * N + nn) * C + c), tl.where(token_nan, -1, index), mask=n_ok)
             if TRACK_USAGE:
