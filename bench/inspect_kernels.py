@@ -11,11 +11,13 @@ gives) is available on any machine, for whichever triton is installed (the GPU m
   conversions through shared memory show up here, not in the cubin's static figure);
 - ``barriers``: ``BAR`` instructions in the SASS (each one a block-wide sync);
 - ``ldg128``, ``stg128``: 128-bit global loads and stores (``LDG.E.128``/``STG.E.128``), i.e. coalesced
-  vector accesses; ``mma``: tensor-core instructions (``HGMMA``/``HMMA``) in the fused projections;
+  vector accesses; ``wide_loads_before_store``: 64- and 128-bit loads issued before the first store (how many rows
+  of a tile are in flight before the first result is written); ``mma``: tensor-core instructions
+  (``HGMMA``/``HMMA``) in the fused projections;
 - ``blocks_per_sm``: resident blocks per SM that the registers and shared memory allow (Hopper: 64K
   registers and 228 KB shared memory per SM, at most 64 warps);
-- ``instructions``: SASS instructions in the kernel (every path, as compiled; the residual rows divide it by their
-  ``values_per_thread``).
+- ``instructions``: SASS instructions in the kernel (every path, as compiled; the residual rows and the streaming
+  forward rows divide it by their ``values_per_thread``: instructions an element).
 
 The variants are what the launchers produce for the common cases (strides specialised as Triton does at
 launch: a stride of 1 becomes a constant, values divisible by 16 are marked so): the streaming kernels
@@ -106,7 +108,8 @@ def _streaming(dt: str, layout: str) -> list[Variant]:
              OFFSET_64=False, DENSE=not cf, **DEFAULT_FORWARD_FLAGS),
         ("z_ptr", "out_ptr", "idx_ptr", "val_ptr", "int_ptr", "N", *rz, *ro, *DEFAULT_FORWARD_ALIGNED),
         default("forward")["num_warps"],
-        tags={**tags, "kind": "forward"},
+        tags={**tags, "kind": "forward",
+              "values_per_thread": default("forward")["BLOCK_N"] * 8 // (32 * default("forward")["num_warps"])},
     ))
     sg, rg = strides("g", "bcn")
     sd, rd = strides("d", "bcn")
@@ -312,6 +315,17 @@ def _ptxas_report(log: str) -> tuple[int, int]:
     return registers, spills
 
 
+def _wide_loads_before_store(lines: list[str]) -> int:
+    """64- and 128-bit global loads (``LDG.E.64``, ``LDG.E.128``: rows of the tile, not the 32-bit loads of uniform
+    constants) issued before the first global store, in program order."""
+    count = 0
+    for line in lines:
+        if "STG." in line:
+            break
+        count += bool(re.search(r"LDG\.E\.(64|128)\b", line))
+    return count
+
+
 def inspect(variant: Variant, arch: int = 90) -> dict:
     """Compile ``variant`` for ``sm_<arch>``; its resources and instruction counts (see the module docstring)."""
     names = variant.kernel.arg_names
@@ -344,6 +358,7 @@ def inspect(variant: Variant, arch: int = 90) -> dict:
         "barriers": sum(1 for line in lines if re.search(r"\bBAR\b|\bBAR\.", line)),
         "ldg128": sum(1 for line in lines if "LDG.E.128" in line),
         "stg128": sum(1 for line in lines if "STG.E.128" in line),
+        "wide_loads_before_store": _wide_loads_before_store(lines),
         "mma": sum(1 for line in lines if "HGMMA" in line or "HMMA" in line),
         "blocks_per_sm": blocks,
     }
