@@ -229,7 +229,7 @@ def _fsq_forward_kernel(
     C: tl.constexpr, D: tl.constexpr, C_PAD: tl.constexpr, D_PAD: tl.constexpr,
     MAX_LEVEL: tl.constexpr, BLOCK_N: tl.constexpr, CHANNEL_ROWS: tl.constexpr, OFFSET_64: tl.constexpr,
     WRITE_INDICES: tl.constexpr, TRACK_USAGE: tl.constexpr, COUNT_SPLIT: tl.constexpr, DENSE: tl.constexpr,
-    NOISE: tl.constexpr, ROTATE: tl.constexpr,
+    NOISE: tl.constexpr, ROTATE: tl.constexpr, READ_BACK: tl.constexpr, ROWS_AHEAD: tl.constexpr,
 ):
     """FSQ forward, one pass over a tile of ``BLOCK_N`` tokens x all ``c*d`` channels (the default launch:
     ``WRITE_INDICES``, no ``TRACK_USAGE``, no ``NOISE``, no ``ROTATE``; ``hist_ptr``, ``rot_ptr`` and the noise
@@ -248,9 +248,10 @@ def _fsq_forward_kernel(
 
     ``CHANNEL_ROWS`` (channel-first): channel by channel, a row of ``BLOCK_N`` tokens with the channel's
     constants as scalars; a row's code is selected threshold by threshold and its level read back from the code
-    (:func:`quantize_row`, :func:`twice_level`: the same level, without counting). Otherwise (channel-last): ``out`` from a (tokens, codebooks, channels) tile, and the
-    index from the channel rows of the same tokens, re-read from L1 (no reduction across lanes; skipped
-    when neither flag needs the index). ``DENSE``: ``z`` and ``out`` are channel-last contiguous, and their
+    (``READ_BACK``: :func:`quantize_row`, :func:`twice_level`, the same level without counting), a codebook's rows
+    loaded ``ROWS_AHEAD`` at a time before any is stored (both chosen by :func:`row_plan`). Otherwise
+    (channel-last): ``out`` from a (tokens, codebooks, channels) tile, and the index from the channel rows of the
+    same tokens, re-read from L1 (no reduction across lanes; skipped when neither flag needs the index). ``DENSE``: ``z`` and ``out`` are channel-last contiguous, and their
     token stride is the constexpr ``C * D`` (:func:`dense_token_stride`).
 
     Memory traffic per element: read ``z`` once from DRAM (4 B float32, 2 B bfloat16/float16; channel-last
@@ -327,10 +328,7 @@ def _fsq_forward_kernel(
     # the index only (summing the tile's channels across the lanes that hold them would make the compiler
     # exchange the sums through shared memory).
     if (CHANNEL_ROWS or WRITE_INDICES or TRACK_USAGE) and not ROTATE:
-        # READ_BACK: each row's level read back from its selected code (quantize_row), not counted: fewer instructions
-        # wherever `out` is written from the rows, and for 4-byte channel-last index rows; 2-byte channel-last index
-        # rows compiled to more (sm_90, triton 3.6 and 3.9: bench/NOTES.md), so they count.
-        READ_BACK: tl.constexpr = CHANNEL_ROWS or z_ptr.dtype.element_ty == tl.float32
+        # READ_BACK, ROWS_AHEAD: see row_plan
         nn = n_start + tl.arange(0, BLOCK_N)
         n_ok = nn < N
         if OFFSET_64:
@@ -339,37 +337,41 @@ def _fsq_forward_kernel(
             if TRACK_USAGE:
                 hist_stride = hist_stride.to(tl.int64)
         for c in tl.static_range(C):
-            # Every row of the codebook is loaded before any `out` row is stored: `z` and `out` may alias as far as
-            # the compiler knows, so a row loaded after a store waits for it, one row in flight a thread at a time.
-            rows = ()
-            for j in tl.static_range(D):
-                rows = rows + (tl.load(z_ptr + (b * stride_zb + (c * D + j) * stride_zc + nn * stride_zn), mask=n_ok,
-                                       other=0.0),)
             twice = tl.zeros((BLOCK_N,), dtype=tl.int32)  # READ_BACK: sum_j bits(2**22 + level_j) * basis_j (mod 2**32)
             bias = tl.zeros((BLOCK_N,), dtype=tl.int32)   # sum_j basis_j (the same for every token: one register)
             index = tl.zeros((BLOCK_N,), dtype=tl.int32)  # otherwise: sum_j level_j * basis_j
             token_nan = tl.zeros((BLOCK_N,), dtype=tl.int1)
-            for j in tl.static_range(D):
-                z = rows[j].to(tl.float32)
-                if READ_BACK:
-                    code, s = quantize_row(z, val_ptr + j * ROW, MAX_LEVEL)
-                else:
-                    level, code = quantize_levels(z, val_ptr + j * ROW, None, MAX_LEVEL)
-                is_nan = z != z
-                if WRITE_INDICES or TRACK_USAGE:
-                    basis = tl.load(int_ptr + j * INT_COLS + COL_BASIS)
-                    if READ_BACK:
-                        twice += twice_level(code, s) * basis
-                        bias += basis
-                    else:
-                        index += level * basis
-                    token_nan = token_nan | is_nan
-                if CHANNEL_ROWS:
-                    code = tl.where(is_nan, z, code)
-                    if NOISE:
-                        code = noise_dropout(code, noise_seed, noise_p, (b * N + nn) * (C * D) + (c * D + j))
-                    tl.store(out_ptr + (b * stride_ob + (c * D + j) * stride_oc + nn * stride_on),
-                             cast_rne(code, out_ptr.dtype.element_ty), mask=n_ok)
+            # The rows are loaded ROWS_AHEAD at a time, before any of them is stored: `z` and `out` may alias as far
+            # as the compiler knows, so a row loaded after a store waits for it (ROWS_AHEAD = 1: one row in flight).
+            for g in tl.static_range(0, D, ROWS_AHEAD):
+                rows = ()
+                for i in tl.static_range(ROWS_AHEAD):
+                    if g + i < D:
+                        rows = rows + (tl.load(z_ptr + (b * stride_zb + (c * D + g + i) * stride_zc + nn * stride_zn),
+                                               mask=n_ok, other=0.0),)
+                for i in tl.static_range(ROWS_AHEAD):
+                    if g + i < D:
+                        j = g + i
+                        z = rows[i].to(tl.float32)
+                        if READ_BACK:
+                            code, s = quantize_row(z, val_ptr + j * ROW, MAX_LEVEL)
+                        else:
+                            level, code = quantize_levels(z, val_ptr + j * ROW, None, MAX_LEVEL)
+                        is_nan = z != z
+                        if WRITE_INDICES or TRACK_USAGE:
+                            basis = tl.load(int_ptr + j * INT_COLS + COL_BASIS)
+                            if READ_BACK:
+                                twice += twice_level(code, s) * basis
+                                bias += basis
+                            else:
+                                index += level * basis
+                            token_nan = token_nan | is_nan
+                        if CHANNEL_ROWS:
+                            code = tl.where(is_nan, z, code)
+                            if NOISE:
+                                code = noise_dropout(code, noise_seed, noise_p, (b * N + nn) * (C * D) + (c * D + j))
+                            tl.store(out_ptr + (b * stride_ob + (c * D + j) * stride_oc + nn * stride_on),
+                                     cast_rne(code, out_ptr.dtype.element_ty), mask=n_ok)
             if READ_BACK:
                 # 2 * index = twice - bits(2**22) * sum_j basis_j, below 2**32 for any int32 index: halved unsigned
                 index = ((twice - bias * TWICE_LEVEL_BIAS).to(tl.uint32, bitcast=True) >> 1).to(tl.int32, bitcast=True)
@@ -662,6 +664,21 @@ def dense_token_stride(channels: int, *strides: tuple[int, int, int]) -> bool:
     return all(sc == 1 and sn == channels for _, sc, sn in strides)
 
 
+def row_plan(channels: int, channels_last: bool, element_size: int, block_n: int, num_warps: int) -> dict:
+    """``READ_BACK`` and ``ROWS_AHEAD`` of a forward launch (its channel rows, ``channels`` per codebook).
+
+    With at most 8 tokens a thread: every row of a codebook loaded before the first is stored (``ROWS_AHEAD``), and
+    each level read back from the selected code (:func:`quantize_row`, :func:`twice_level`), but for 2-byte
+    channel-last index rows, where counting the thresholds passed (:func:`quantize_levels`) compiled to fewer
+    instructions. With more (16 tokens a thread: 2048 tokens x 4 warps), the rows as before issue 9, one at a time
+    and counted: both changes took 255 registers there (80 bytes spilled in float32 on triton 3.6, 8 in bfloat16 on
+    3.9), against 243 / 179 and 204 / 124 before. sm_90, 8 channels: ``bench/NOTES.md``."""
+    tokens = max(1, block_n // (32 * num_warps))
+    if tokens > 8:
+        return {"READ_BACK": False, "ROWS_AHEAD": 1}
+    return {"READ_BACK": not channels_last or element_size == 4, "ROWS_AHEAD": channels}
+
+
 def _skip_launch(*grid_args, **kwargs):
     return None
 
@@ -802,6 +819,7 @@ def forward_triton(z, values, integers, num_codebooks: int, channels_last: bool,
             noise_seed, noise_p, *sz, *so, **common,
             WRITE_INDICES=write_indices, TRACK_USAGE=usage is not None, COUNT_SPLIT=split, NOISE=noise is not None,
             ROTATE=rotation is not None,
+            **row_plan(d, channels_last, z.element_size(), cfg["BLOCK_N"], cfg["num_warps"]),
         )
 
     _configured_launch("forward", z, rows * tokens, c_pad * d_pad, z.dtype, channels_last, launch)
