@@ -531,3 +531,23 @@ def test_forward_mode_ad_with_rotation(device, dim):
     assert torch.equal(results[0][2], results[1][2])
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("return_indices", [True, False])
+@pytest.mark.parametrize("channel_first", [False, True])
+def test_plain_rotation_counts_usage(device, spy, return_indices, channel_first):
+    """track_usage with the rotation in the plain forward kernel (its (tokens, codebooks) index tile counted with
+    atomics): the counts are the PyTorch path's, a NaN token counts nowhere, with or without storing the indices."""
+    fused, plain = pair(device, levels=[8, 5, 5, 5], num_codebooks=2, track_usage=True, return_indices=return_indices,
+                        channel_first=channel_first)
+    z = torch.randn(3, 8, 21, device=device) if channel_first else torch.randn(3, 21, 8, device=device)
+    nan_at = (0, 5, 2) if channel_first else (0, 2, 5)   # token 2, codebook 1
+    z[nan_at] = float("nan")
+    with torch.no_grad():
+        fused(z)
+        plain(z)
+        fused(z)
+    assert spy["forward"] and all(r is not None for r in spy["forward"])
+    counts_ref = plain.usage_counts * 2
+    assert torch.equal(fused.usage_counts, counts_ref)
+    assert fused.usage_counts[0].sum() == 2 * 3 * 21 and fused.usage_counts[1].sum() == 2 * (3 * 21 - 1)
