@@ -493,6 +493,8 @@ class FSQ(nn.Module):
         else:
             dtype = _param_dtype(self.project_out, torch.float32) if project else torch.float32
             rotation = self._rotation_in_kernel(tokens)
+            # rotated in torch ops: the codes in float32 first (rounded to dtype once, after R.T, as the forward does)
+            decode_dtype = torch.float32 if self.orthogonal_rotation and rotation is None else dtype
             if rotation is not None:  # codes @ R.T in the decode kernel
                 feature = ops.decode_rotated(
                     tokens, rotation, tables.values, tables.integers, self.codebook_size, project or not is_img_or_video,
@@ -500,11 +502,12 @@ class FSQ(nn.Module):
                 )
             elif ops is not None:
                 feature = ops.apply_indices_to_codes(
-                    tokens, tables.values, tables.integers, self.codebook_size, project or not is_img_or_video, dtype
+                    tokens, tables.values, tables.integers, self.codebook_size, project or not is_img_or_video,
+                    decode_dtype,
                 )
             else:
                 feature = torch_impl.indices_to_codes(
-                    tokens, tables, self.codebook_size, dtype, assume_valid=tokens.device.type == "cpu"  # checked above
+                    tokens, tables, self.codebook_size, decode_dtype, assume_valid=tokens.device.type == "cpu"  # checked above
                 )
             if self.orthogonal_rotation and rotation is None:  # codes @ R.T, per codebook, in float32
                 rotated = rearrange(feature.float(), "b (c d) n -> b n c d", c=c) @ self.orthogonal_rot.float().t()

@@ -551,3 +551,32 @@ def test_plain_rotation_counts_usage(device, spy, return_indices, channel_first)
     counts_ref = plain.usage_counts * 2
     assert torch.equal(fused.usage_counts, counts_ref)
     assert fused.usage_counts[0].sum() == 2 * 3 * 21 and fused.usage_counts[1].sum() == 2 * (3 * 21 - 1)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bfloat16_decode_rotates_float32_codes(backend, device):
+    """Every path rotates float32 codes and rounds to the weights' dtype once, after ``R.T`` (as vqp and the forward):
+    with bfloat16 projections the decode gives back the forward's ``out`` (the torch-op rotation rounded the codes to
+    bfloat16 before rotating them: 1 bfloat16 ulp off)."""
+    torch.manual_seed(0)
+    fsq = FSQ([7, 7, 7], dim=6, orthogonal_rotation=True, backend=backend).to(device).to(torch.bfloat16)
+    z = torch.randn(2, 33, 6, device=device, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out, indices = fsq(z)
+        decoded = fsq.indices_to_codes(indices)
+    assert torch.equal(decoded, out)
+
+
+def test_kernels_refuse_a_rotation_they_would_read_wrong(device):
+    """The launchers read ``R`` as d*d contiguous float32 values: a transposed view or another dtype is a ValueError."""
+    from fsq_triton import level_tables
+    from fsq_triton import ops as fsq_ops
+
+    tables = level_tables([5, 5, 5], device)
+    z = torch.randn(1, 3, 8, device=device)
+    rot = torch.linalg.qr(torch.randn(3, 3))[0].contiguous().to(device)
+    with pytest.raises(ValueError, match="contiguous float32"):
+        fsq_ops.apply_quantize_rotated(z, rot.t(), tables.values, tables.integers, 1, False, True, None, None)
+    with pytest.raises(ValueError, match=r"\(3, 3\)"):
+        fsq_ops.decode_rotated(torch.zeros(1, 8, 1, dtype=torch.int32, device=device), rot[:2], tables.values,
+                               tables.integers, 125, True, torch.float32)

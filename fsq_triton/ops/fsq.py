@@ -772,6 +772,16 @@ def _configured_launch(kernel_name: str, probe: torch.Tensor, tokens: int, chann
         launch(autotune.launch_config(kernel_name, key, default, launch, probe, space))
 
 
+def check_rotation(rotation: torch.Tensor, d: int, device: torch.device) -> None:
+    """The kernels read ``R`` as ``d * d`` float32 values, row-major, on the launch's device: anything else is refused
+    (a ValueError that says what was passed) rather than read wrong."""
+    if (rotation.shape != (d, d) or rotation.dtype != torch.float32 or not rotation.is_contiguous()
+            or rotation.device != device):
+        raise ValueError(
+            f"rotation must be a contiguous float32 ({d}, {d}) tensor on {device}, found {rotation.dtype} "
+            f"{tuple(rotation.shape)} on {rotation.device}{'' if rotation.is_contiguous() else ' (not contiguous)'}")
+
+
 def forward_triton(z, values, integers, num_codebooks: int, channels_last: bool, write_indices: bool = True,
                    usage: torch.Tensor | None = None, noise: tuple[int, float] | None = None,
                    rotation: torch.Tensor | None = None):
@@ -786,6 +796,8 @@ def forward_triton(z, values, integers, num_codebooks: int, channels_last: bool,
     """
     b, cd, n = z.shape
     d, max_level = integers.shape[0], _lv.max_level_of(values)
+    if rotation is not None:
+        check_rotation(rotation, d, z.device)
     out = _empty_feature(z.shape, z.device, channels_last, z.dtype)
     if write_indices:
         indices = torch.empty((b, n, num_codebooks), dtype=torch.int32, device=z.device)
@@ -832,6 +844,8 @@ def backward_triton(grad_out, z, values, channels_last: bool, noise: tuple[int, 
     forward's ``(seed, p)``, whose clamp the gradient follows; ``rotation``: the forward's ``R``."""
     b, cd, n = z.shape
     d, max_level = values.shape[0], _lv.max_level_of(values)
+    if rotation is not None:
+        check_rotation(rotation, d, z.device)
     grad_z = _empty_feature(z.shape, z.device, channels_last, z.dtype)
     if grad_z.numel() == 0:
         return grad_z
@@ -865,6 +879,8 @@ def decode_triton(indices, values, integers, codebook_size: int, channels_last: 
     (float32, contiguous, on the indices' device), the codes then being ``codes_c @ R.T``."""
     b, n, c = indices.shape
     d, max_level = integers.shape[0], _lv.max_level_of(values)
+    if rotation is not None:
+        check_rotation(rotation, d, indices.device)
     out = _empty_feature((b, c * d, n), indices.device, channels_last, dtype)
     if out.numel() == 0:
         return out

@@ -33,6 +33,7 @@ import triton.language as tl
 from .. import levels as _lv
 from .. import torch_impl
 from .fsq import (
+    check_rotation,
     COL_BASIS,
     COL_NUM_LEVELS,
     COL_THRESHOLDS,
@@ -295,16 +296,6 @@ def _fsq_projected_decode_kernel(
 PROJECTED_COUNT_SPLIT = 1
 
 
-def _check_rotation(rotation: torch.Tensor, d: int, device: torch.device) -> None:
-    """The kernels read ``R`` as ``d * d`` float32 values, row-major, on the launch's device: anything else is refused
-    (a ValueError that says what was passed) rather than read wrong."""
-    if (rotation.shape != (d, d) or rotation.dtype != torch.float32 or not rotation.is_contiguous()
-            or rotation.device != device):
-        raise ValueError(
-            f"rotation must be a contiguous float32 ({d}, {d}) tensor on {device}, found {rotation.dtype} "
-            f"{tuple(rotation.shape)} on {rotation.device}{'' if rotation.is_contiguous() else ' (not contiguous)'}")
-
-
 def _e_pad(e: int) -> int:
     return max(16, next_pow2(e))  # tl.dot needs every dimension >= 16
 
@@ -328,7 +319,7 @@ def forward_projected_triton(x, w_in, b_in, w_out, b_out, values, integers, num_
     d, max_level = integers.shape[0], _lv.max_level_of(values)
     e = num_codebooks * d
     if rotation is not None:
-        _check_rotation(rotation, d, x.device)
+        check_rotation(rotation, d, x.device)
     out = _empty_feature(x.shape, x.device, channels_last, x.dtype)
     if write_indices:
         indices = torch.empty((b, n, num_codebooks), dtype=torch.int32, device=x.device)
@@ -368,7 +359,7 @@ def decode_projected_triton(indices, w_out, b_out, values, integers, codebook_si
     dim = w_out.shape[0]
     d, max_level = integers.shape[0], _lv.max_level_of(values)
     if rotation is not None:
-        _check_rotation(rotation, d, indices.device)
+        check_rotation(rotation, d, indices.device)
     out = _empty_feature((b, dim, n), indices.device, channels_last, w_out.dtype)
     if out.numel() == 0:
         return out
