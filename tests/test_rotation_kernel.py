@@ -25,30 +25,26 @@ def pair(device, **kwargs):
     return fused, plain
 
 
+def record_rotation(monkeypatch, launcher: str, *logs: list) -> None:
+    """Wrap ``fsq_autograd.<launcher>`` so that each call appends its ``rotation`` argument to every list in ``logs``."""
+    launch = getattr(fsq_autograd, launcher)
+
+    def recorded(*args, rotation=None, **kwargs):
+        for log in logs:
+            log.append(rotation)
+        return launch(*args, rotation=rotation, **kwargs)
+
+    monkeypatch.setattr(fsq_autograd, launcher, recorded)
+
+
 @pytest.fixture
 def spy(monkeypatch):
     """Records the ``rotation`` argument of every forward and backward launch (the forward's: the plain kernel's, or
     with fused projections the projected kernel's, which ``seen["projected"]`` also lists)."""
     seen = {"forward": [], "backward": [], "projected": []}
-    forward, backward = fsq_autograd.forward_triton, fsq_autograd.backward_triton
-    projected = fsq_autograd.forward_projected_triton
-
-    def forward_spy(*args, rotation=None, **kwargs):
-        seen["forward"].append(rotation)
-        return forward(*args, rotation=rotation, **kwargs)
-
-    def projected_spy(*args, rotation=None, **kwargs):
-        seen["forward"].append(rotation)
-        seen["projected"].append(rotation)
-        return projected(*args, rotation=rotation, **kwargs)
-
-    def backward_spy(*args, rotation=None, **kwargs):
-        seen["backward"].append(rotation)
-        return backward(*args, rotation=rotation, **kwargs)
-
-    monkeypatch.setattr(fsq_autograd, "forward_triton", forward_spy)
-    monkeypatch.setattr(fsq_autograd, "backward_triton", backward_spy)
-    monkeypatch.setattr(fsq_autograd, "forward_projected_triton", projected_spy)
+    record_rotation(monkeypatch, "forward_triton", seen["forward"])
+    record_rotation(monkeypatch, "backward_triton", seen["backward"])
+    record_rotation(monkeypatch, "forward_projected_triton", seen["forward"], seen["projected"])
     return seen
 
 
@@ -231,13 +227,7 @@ def test_traced_and_transformed_calls_keep_the_torch_products(device, spy):
 ], ids=str)
 def test_decode_rotates_in_the_kernel(device, monkeypatch, kwargs, shape):
     seen = []
-    decode = fsq_autograd.decode_triton
-
-    def decode_spy(*args, rotation=None, **kw):
-        seen.append(rotation)
-        return decode(*args, rotation=rotation, **kw)
-
-    monkeypatch.setattr(fsq_autograd, "decode_triton", decode_spy)
+    record_rotation(monkeypatch, "decode_triton", seen)
     fused, plain = pair(device, **kwargs)
     indices = torch.randint(0, fused.codebook_size, shape, device=device)
     with torch.no_grad():
@@ -463,13 +453,7 @@ def test_projected_decode_rotates_in_the_kernel(device, monkeypatch, bias, dtype
     the PyTorch path; the gradient of the projection's parameters (decoder fine-tuning); decoding the forward's
     indices gives back its ``out``."""
     seen = []
-    decode = fsq_autograd.decode_projected_triton
-
-    def decode_spy(*args, rotation=None, **kw):
-        seen.append(rotation)
-        return decode(*args, rotation=rotation, **kw)
-
-    monkeypatch.setattr(fsq_autograd, "decode_projected_triton", decode_spy)
+    record_rotation(monkeypatch, "decode_projected_triton", seen)
     fused, plain = pair(device, levels=[8, 5, 5, 5], dim=10, num_codebooks=2, projection_has_bias=bias)
     fused.to(dtype), plain.to(dtype)
     shape = (2, 3, 4, 2) if image else (2, 9, 2)

@@ -27,6 +27,23 @@ def bincounts(indices, c, size):
     return torch.stack([torch.bincount(flat[:, k][flat[:, k] >= 0].long(), minlength=size) for k in range(c)])
 
 
+def check_three_forwards(fsq, shape, c):
+    """Three forwards accumulate, the second with NaN tokens (the first and last values NaN), which count nowhere:
+    after each, ``usage_counts`` is the bincount of every index returned so far. Returns the last input and counts."""
+    expected = torch.zeros(c, 60, dtype=torch.int64)
+    for seed in range(3):
+        z = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 2
+        if seed == 1:
+            z.view(-1)[0] = float("nan")
+            z.view(-1)[-1] = float("nan")
+        _, indices = fsq(z)
+        if seed == 1:
+            assert (indices == -1).any()
+        expected += bincounts(indices, c, 60)
+        assert torch.equal(fsq.usage_counts, expected)
+    return z, expected
+
+
 SHAPES = [
     pytest.param((2, 9, 6), False, id="sequence"),
     pytest.param((3, 1, 6), False, id="sequence-n1"),
@@ -40,17 +57,7 @@ SHAPES = [
 def test_counts_equal_bincount_of_the_returned_indices(shape, channel_first, backend):
     c = 2
     fsq = FSQ(LEVELS, num_codebooks=c, track_usage=True, channel_first=channel_first, backend=backend)
-    expected = torch.zeros(c, 60, dtype=torch.int64)
-    for seed in range(3):
-        z = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 2
-        if seed == 1:  # NaN tokens: one in each codebook's channels, and one with both
-            z.view(-1)[0] = float("nan")
-            z.view(-1)[-1] = float("nan")
-        _, indices = fsq(z)
-        if seed == 1:
-            assert (indices == -1).any()
-        expected += bincounts(indices, c, 60)
-        assert torch.equal(fsq.usage_counts, expected)
+    check_three_forwards(fsq, shape, c)  # NaN tokens: one in each codebook's channels, and one with both
     assert fsq.usage_counts.dtype == torch.int64
 
 
@@ -326,17 +333,8 @@ def test_projected_counts_equal_bincount_of_the_returned_indices(shape, channel_
     c = num_codebooks
     fsq, _ = projected_pair(c, bias, channel_first=channel_first, backend=backend)
     assert fsq.has_projections
-    expected = torch.zeros(c, 60, dtype=torch.int64)
-    for seed in range(3):
-        z = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 2
-        if seed == 1:  # NaN tokens: a NaN feature makes every channel of its token NaN (project_in mixes them)
-            z.view(-1)[0] = float("nan")
-            z.view(-1)[-1] = float("nan")
-        _, indices = fsq(z)
-        if seed == 1:
-            assert (indices == -1).any()
-        expected += bincounts(indices, c, 60)
-        assert torch.equal(fsq.usage_counts, expected)
+    # NaN tokens: a NaN feature makes every channel of its token NaN (project_in mixes them)
+    z, expected = check_three_forwards(fsq, shape, c)
     assert expected.sum() > 0
     fsq.reset_usage()
     _, indices = fsq(z)
