@@ -141,6 +141,19 @@ def store_channels(ptr, offset, nn, n_ok, stride_c, stride_n, first, values, D: 
 
 
 @triton.jit
+def group_tile(x_ptr, N, num_n_blocks, stride_xb, stride_xc, stride_xn, D: tl.constexpr, G: tl.constexpr,
+               BLOCK_N: tl.constexpr, DENSE: tl.constexpr, OFFSET_64: tl.constexpr):
+    """This program's tile, ``(batch row, group, tokens, tokens in range, the group's D channel rows of x)``: programs
+    run over ``rows * num_n_blocks`` token blocks (axis 0) and the ``G`` groups (axis 1)."""
+    b, n_start = tile_origin(num_n_blocks, BLOCK_N, OFFSET_64)
+    group = tl.program_id(1)
+    nn = n_start + tl.arange(0, BLOCK_N)
+    n_ok = nn < N
+    raw = load_channels(x_ptr, b * stride_xb, nn, n_ok, stride_xc, stride_xn, group * D, D, G * D, DENSE, OFFSET_64)
+    return b, group, nn, n_ok, raw
+
+
+@triton.jit
 def stage_chain(r, srow, MAX_LEVEL: tl.constexpr):
     """One stage on a channel's residual ``r`` by the compare chain: ``(level, quantized)`` with
     ``level = #{k : r >= thr[k]}`` and ``quantized = table[level]``, the stage row's thresholds and scaled codes
@@ -235,13 +248,9 @@ def _residual_forward_kernel(
     float32), and ``4 * q`` B of int32 indices per ``d`` elements; the tables (``q * d`` rows of a few dozen floats,
     and the guess table's ``q * d * max(L)`` 16-byte rows) stay in cache.
     """
-    b, n_start = tile_origin(num_n_blocks, BLOCK_N, OFFSET_64)
-    group = tl.program_id(1)
-    nn = n_start + tl.arange(0, BLOCK_N)
-    n_ok = nn < N
+    b, group, nn, n_ok, raw = group_tile(x_ptr, N, num_n_blocks, stride_xb, stride_xc, stride_xn, D, G, BLOCK_N,
+                                         DENSE, OFFSET_64)
     ROW: tl.constexpr = COL_THRESHOLDS + 2 * MAX_LEVEL - 1
-
-    raw = load_channels(x_ptr, b * stride_xb, nn, n_ok, stride_xc, stride_xn, group * D, D, G * D, DENSE, OFFSET_64)
     xs = ()
     rs = ()
     accs = ()
@@ -326,13 +335,9 @@ def _residual_backward_kernel(
 
     Memory traffic per element: read ``g`` (4 B) and ``x`` (4 B float32, 2 B half), write ``dx`` (``x``'s size).
     """
-    b, n_start = tile_origin(num_n_blocks, BLOCK_N, OFFSET_64)
-    group = tl.program_id(1)
-    nn = n_start + tl.arange(0, BLOCK_N)
-    n_ok = nn < N
+    b, group, nn, n_ok, raw = group_tile(x_ptr, N, num_n_blocks, stride_xb, stride_xc, stride_xn, D, G, BLOCK_N,
+                                         DENSE, OFFSET_64)
     ROW: tl.constexpr = COL_THRESHOLDS + 2 * MAX_LEVEL - 1
-
-    raw = load_channels(x_ptr, b * stride_xb, nn, n_ok, stride_xc, stride_xn, group * D, D, G * D, DENSE, OFFSET_64)
     rs = ()
     ts = ()
     slopes = ()
