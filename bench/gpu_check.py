@@ -18,9 +18,9 @@ else an estimate from what it measured:
 | p | Nsight Compute (``ncu --clock-control none``, sections SpeedOfLight, Occupancy, LaunchStats, WarpStateStats, ComputeWorkloadAnalysis) over ``bench/profile_kernels.py``: the float32 forward at the old and the new default configuration, the bfloat16 forward, the backward and the residual forward, each launched twice; one row of counters a launch (duration, DRAM and SM throughput, issue slots, occupancy, registers, the top stall reasons) | 40 (estimate) | 50 |
 | e | ``pytest -m gpu``, every GPU test function with at most 2 of its parametrizations (64 of 195 tests), each test under its own limit (60 s), no test started in the last 15 s (``bench/pytest_time_limit.py``) | 70 (estimate) | 80 |
 | f | ``python -m fsq_triton autotune --quick --reset`` (at most 3 configurations a kernel), then a second process that must not re-tune | 30 (estimate) | 40 |
-| r | ResidualFSQ (issue 12): index parity with vqp on 20M elements, speed against vqp eager and compiled (``scripts/residual_gpu_check.py``, one JSON line a result) | 70 (under 75 alone) | 85 |
+| r | ResidualFSQ (issue 12, ``scripts/residual_gpu_check.py``, one JSON line a result): ``dim4`` (8x[8,5,5,5], no projections) index parity with vqp on 20M elements, speed against vqp eager and compiled; then ``projected`` (1024 -> 4 -> 1024) and ``grouped`` (ChatTTS-like, 2 groups), bfloat16 under autocast, 2**17 tokens: index parity with vqp, fsq_triton and vqp eager (their compiled rows: ``--cases projected,grouped`` alone, about 55 s) | 82 (70 + 12, estimate) | 85 |
 | g | ``python -m fsq_triton bench --quick --no-compile`` | 40 (estimate) | what is left (>= 45) |
-| | total | 388 | 480 (8 minutes) |
+| | total | 400 | 480 (8 minutes) |
 
 The limits add up to 480 s (10 + 45 + 45 + 45 + 35 + 50 + 80 + 40 + 85 = 435, and g gets the 45 s left, or more when
 the steps before it end early; step v's 35 s came from a (measured 4.7 s), b (34.4 s), p and e, whose deadline
@@ -32,7 +32,10 @@ each take a few seconds more. The estimates, from the first run's logs: e ran 83
 that run did not reach cost more than the average (``--test-sample 0`` runs all 195: 3.5 minutes or more); f's
 full search took 35 s for the first of its 4 shapes (3 kernels x 23 configurations, about 0.5 s each), and
 --quick times 3 a kernel: 4 shapes x 9 x 0.5 s = 18 s, plus two process starts (about 5 s each); r ran 20M elements in under 75 s
-on its own (100M did not finish in 45 s); g's 7 FSQ cases took 101 s, 79 s of it the first calls of the compiled
+on its own (100M did not finish in 45 s), and its projected and grouped cases add about 12 s (up to four Triton
+compiles of about 2.5 s, the residual forward and backward behind the projections and the grouped [5,5,5,5] ones, and
+about 1 s of parity and eager rows), not their ``torch.compile`` rows (about 17 s each, which would take r past its
+limit; bench/NOTES.md has the arithmetic); g's 7 FSQ cases took 101 s, 79 s of it the first calls of the compiled
 rows (the first-call table of its results.md), so without them (steps c and d time them) and without the
 ResidualFSQ cases (step r has them) about 22 s, after a start of about 10 s; p (ncu has not run here yet) replays each
 of its 10 launches once per pass of its 5 sections (a few dozen passes of a 0.1-0.7 ms kernel) after 5 Triton
@@ -119,7 +122,7 @@ STEPS = (
     Step("p", "profile", "Nsight Compute counters of the kernels that missed their targets (bench/profile_kernels.py)", 40, 50),
     Step("e", "gpu-tests", f"GPU tests (pytest -m gpu, at most {TEST_SAMPLE} parametrizations a test)", 70, 80),
     Step("f", "autotune", "autotune --quick, and a second process that must not re-tune", 30, 40),
-    Step("r", "residual", "ResidualFSQ: parity with vqp, speed (scripts/residual_gpu_check.py)", 70, 85),
+    Step("r", "residual", "ResidualFSQ: parity with vqp, speed (scripts/residual_gpu_check.py)", 82, 85),
     Step("g", "bench", "python -m fsq_triton bench --quick --no-compile", 40, None),
 )
 
@@ -315,15 +318,20 @@ class Run:
         if not script.is_file():
             entry.update(status="skipped", reason=f"{script.relative_to(ROOT)} is not in this checkout")
             return
-        # the CPU check runs the residual kernels' PyTorch path on a tiny input (the interpreter would take minutes)
-        size = ["--elements", "512", "--device", "cpu"] if self.cpu else []
+        # the CPU check runs the residual kernels' PyTorch path on a tiny input (the interpreter would take minutes);
+        # on the GPU, vqp's torch.compile row of dim4 only: the projected and grouped cases' Inductor compiles (about
+        # 32 s) do not fit the step's limit (bench/NOTES.md, step r; `--cases projected,grouped` times them alone)
+        size = ["--elements", "512", "--device", "cpu"] if self.cpu else ["--compile-cases", "dim4"]
         env = dict(self.env, TRITON_INTERPRET="0") if self.cpu else self.env
         log = self.work / "logs" / "r-residual.log"
         rc, seconds = self.run_command([self.python, str(script), *size], log.name, limit, env)
         self._status(entry, rc, seconds, limit)
         report = residual_report(log)  # one JSON line a result, printed as each is measured: a cut run keeps them
         if report:
-            notes = ["CPU check: the residual modules' PyTorch path on 512 elements"] if self.cpu else []
+            notes = (["CPU check: the residual modules' PyTorch path on 512 elements (dim4) and 64 tokens "
+                      "(projected, grouped)"] if self.cpu else
+                     ["projected and grouped: no torch.compile rows here (their Inductor compiles do not fit the "
+                      "step's limit): python scripts/residual_gpu_check.py --cases projected,grouped times them"])
             if entry["status"] == "timed out":
                 notes.append("cut at its limit: the results printed before the cut are kept "
                              f"({len(report.get('parity', []))} parity rows, speed rows: "
@@ -415,7 +423,8 @@ def ncu_rows(raw: Path, names: list[str]) -> list[dict]:
 
 def residual_report(log: Path) -> dict | None:
     """scripts/residual_gpu_check.py's report from its JSON lines in ``log`` (``{"environment": ...}``, one
-    ``{"parity": ...}`` per semantics, ``{"speed": ...}`` after each timed row, the last the most complete);
+    ``{"parity": ...}`` per semantics, ``{"speed": ...}`` after each timed row, then ``{"projected": ...}`` and
+    ``{"grouped": ...}`` after each part of those cases; of each kind but parity the last line, the most complete);
     None when it printed none."""
     report: dict = {}
     for line in log.read_text(errors="replace").splitlines() if log.is_file() else []:
@@ -432,8 +441,8 @@ def residual_report(log: Path) -> dict | None:
             report.update(value)
         elif kind == "parity":
             report.setdefault("parity", []).append(value)
-        elif kind == "speed":
-            report["speed"] = value
+        elif kind in ("speed", "projected", "grouped") and isinstance(value, dict):
+            report[kind] = value
     return report or None
 
 
@@ -700,6 +709,20 @@ def summary_markdown(results: dict) -> str:
         lines += [f"- {name}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in row.items())
                   for name, row in (speed.get("rows") or {}).items()]
         lines += [f"- {k}: {_fmt(v)}" for k, v in speed.items() if k != "rows"]
+        for kind in ("projected", "grouped"):  # the cases with projections, bfloat16 under autocast
+            case = report.get(kind) or {}
+            if not case:
+                continue
+            lines.append(f"- {kind}: " + ", ".join(f"{k} {_fmt(case.get(k))}" for k in ("module", "input", "autocast")))
+            lines.append("  - parity: " + ", ".join(f"{k} {_fmt(v)}" for k, v in (case.get("parity") or {}).items()))
+            case_speed = case.get("speed") or {}
+            lines += [f"  - {name}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in row.items())
+                      for name, row in (case_speed.get("rows") or {}).items()]
+            ratios = {k: v for k, v in case_speed.items() if k != "rows"}
+            if ratios:
+                lines.append("  - " + ", ".join(f"{k} {_fmt(v)}" for k, v in ratios.items()))
+            if case.get("errors"):
+                lines.append("  - errors: " + "; ".join(f"{k}: {v}" for k, v in case["errors"].items()))
     profile = _rows(results, "p")
     if profile:
         lines += ["", "## Profile (step p): ncu counters a launch", ""]

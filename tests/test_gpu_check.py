@@ -94,6 +94,10 @@ def test_gpu_check_cpu_plumbing(tmp_path):
     residual = steps["r"]["result"]["report"]  # scripts/residual_gpu_check.py's report, on its CPU path
     assert [row["semantics"] for row in residual["parity"]] == ["current", "pre-1.26"]
     assert all(row["index_mismatches"] == 0 for row in residual["parity"])
+    for key in ("projected", "grouped"):  # the cases with projections, bfloat16 under autocast, on 64 tokens
+        case = residual[key]
+        assert "errors" not in case and case["parity"]["index_mismatches"] == 0, case
+        assert list(case["speed"]["rows"]) == ["fsq_triton", "vqp eager"] and case["speed"]["forward_bound_ms"] > 0
 
     # targets: each beside its value, none judged on the CPU
     targets = results["targets"]
@@ -367,6 +371,9 @@ print(json.dumps({"parity": {"semantics": "current", "elements": 20000000, "inde
 print(json.dumps({"speed": {"rows": {"fsq_triton": {"forward_ms": 0.5}}, "forward_over_bound": 1.2}}), flush=True)
 print(json.dumps({"speed": {"rows": {"fsq_triton": {"forward_ms": 0.5}, "vqp eager": {"forward_ms": 6.0}},
                             "forward_over_bound": 1.2, "forward_speedup_vs_vqp eager": 12.0}}), flush=True)
+print(json.dumps({"projected": {"module": "ResidualFSQ(dim=1024)", "parity": {"index_mismatches": 0},
+                                "speed": {"rows": {"fsq_triton": {"forward_ms": 0.2}}, "forward_over_bound": 1.5}}}),
+      flush=True)
 print('{"speed": {"rows": {"fsq_tri', end="", flush=True)  # cut in the middle of a line
 time.sleep(120)  # torch.compile of vqp, past the limit
 """
@@ -388,6 +395,9 @@ def test_residual_step_cut_at_its_limit_keeps_the_lines_it_printed(tmp_path, mon
     assert report["device"] == "stub GPU" and [row["semantics"] for row in report["parity"]] == ["current"]
     assert list(report["speed"]["rows"]) == ["fsq_triton", "vqp eager"]  # the last complete speed line
     assert "speed rows: fsq_triton, vqp eager" in entry["result"]["notes"][-1]
+    assert report["projected"]["speed"]["rows"]["fsq_triton"]["forward_ms"] == 0.2 and "grouped" not in report
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "- projected: module ResidualFSQ(dim=1024)" in summary and "  - fsq_triton: forward_ms 0.2" in summary
     judged = {t["target"]: t for t in run.results["targets"]}
     assert judged["ResidualFSQ index mismatches against vqp (current semantics, fused kernel)"]["met"] is True
     assert judged["ResidualFSQ 8x[8,5,5,5] forward speedup vs vqp eager"]["measured"] == "12.00x"
