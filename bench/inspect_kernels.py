@@ -279,15 +279,21 @@ def _residual_variants() -> list[Variant]:
     import fsq_triton.ops.residual as R
 
     block, warps = R._tile(1 << 22, 4)
+    proj_block, proj_warps, proj_k = R._projected_tile(1 << 22, 1024)
     rows = 14  # residual_tables((8, 5, 5, 5), 8, "current", "sym_clamp", ...).guess.shape[2] - 1
     common = dict(G=1, D=4, Q=8, MAX_LEVEL=8, BLOCK_N=block, OFFSET_64=False, SOFT_CLAMP=0, GUESS_ROWS=rows)
+    forward_flags = dict(PROJECT_OUT=False, BLOCK_K=16, HAS_B_OUT=False)
     tags = {"kind": "residual", "dtype": "fp32", "values_per_thread": block * 4 // (32 * warps)}
+    # the default launch passes the stage table for the projection's pointers and 0 for its strides
     forward_types = {"x_ptr": "*fp32", "out_ptr": "*fp32", "idx_ptr": "*i32", "stage_ptr": "*fp32", "guess_ptr": "*fp32",
-                     "chan_ptr": "*fp32", "basis_ptr": "*i32",
-                     **_ints("N", "num_n_blocks", "num_active", "stride_xb", "stride_xc", "stride_xn", "stride_ob",
-                             "stride_oc", "stride_on", "stride_ig", "stride_ib", "stride_in")}
-    forward_aligned = ("x_ptr", "out_ptr", "idx_ptr", "stage_ptr", "guess_ptr", "chan_ptr", "basis_ptr", "N", "stride_xb",
-                       "stride_ob", "stride_ig", "stride_ib")
+                     "chan_ptr": "*fp32", "basis_ptr": "*i32", "proj_ptr": "*fp32", "w_out_ptr": "*fp32",
+                     "b_out_ptr": "*fp32",
+                     **_ints("N", "num_n_blocks", "num_active", "proj_dim", "stride_xb", "stride_xc", "stride_xn",
+                             "stride_ob", "stride_oc", "stride_on", "stride_ig", "stride_ib", "stride_in", "stride_pb",
+                             "stride_pc", "stride_pn")}
+    forward_aligned = ("x_ptr", "out_ptr", "idx_ptr", "stage_ptr", "guess_ptr", "chan_ptr", "basis_ptr", "proj_ptr",
+                       "w_out_ptr", "b_out_ptr", "N", "stride_xb", "stride_ob", "stride_ig", "stride_ib", "stride_pb",
+                       "stride_pc", "stride_pn")
     backward_types = {"g_ptr": "*fp32", "x_ptr": "*fp32", "dx_ptr": "*fp32", "stage_ptr": "*fp32", "guess_ptr": "*fp32",
                       "chan_ptr": "*fp32", **_ints("N", "num_n_blocks", "num_active", "stride_gb", "stride_gc",
                                                    "stride_gn", "stride_xb", "stride_xc", "stride_xn", "stride_db",
@@ -295,12 +301,19 @@ def _residual_variants() -> list[Variant]:
     last = dict(stride_xc=1, stride_oc=1, DENSE=True, INDEX_ROWS=True)
     out = [
         Variant("residual forward fp32 channel-last, 8x[8,5,5,5]", R._residual_forward_kernel, forward_types,
-                {**common, **last}, forward_aligned, warps, tags=tags),
+                {**common, **forward_flags, **last}, forward_aligned, warps, tags=tags),
         Variant("residual forward fp32 channel-first, 8x[8,5,5,5]", R._residual_forward_kernel, forward_types,
-                {**common, "DENSE": False, "INDEX_ROWS": True}, forward_aligned + ("stride_xc", "stride_oc"), warps,
+                {**common, **forward_flags, "DENSE": False, "INDEX_ROWS": True}, forward_aligned + ("stride_xc", "stride_oc"), warps,
                 tags=tags),
         Variant("residual forward fp32 channel-last, 8x[8,5,5,5], compare chain", R._residual_forward_kernel,
-                forward_types, {**common, **last, "GUESS_ROWS": 0}, forward_aligned, warps, tags=tags),
+                forward_types, {**common, **forward_flags, **last, "GUESS_ROWS": 0}, forward_aligned, warps, tags=tags),
+        # project_out fused (dim 1024, bfloat16 under autocast: the 1024 -> 4 case, h and proj in bfloat16)
+        Variant("residual forward bf16 channel-last, 8x[8,5,5,5], project_out 4->1024 bf16", R._residual_forward_kernel,
+                {**forward_types, "x_ptr": "*bf16", "proj_ptr": "*bf16"},
+                {**common, **last, "stride_pc": 1, "BLOCK_N": proj_block, "PROJECT_OUT": True,
+                 "BLOCK_K": proj_k, "HAS_B_OUT": True},
+                tuple(a for a in forward_aligned if a != "stride_pc") + ("proj_dim",), proj_warps,
+                tags={**tags, "dtype": "bf16", "values_per_thread": proj_block * 4 // (32 * proj_warps)}),
         Variant("residual backward fp32 channel-last, 8x[8,5,5,5]", R._residual_backward_kernel, backward_types,
                 {**common, "stride_gc": 1, "stride_xc": 1, "stride_dc": 1, "DENSE": True, "KIND": 2},
                 ("g_ptr", "x_ptr", "dx_ptr", "stage_ptr", "guess_ptr", "chan_ptr", "N", "stride_gb", "stride_xb",

@@ -48,7 +48,7 @@ def rows():
 
 def test_json_lines_have_the_fields(rows):
     assert len(rows) == (len(STREAMING) + len(FORWARD_FLAGS) + len(ROTATION) + 3 + 4 + len(PROJECTED_USAGE)
-                         + len(PROJECTED_ROTATION) + 1 + len(RESIDUAL))
+                         + len(PROJECTED_ROTATION) + 1 + len(RESIDUAL) + 1)
     for row in rows.values():
         assert FIELDS <= row.keys(), row
 
@@ -176,6 +176,16 @@ def test_residual_kernels_are_lean(rows, name):
     assert row["instructions"] <= limit * row["values_per_thread"], row
     if "channel-last" in name:
         assert row["ldg128"] > 0 and row["stg128"] > 0, row
+
+
+def test_residual_forward_with_project_out_fused(rows):
+    """The residual forward with ``project_out`` fused (dim 1024, bfloat16, as ResidualFSQ launches it for
+    ``dim % 16 == 0``): no spills, 16-byte stores of the projected rows, the quantized sums' change of layout for the
+    projection tile the only shared memory (at most 512 bytes: 64 registers, 256 bytes, 7 barriers on triton 3.6; 80,
+    512, 7 on 3.9), and at least 4 blocks an SM."""
+    row = rows["residual forward bf16 channel-last, 8x[8,5,5,5], project_out 4->1024 bf16"]
+    assert row["spill_bytes"] == 0 and row["stg128"] > 0 and row["shared_bytes"] <= 512, row
+    assert row["blocks_per_sm"] >= 4, row
 
 
 def test_large_levels_forward_is_lean(rows):

@@ -10,6 +10,11 @@ A program takes ``BLOCK_N`` tokens of one group (grid axis 1). Each of the ``d``
 stay in the thread, a channel's per-stage constants are scalars, and nothing crosses lanes or shared memory (sm_90,
 triton 3.6 and 3.9; ``bench/inspect_kernels.py``'s residual rows).
 
+With ``project_out`` fused (``fsq_triton::residual_quantize_projected``), the same program then multiplies its
+tokens' quantized sums by every feature of the group's ``W_out`` (``BLOCK_K`` features at a time, a 2-D tile whose
+rows are tokens) and writes ``proj (b, n, g * dim)`` once; its backward is ``project_out``'s products in torch ops
+(cuBLAS) around the straight-through kernel.
+
 The stage math and its calibration are in :mod:`fsq_triton.residual_levels`. Offsets are int64 (``OFFSET_64``)
 whenever an address of the launch can pass 2**31.
 """
@@ -154,6 +159,42 @@ def group_tile(x_ptr, N, num_n_blocks, stride_xb, stride_xc, stride_xn, D: tl.co
 
 
 @triton.jit
+def project_out_tokens(codes, w_ptr, bias_ptr, out_ptr, offset, nn, n_ok, group, stride_pc, stride_pn, DIM,
+                       G: tl.constexpr, D: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       OFFSET_64: tl.constexpr):
+    """``project_out`` of the group's quantized sum, as ``nn.Linear(d, DIM)`` computes it, ``BLOCK_K`` features at a
+    time: ``out[n, group * DIM + k] = sum_j c_j[n] * W[group * DIM + k, j] (+ bias[group * DIM + k])``, with
+    ``c_j = codes[j]`` rounded to ``out``'s dtype first (the weights' or autocast's: ``nn.Linear`` takes its input in
+    that dtype), the products summed in float32 in channel order, and the sum rounded once to ``out``'s dtype.
+    ``w_ptr`` holds every group's ``project_out.weight`` stacked and transposed, ``(d, G * DIM)`` float32 (its values
+    those of the weights in ``out``'s dtype), so each thread's features of a channel are one vector load and need no
+    conversion; ``bias_ptr`` ``(G * DIM,)`` float32. ``DIM`` is a runtime value: a constant trip count let triton 3.9
+    unroll the loop and hoist its loads (255 registers and spills for ``DIM = 512``, sm_90)."""
+    cs = ()
+    for j in tl.static_range(D):
+        cs = cs + (cast_rne(codes[j], out_ptr.dtype.element_ty).to(tl.float32)[:, None],)
+    rows = offset + nn[:, None] * stride_pn
+    k0 = DIM * 0
+    while k0 < DIM:  # not range(0, DIM, BLOCK_K): triton 3.6's interpreter cannot range over a runtime int
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < DIM
+        feature = group * DIM + k
+        acc = tl.zeros([nn.shape[0], BLOCK_K], dtype=tl.float32)
+        for j in tl.static_range(D):
+            w = tl.load(w_ptr + (j * (G * DIM) + feature), mask=k_ok, other=0.0)
+            acc = acc + cs[j] * w[None, :]
+        if HAS_BIAS:
+            acc = acc + tl.load(bias_ptr + feature, mask=k_ok, other=0.0)[None, :]
+        if OFFSET_64:
+            cols = feature.to(tl.int64) * stride_pc
+        else:
+            cols = feature * stride_pc
+        tl.store(out_ptr + (rows + cols[None, :]),
+                 cast_rne(acc, out_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
+        k0 += BLOCK_K
+
+
+@triton.jit
 def stage_chain(r, srow, MAX_LEVEL: tl.constexpr):
     """One stage on a channel's residual ``r`` by the compare chain: ``(level, quantized)`` with
     ``level = #{k : r >= thr[k]}`` and ``quantized = table[level]``, the stage row's thresholds and scaled codes
@@ -208,13 +249,16 @@ def guess_line(guess_ptr, s: tl.constexpr, j: tl.constexpr, D: tl.constexpr, ROW
 @triton.jit(do_not_specialize=["stride_xn", "stride_on"])
 def _residual_forward_kernel(
     x_ptr, out_ptr, idx_ptr, stage_ptr, guess_ptr, chan_ptr, basis_ptr,
-    N, num_n_blocks, num_active,
+    proj_ptr, w_out_ptr, b_out_ptr,
+    N, num_n_blocks, num_active, proj_dim,
     stride_xb, stride_xc, stride_xn,
     stride_ob, stride_oc, stride_on,
     stride_ig, stride_ib, stride_in,
+    stride_pb, stride_pc, stride_pn,
     G: tl.constexpr, D: tl.constexpr, Q: tl.constexpr, MAX_LEVEL: tl.constexpr, SOFT_CLAMP: tl.constexpr,
     GUESS_ROWS: tl.constexpr, DENSE: tl.constexpr, INDEX_ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-    OFFSET_64: tl.constexpr,
+    OFFSET_64: tl.constexpr, PROJECT_OUT: tl.constexpr = False, BLOCK_K: tl.constexpr = 16,
+    HAS_B_OUT: tl.constexpr = False,
 ):
     """Residual FSQ forward, all ``Q`` stages in registers, over ``BLOCK_N`` tokens x the ``D`` channels of one group.
 
@@ -244,9 +288,15 @@ def _residual_forward_kernel(
     per value (16 a thread, 160 registers, no spills, no shared memory; triton 3.6 and 3.9), against 444 for the
     compare chain over lanes before (compiler figures, not GPU timings: ``bench/NOTES.md``).
 
+    ``PROJECT_OUT`` (``project_out`` fused, :func:`project_out_tokens`; ``w_out_ptr`` and ``b_out_ptr`` float32, the
+    weights transposed): also write ``proj = out W_out^T + b_out``
+    (``proj_dim`` features a group, in ``proj``'s dtype, the weights' or autocast's) through its strides.
+
     Memory traffic per element: read ``x`` once (4 B float32, 2 B bfloat16/float16), write ``out`` once (4 B
     float32), and ``4 * q`` B of int32 indices per ``d`` elements; the tables (``q * d`` rows of a few dozen floats,
-    and the guess table's ``q * d * max(L)`` 16-byte rows) stay in cache.
+    and the guess table's ``q * d * max(L)`` 16-byte rows) stay in cache. With ``PROJECT_OUT``, per token and group,
+    ``proj_dim`` values of ``proj`` more (2 B each in bfloat16; ``W_out`` and ``b_out``, ``proj_dim * (d + 1)`` values a group,
+    stay in cache).
     """
     b, group, nn, n_ok, raw = group_tile(x_ptr, N, num_n_blocks, stride_xb, stride_xc, stride_xn, D, G, BLOCK_N,
                                          DENSE, OFFSET_64)
@@ -308,6 +358,9 @@ def _residual_forward_kernel(
     for j in tl.static_range(D):
         outs = outs + (tl.where(xs[j] != xs[j], xs[j], accs[j]),)
     store_channels(out_ptr, b * stride_ob, nn, n_ok, stride_oc, stride_on, group * D, outs, D, G * D, DENSE, OFFSET_64)
+    if PROJECT_OUT:
+        project_out_tokens(outs, w_out_ptr, b_out_ptr, proj_ptr, b * stride_pb, nn, n_ok, group, stride_pc, stride_pn,
+                           proj_dim, G, D, BLOCK_K, HAS_B_OUT, OFFSET_64)
 
 
 @triton.jit(do_not_specialize=["stride_gn", "stride_xn", "stride_dn"])
@@ -425,19 +478,50 @@ def _tile(n: int, d: int) -> tuple[int, int]:
     return block, max(1, min(4, block // 32))
 
 
+def _projected_tile(n: int, dim: int) -> tuple[int, int, int]:
+    """``(BLOCK_N, num_warps, BLOCK_K)`` with ``project_out`` fused: 4 warps, the projection ``BLOCK_K = 32`` features at
+    a time. Each token writes ``dim`` features, so a tile of 128 tokens is already ``128 * dim`` values, and more
+    programs keep every SM busy. When ``dim % 16 == 0`` Triton knows the rows of ``proj`` aligned (it marks such ints
+    divisible by 16) and gives each thread a few tokens x 8 consecutive features (16-byte stores: 64 registers on
+    triton 3.6, 80 on 3.9, no spills, sm_90); otherwise its lanes run along the features and each thread holds
+    ``BLOCK_N / 4`` tokens' codes (128 tokens: 255 registers and spills), so the tile shrinks to 32 tokens there.
+    ``ResidualFSQ`` fuses ``project_out`` only for ``dim % 16 == 0``; other widths stay correct through the op."""
+    block = max(16, min(_pow2(max(n, 1)), 128 if dim % 16 == 0 else 32))
+    return block, max(1, min(4, block // 32)), 32
+
+
 def forward_triton(x, stages, guess, channels, basis, groups: int, num_active: int, soft_clamp_mode: int,
-                   channels_last: bool):
+                   channels_last: bool, w_out=None, b_out=None):
     """x (b, g*d, n) -> out (b, g*d, n) float32 in x's layout, indices (g, b, n, q) int32. ``guess``: the stages'
-    guess table, or an empty one (the compare chain)."""
+    guess table, or an empty one (the compare chain).
+
+    With ``w_out`` (every group's ``project_out.weight`` stacked, ``(g * dim, d)``, in the dtype ``project_out``
+    computes in) and ``b_out`` (``(g * dim,)`` or None), ``project_out`` is fused: returns ``(proj (b, n, g * dim) in
+    w_out's dtype, out, indices)``."""
     q, d = stages.shape[0], stages.shape[1]
     max_level = (stages.shape[2] - _rl.COL_THRESHOLDS + 1) // 2
     b, _, n = x.shape
     out = _empty_feature(x.shape, x.device, channels_last, torch.float32)
     indices = torch.empty((groups, b, n, q), dtype=torch.int32, device=x.device)
+    project = w_out is not None
+    if project:
+        dim = w_out.shape[0] // groups
+        proj = torch.empty((b, n, groups * dim), dtype=w_out.dtype, device=x.device)
+        # the kernel reads the weights transposed in float32 (exact: their values in w_out's dtype), one vector a
+        # channel, and the bias in float32: one small copy each
+        w_t = torch.empty((d, groups * dim), dtype=torch.float32, device=x.device).copy_(w_out.t())
+        b_f = None if b_out is None else b_out.float()
+        result = (proj, out, indices)
+    else:
+        dim, proj, result = 1, out, (out, indices)
     if out.numel() == 0 or (interpreting() and _is_fake(x)):
-        return out, indices
-    rows, tokens, (sx, so, si) = _token_axes(b, n, x, out, indices.permute(0, 1, 3, 2))
-    block, warps = _tile(tokens, d)
+        return result
+    proj_view = proj.transpose(1, 2) if project else out
+    rows, tokens, (sx, so, si, sp) = _token_axes(b, n, x, out, indices.permute(0, 1, 3, 2), proj_view)
+    if project:
+        block, warps, block_k = _projected_tile(tokens, dim)
+    else:
+        (block, warps), block_k = _tile(tokens, d), 16
     nblocks = _cdiv(tokens, block)
     guess_rows = guess.shape[2] - 1 if guess.shape[0] > 0 else 0
     index_rows = q % 4 == 0  # the (g, b, n, q) strides are multiples of 4: passed divided by 4 (see the kernel)
@@ -445,13 +529,15 @@ def forward_triton(x, stages, guess, channels, basis, groups: int, num_active: i
     with device_guard(x):
         _launch(_residual_forward_kernel, x)[(rows * nblocks, groups)](
             x, out, indices, stages, guess if guess_rows else stages, channels, basis,
-            tokens, nblocks, num_active,
-            *sx, *so, *idx_strides,
+            proj, w_t if project else stages, b_f if project and b_f is not None else stages,
+            tokens, nblocks, num_active, dim,
+            *sx, *so, *idx_strides, *(sp if project else (0, 0, 0)),
             G=groups, D=d, Q=q, MAX_LEVEL=max_level, SOFT_CLAMP=soft_clamp_mode, GUESS_ROWS=guess_rows,
             DENSE=_dense(rows, groups * d, d, x, out), INDEX_ROWS=index_rows,
-            BLOCK_N=block, OFFSET_64=_needs_int64(x, out, indices), num_warps=warps,
+            BLOCK_N=block, OFFSET_64=_needs_int64(x, out, indices, *((proj,) if project else ())),
+            PROJECT_OUT=project, BLOCK_K=block_k, HAS_B_OUT=b_out is not None, num_warps=warps,
         )
-    return out, indices
+    return result
 
 
 def backward_triton(grad_out, x, stages, guess, channels, groups: int, num_active: int, kind: int,
@@ -627,3 +713,114 @@ class ResidualFSQFunction(torch.autograd.Function):
             grad_x = backward_triton(grad_out, x, stages, guess, channels, groups, num_active, kind, soft_clamp_mode,
                                      channels_last)
         return grad_x, None, None, None, None, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------------
+# project_out fused (fsq_triton::residual_quantize_projected) and its autograd.Function
+# --------------------------------------------------------------------------------------------------
+
+
+def _project_groups(out: torch.Tensor, w_out: torch.Tensor, b_out: torch.Tensor | None, groups: int) -> torch.Tensor:
+    """``project_out`` of each group's quantized sum in torch ops, summed as the kernel sums (the codes rounded to the
+    weights' dtype, the products in float32 in channel order, the bias last, one rounding to the weights' dtype):
+    out (b, g*d, n) float32 -> (b, n, g * dim)."""
+    b, gd, n = out.shape
+    d, dim = gd // groups, w_out.shape[0] // groups
+    codes = out.to(w_out.dtype).float().reshape(b, groups, d, n).permute(0, 3, 1, 2)  # b n g d
+    w = w_out.float().reshape(groups, dim, d)
+    acc = codes[..., 0:1] * w[:, :, 0]
+    for j in range(1, d):
+        acc = acc + codes[..., j:j + 1] * w[:, :, j]
+    if b_out is not None:
+        acc = acc + b_out.float().reshape(groups, dim)
+    return acc.reshape(b, n, groups * dim).to(w_out.dtype)
+
+
+@torch.library.triton_op("fsq_triton::residual_quantize_projected", mutates_args=())
+def residual_quantize_projected(
+    x: torch.Tensor, stages: torch.Tensor, guess: torch.Tensor, channels: torch.Tensor, basis: torch.Tensor,
+    w_out: torch.Tensor, b_out: torch.Tensor | None, groups: int, num_active: int, kind: int, soft_clamp_mode: int,
+    channels_last: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`residual_quantize` with ``project_out`` fused: ``(proj (b, n, g * dim) in w_out's dtype, out (b, g*d, n)
+    float32, indices (g, b, n, q))``, ``proj`` each group's ``out @ W_out^T + b_out`` (``w_out`` stacked over the groups,
+    ``(g * dim, d)``; ``b_out`` ``(g * dim,)`` or None)."""
+    if _runs_triton(x):
+        return forward_triton(x, stages, guess, channels, basis, groups, num_active, soft_clamp_mode, channels_last,
+                              w_out, b_out)
+    out, indices = _torch_forward(x, stages, channels, basis, groups, num_active, soft_clamp_mode)
+    proj = _project_groups(out, w_out, b_out, groups)
+    return proj, _empty_feature(out.shape, out.device, channels_last, out.dtype).copy_(out), indices
+
+
+def _projected_backward(grad_proj, grad_out, x, out, w_out, b_out, stages, guess, channels, groups, num_active, kind,
+                        soft_clamp_mode, channels_last):
+    """Gradients of :func:`residual_quantize_projected` for ``(x, w_out, b_out)``: ``project_out``'s three products
+    as ``nn.Linear``'s backward computes them (in the weights' dtype; cuBLAS on CUDA), then the straight-through
+    kernel on ``d(out) = g W_out`` recomputed from ``x``."""
+    b, gd, n = out.shape
+    d, dim = gd // groups, w_out.shape[0] // groups
+    g = grad_proj.reshape(b, n, groups, dim).to(w_out.dtype)
+    w = w_out.reshape(groups, dim, d)
+    grad_codes = torch.einsum("bngk,gkd->bngd", g, w).float()                        # b n g d
+    grad_feature = rearrange_feature(grad_codes)
+    if grad_out is not None:
+        grad_feature = grad_feature + grad_out
+    if torch.compiler.is_compiling() or not _runs_triton(x):
+        grad_x = torch.ops.fsq_triton.residual_quantize_backward(grad_feature, x, stages, guess, channels, groups,
+                                                                 num_active, kind, soft_clamp_mode, channels_last)
+    else:
+        grad_x = backward_triton(grad_feature, x, stages, guess, channels, groups, num_active, kind, soft_clamp_mode,
+                                 channels_last)
+    codes = out.to(w_out.dtype).reshape(b, groups, d, n)
+    grad_w = torch.einsum("bngk,bgdn->gkd", g, codes).reshape(groups * dim, d)
+    grad_b = g.sum((0, 1)).reshape(groups * dim) if b_out is not None else None
+    return grad_x, grad_w, grad_b
+
+
+def rearrange_feature(t: torch.Tensor) -> torch.Tensor:
+    """``(b, n, g, d)`` -> the feature view ``(b, g*d, n)`` (a view of the same memory)."""
+    b, n, g, d = t.shape
+    return t.reshape(b, n, g * d).transpose(1, 2)
+
+
+def _projected_setup_context(ctx, inputs, output):
+    x, stages, guess, channels, _basis, w_out, b_out, groups, num_active, kind, soft_clamp_mode, channels_last = inputs
+    ctx.save_for_backward(x, output[1], w_out, b_out, stages, guess, channels)
+    ctx.config = (groups, num_active, kind, soft_clamp_mode, channels_last)
+    ctx.mark_non_differentiable(output[2])
+
+
+def _projected_grad(ctx, grad_proj, grad_out, _grad_indices):
+    x, out, w_out, b_out, stages, guess, channels = ctx.saved_tensors
+    grad_x, grad_w, grad_b = _projected_backward(grad_proj, grad_out, x, out, w_out, b_out, stages, guess, channels,
+                                                 *ctx.config)
+    return grad_x, None, None, None, None, grad_w, grad_b, None, None, None, None, None
+
+
+residual_quantize_projected.register_autograd(_projected_grad, setup_context=_projected_setup_context)
+
+
+class ResidualProjectedFunction(torch.autograd.Function):
+    """``(proj, out, indices) = ResidualProjectedFunction.apply(x, stages, guess, channels, basis, w_out, b_out,
+    groups, num_active, kind, soft_clamp_mode, channels_last)``: :func:`residual_quantize_projected` with its
+    gradient for ``x``, ``w_out`` and ``b_out``; eager CUDA calls launch the kernel directly (no custom-op dispatch)."""
+
+    @staticmethod
+    def forward(ctx, x, stages, guess, channels, basis, w_out, b_out, groups, num_active, kind, soft_clamp_mode,
+                channels_last):
+        if torch.compiler.is_compiling() or not _runs_triton(x):
+            proj, out, indices = torch.ops.fsq_triton.residual_quantize_projected(
+                x, stages, guess, channels, basis, w_out, b_out, groups, num_active, kind, soft_clamp_mode,
+                channels_last)
+        else:
+            proj, out, indices = forward_triton(x, stages, guess, channels, basis, groups, num_active,
+                                                soft_clamp_mode, channels_last, w_out, b_out)
+        ctx.save_for_backward(x, out, w_out, b_out, stages, guess, channels)
+        ctx.config = (groups, num_active, kind, soft_clamp_mode, channels_last)
+        ctx.mark_non_differentiable(indices)
+        return proj, out, indices
+
+    @staticmethod
+    def backward(ctx, grad_proj, grad_out, _grad_indices):
+        return _projected_grad(ctx, grad_proj, grad_out, _grad_indices)
