@@ -14,11 +14,12 @@ Two semantics, chosen at construction (keyword-only ``semantics``):
 ``backend="torch"`` runs vqp's own op sequence (the CPU path and the oracle); ``"triton"`` runs the fused kernel
 (:mod:`fsq_triton.ops.residual`: every stage and every group in one launch, read ``x`` once, write the quantized sum
 and the ``q`` indices once; the backward recomputes the stages from ``x``); ``"auto"`` picks Triton on CUDA (and on
-CPU under ``TRITON_INTERPRET=1``). Projections (``dim != len(levels)``) are ``nn.Linear`` layers around the fused
-quantizer, not fused into the kernel: deep stages resolve ``project_in``'s output below float32's resolution (8 stages
-of [8, 5, 5, 5]: one ulp moves the last stage's index for about a quarter of the tokens), so vqp's indices need
-``nn.Linear``'s own rounding, which a fused ``tl.dot`` does not reproduce. Inputs the kernel does not reproduce bit for bit (float64, or a
-half-precision input with a scalar soft clamp, which vqp evaluates in half precision) take the torch path.
+CPU under ``TRITON_INTERPRET=1``). With projections (``dim != len(levels)``) the kernel also runs ``project_out``
+(plain ``nn.Linear``, ``dim % 16 == 0``; see :meth:`ResidualFSQ._fused_project_out`), every group in the same launch;
+``project_in`` stays ``nn.Linear``: deep stages resolve its output below float32's resolution (8 stages of
+[8, 5, 5, 5]: one ulp moves the last stage's index for about a quarter of the tokens), so vqp's indices need
+``nn.Linear``'s own rounding, which no fused sum reproduces. Inputs the kernel does not reproduce bit for bit (float64,
+or a half-precision input with a scalar soft clamp, which vqp evaluates in half precision) take the torch path.
 
 Where fsq_triton differs from vqp on purpose: a token with a NaN channel gets index ``-1`` in every stage (vqp: an
 arbitrary integer); decoding channel-first indices works (vqp's ``get_codes_from_indices`` treats their last axis as
@@ -41,7 +42,7 @@ from einops import pack, rearrange, reduce, unpack
 from torch import nn
 
 from .levels import _reference_constants, basis_of, validate_levels
-from .module import BACKENDS, BackendUnavailableError
+from .module import BACKENDS, BackendUnavailableError, _is_plain
 from .residual_levels import residual_tables, stage_scales
 
 SEMANTICS = ("current", "pre-1.26")
@@ -78,6 +79,15 @@ def get_maybe_sync_seed(device, max_size: int = 10_000) -> int:
     if is_distributed():
         dist.all_reduce(rand_int)
     return int(rand_int.item())
+
+
+def _transformed() -> bool:
+    """Whether a torch.func transform (grad, vmap, jvp, ...) or forward-mode AD is active outside torch.compile: the
+    fused kernels' autograd.Functions have no vmap or jvp rule, so such calls take vqp's ops (the torch path, exact
+    by definition, differentiable in every mode)."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch.autograd.forward_ad._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def _round_ste(z):
@@ -423,11 +433,18 @@ class ResidualFSQ(nn.Module):
             codes = codes.to(orig_dtype)
         return codes, index
 
-    def _quantize_fused(self, ops, feature: torch.Tensor, channels_last: bool, cut: int | None, mode: int, groups: int = 1):
-        """The fused kernel on the feature view ``(b, g*d, n)``: ``(out (b, g*d, n) float32, indices (g, b, n, q))``."""
+    def _quantize_fused(self, ops, feature: torch.Tensor, channels_last: bool, cut: int | None, mode: int, groups: int = 1,
+                        projection=None):
+        """The fused kernel on the feature view ``(b, g*d, n)``: ``(out (b, g*d, n) float32, indices (g, b, n, q))``;
+        with ``projection = (w_out (g * dim, d), b_out or None)``, ``project_out`` fused: ``(proj (b, n, g * dim),
+        out, indices)``."""
         tables = self._tables(feature.device)
         num_active = self.num_quantizers if cut is None else cut + 1
         kind = _ops.KINDS[self._kind]
+        if projection is not None:
+            return ops.ResidualProjectedFunction.apply(feature, tables.stages, tables.guess, tables.channels,
+                                                       tables.basis, *projection, groups, num_active, kind, mode,
+                                                       channels_last)
         return ops.ResidualFSQFunction.apply(feature, tables.stages, tables.guess, tables.channels, tables.basis, groups,
                                              num_active, kind, mode, channels_last)
 
@@ -444,7 +461,7 @@ class ResidualFSQ(nn.Module):
         vqp's bit for bit on a device whose ``tanh`` in Triton differs from torch's.
         """
         ops = self._triton_ops(x)
-        if ops is None:
+        if ops is None or _transformed():
             return None, None, x
         mode = self._soft_clamp_mode(x)
         if mode is None or x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or self.scales.dtype != torch.float32:
@@ -456,6 +473,27 @@ class ResidualFSQ(nn.Module):
             x, mode = (x / c).tanh() * c, 0
         return ops, mode, x
 
+    def _fused_project_out(self, x: torch.Tensor):
+        """``(weight, bias)`` for the kernel's fused ``project_out``, in the dtype ``self.project_out(quantized)``
+        would compute in, or None where the module must be called: no projections, ``project_out`` replaced,
+        subclassed or hooked (:func:`fsq_triton.module._is_plain`), ``dim`` not a multiple of 16 (every usual width
+        is; the fused tile would spill), or weights in half precision outside autocast
+        (there vqp's ``project_out`` receives the float32 quantized sum, and the call must raise as vqp's does).
+        Under autocast on ``x``'s device, ``nn.Linear`` runs in the autocast dtype: so do the weights here."""
+        linear = self.project_out
+        if not self.has_projections or not _is_plain(linear, nn.Linear) or linear.weight.shape != (self.dim, self.codebook_dim):
+            return None
+        if self.dim % 16 != 0:  # the kernel's tile needs aligned rows of the output (ops.residual._projected_tile)
+            return None
+        weight, bias = linear.weight, linear.bias
+        device_type = x.device.type
+        if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+            return weight.to(dtype), None if bias is None else bias.to(dtype)
+        if weight.dtype != torch.float32 or (bias is not None and bias.dtype != torch.float32):
+            return None
+        return weight, bias
+
     def forward(self, x: torch.Tensor, return_all_codes: bool = False, rand_quantize_dropout_fixed_seed=None):
         self._check_input(x)
         if self.is_channel_first:
@@ -465,15 +503,21 @@ class ResidualFSQ(nn.Module):
         cut = self._dropout_cut(x, rand_quantize_dropout_fixed_seed)
 
         ops, mode, x_fused = self._use_fused(x)
-        if ops is not None:
+        projection = self._fused_project_out(x) if ops is not None else None
+        if projection is not None:  # the stages and project_out in one launch
+            quantized_out, _, indices = self._quantize_fused(ops, x_fused.transpose(1, 2), True, cut, mode,
+                                                             projection=projection)
+            all_indices = indices[0]
+        elif ops is not None:
             out, indices = self._quantize_fused(ops, x_fused.transpose(1, 2), True, cut, mode)
             quantized_out, all_indices = out.transpose(1, 2), indices[0]
-            if cut is not None and cut < self.num_quantizers - 1:
-                all_indices = all_indices.long()  # vqp stacks int32 indices with int64 null indices
         else:
             quantized_out, all_indices = self._quantize_torch(x, cut)
+        if ops is not None and cut is not None and cut < self.num_quantizers - 1:
+            all_indices = all_indices.long()  # vqp stacks int32 indices with int64 null indices
 
-        quantized_out = self.project_out(quantized_out)
+        if projection is None:
+            quantized_out = self.project_out(quantized_out)
         if self.is_channel_first:
             quantized_out, = unpack(quantized_out, ps, "b * d")
             all_indices, = unpack(all_indices, ps, "b * d")
@@ -490,7 +534,8 @@ class GroupedResidualFSQ(nn.Module):
 
     ``forward(x, return_all_codes=False)`` returns ``(quantized, indices (g, b, n, q))`` and with ``return_all_codes``
     a tuple of each group's codes. On the Triton path every group's stages run in the same launch (each group's
-    projections are its own ``nn.Linear``, as in vqp, around that launch).
+    ``project_in`` is its own ``nn.Linear``, as in vqp, before it; every group's ``project_out`` runs in it, the
+    weights stacked, where each may be fused).
     """
 
     def __init__(self, *, dim: int, groups: int = 1, accept_image_fmap: bool = False, **kwargs):
@@ -543,8 +588,11 @@ class GroupedResidualFSQ(nn.Module):
                 xs = rearrange(x, "b (g e) ... -> b (...) g e", g=self.groups)
             else:
                 xs = rearrange(x, "b n (g e) -> b n g e", g=self.groups)
-            if first.has_projections:  # each group's own nn.Linear, as vqp (bit for bit), into one (b, n, g, d) tensor
-                xs = torch.stack([rvq.project_in(xs[:, :, i]) for i, rvq in enumerate(self.rvqs)], dim=2)
+            if first.has_projections:  # each group's own nn.Linear, as vqp (bit for bit), into one (b, n, g, d) tensor,
+                # on the input vqp gives it: channel-first, a contiguous copy (einops.pack concatenates); a strided
+                # view rounds differently in bfloat16 on the CPU (7 of 216 indices moved under autocast)
+                parts = [xs[:, :, i].contiguous() if first.is_channel_first else xs[:, :, i] for i in range(self.groups)]
+                xs = torch.stack([rvq.project_in(part) for rvq, part in zip(self.rvqs, parts)], dim=2)
             ops, mode, xs = first._use_fused(xs)
         if ops is None:  # group by group, each on its own path (vqp's loop)
             chunks = x.chunk(self.groups, dim=split_dim)
@@ -557,22 +605,38 @@ class GroupedResidualFSQ(nn.Module):
         b = x.shape[0]
         cut = first._dropout_cut(xs, seed)
         feature = rearrange(xs, "b n g d -> b (g d) n")
-        out, indices = first._quantize_fused(ops, feature, False, cut, mode, groups=self.groups)
-        q = rearrange(out, "b (g d) n -> b n g d", g=self.groups)
-        if first.has_projections:
-            q = torch.stack([rvq.project_out(q[:, :, i]) for i, rvq in enumerate(self.rvqs)], dim=2)
+        projection = self._fused_project_out(xs)
+        if projection is not None:  # every group's project_out in the same launch, the weights stacked
+            q, _, indices = first._quantize_fused(ops, feature, False, cut, mode, groups=self.groups,
+                                                  projection=projection)
+        else:
+            out, indices = first._quantize_fused(ops, feature, False, cut, mode, groups=self.groups)
+            q = rearrange(out, "b (g d) n -> b n g d", g=self.groups)
+            if first.has_projections:
+                q = torch.stack([rvq.project_out(q[:, :, i]) for i, rvq in enumerate(self.rvqs)], dim=2)
+            q = rearrange(q, "b n g e -> b n (g e)")
         if cut is not None and cut < first.num_quantizers - 1:
             indices = indices.long()
         if first.is_channel_first:
             spatial = x.shape[2:]
-            quantized = rearrange(q, "b n g e -> b (g e) n").reshape(b, self.dim, *spatial)
+            quantized = rearrange(q, "b n e -> b e n").reshape(b, self.dim, *spatial)
             indices = rearrange(indices, "g b n q -> g b q n").reshape(self.groups, b, first.num_quantizers, *spatial)
         else:
-            quantized = rearrange(q, "b n g e -> b n (g e)")
+            quantized = q
         ret = (quantized, indices)
         if return_all_codes:
             ret = (*ret, tuple(rvq.get_codes_from_indices(idx) for rvq, idx in zip(self.rvqs, indices)))
         return ret
+
+    def _fused_project_out(self, x: torch.Tensor):
+        """Every group's fused ``project_out`` (:meth:`ResidualFSQ._fused_project_out`) stacked into one
+        ``(weight (g * dim / g, d), bias or None)`` for the launch, or None where any group's must be called."""
+        parts = [rvq._fused_project_out(x) for rvq in self.rvqs]
+        if any(p is None for p in parts) or len({p[1] is None for p in parts}) != 1 or len({p[0].dtype for p in parts}) != 1:
+            return None
+        weight = torch.cat([w for w, _ in parts])
+        bias = None if parts[0][1] is None else torch.cat([b for _, b in parts])
+        return weight, bias
 
     def _fused_layout(self, x) -> bool:
         """Whether the groups can share one launch: the chunks are the feature axis each group's stages read."""

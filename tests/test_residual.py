@@ -515,13 +515,16 @@ import fsq_triton.ops.residual as R
 
 ints = lambda *names: {n: "i32" for n in names}
 forward_types = {"x_ptr": "*bf16", "out_ptr": "*fp32", "idx_ptr": "*i32", "stage_ptr": "*fp32", "guess_ptr": "*fp32", "chan_ptr": "*fp32",
-                 "basis_ptr": "*i32", **ints("N", "num_n_blocks", "num_active", "stride_xb", "stride_xc", "stride_xn",
-                                             "stride_ob", "stride_oc", "stride_on", "stride_ig", "stride_ib", "stride_in")}
+                 "basis_ptr": "*i32", "proj_ptr": "*fp32", "w_out_ptr": "*fp32", "b_out_ptr": "*fp32",
+                 **ints("N", "num_n_blocks", "num_active", "proj_dim", "stride_xb", "stride_xc", "stride_xn", "stride_ob", "stride_oc",
+                        "stride_on", "stride_ig", "stride_ib", "stride_in", "stride_pb", "stride_pc", "stride_pn")}
+projected_types = {**forward_types, "proj_ptr": "*bf16"}  # the weights and bias go in float32
 backward_types = {"g_ptr": "*fp32", "x_ptr": "*bf16", "dx_ptr": "*bf16", "stage_ptr": "*fp32", "guess_ptr": "*fp32", "chan_ptr": "*fp32",
                   **ints("N", "num_n_blocks", "num_active", "stride_gb", "stride_gc", "stride_gn", "stride_xb",
                          "stride_xc", "stride_xn", "stride_db", "stride_dc", "stride_dn")}
 common = dict(G=2, D=4, Q=8, MAX_LEVEL=8, SOFT_CLAMP=1, GUESS_ROWS=14, DENSE=True, INDEX_ROWS=True, BLOCK_N=128,
-              OFFSET_64=False)
+              OFFSET_64=False, PROJECT_OUT=False, BLOCK_K=16, HAS_B_OUT=False)
+projected = dict(PROJECT_OUT=True, BLOCK_K=32, HAS_B_OUT=True, stride_pc=1)
 strided = dict(DENSE=False, INDEX_ROWS=False, OFFSET_64=True)
 rows = []
 for kernel, types, constexprs in (
@@ -531,11 +534,18 @@ for kernel, types, constexprs in (
     (R._residual_forward_kernel, forward_types, {**common, **strided, "MAX_LEVEL": 40, "Q": 6, "GUESS_ROWS": 80}),
     (R._residual_forward_kernel, forward_types, {**common, **strided, "MAX_LEVEL": 40, "GUESS_ROWS": 0}),
     (R._residual_backward_kernel, backward_types, {**common, **strided, "KIND": 1, "GUESS_ROWS": 0}),
+    (R._residual_forward_kernel, projected_types, {**common, **projected}),
+    (R._residual_forward_kernel, projected_types, {**common, **strided, **projected, "HAS_B_OUT": False}),
 ):
     names = kernel.arg_names
     constexprs = {k: v for k, v in constexprs.items() if k in names}
     signature = {n: ("constexpr" if n in constexprs else types[n]) for n in names}
-    source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    # the projected launch (project_out fused only for dim % 16 == 0): proj contiguous, every pointer (torch's
+    # allocations) and proj's rows aligned, as Triton marks them at launch
+    aligned = [n for n in names if constexprs.get("PROJECT_OUT") and n not in constexprs
+               and (n.endswith("_ptr") or n in ("proj_dim", "stride_pb", "stride_pn"))]
+    source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()},
+                       attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
     log = io.StringIO()  # Triton prints its ptxas -v report (TRITON_DUMP_PTXAS_LOG, fresh cache): registers, spills
     with contextlib.redirect_stdout(log):
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
@@ -550,7 +560,8 @@ print(json.dumps(rows))
 
 def test_kernels_compile_for_sm90_without_a_gpu():
     """The real compiler accepts both kernels (the interpreter-only tanh hook is a dead constexpr branch there),
-    with the soft clamp's libdevice tanh and IEEE division in the PTX, and ptxas spills nothing (8 stages, 2 groups)."""
+    with the soft clamp's libdevice tanh and IEEE division in the PTX, and ptxas spills nothing (8 stages, 2 groups;
+    the forward with project_out fused too, bfloat16, dense and strided with 64-bit offsets)."""
     import subprocess
     import sys
 
@@ -561,7 +572,8 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(result.stdout.strip().splitlines()[-1])
     assert [r["kernel"] for r in rows] == ["_residual_forward_kernel", "_residual_backward_kernel", "_residual_backward_kernel",
-                                           "_residual_forward_kernel", "_residual_forward_kernel", "_residual_backward_kernel"]
+                                           "_residual_forward_kernel", "_residual_forward_kernel", "_residual_backward_kernel",
+                                           "_residual_forward_kernel", "_residual_forward_kernel"]
     assert rows[0]["ptx_has_tanh_path"] and rows[0]["div_rn"]
     for row in rows:
         assert row["spill_bytes"] == 0 and row["registers"] <= 255, row
@@ -682,17 +694,23 @@ def test_float64_input_and_float64_soft_clamp_take_vqps_precision(backend):
 
 
 def test_torch_export_matches_eager(backend):
-    """torch.export of both modules (eval): the Triton path exports as the fsq_triton::residual_quantize op."""
-    for module, x in ((ResidualFSQ(levels=[8, 5, 5, 5], num_quantizers=4, dim=6, backend=backend), torch.randn(2, 16, 6)),
-                      (GroupedResidualFSQ(dim=8, groups=2, levels=[8, 5, 5, 5], num_quantizers=3, backend=backend),
-                       torch.randn(2, 16, 8))):
+    """torch.export of both modules (eval): the Triton path exports as the fsq_triton::residual_quantize op, or with
+    projections of a width divisible by 16 as fsq_triton::residual_quantize_projected (project_out fused)."""
+    for module, x, op in (
+        (ResidualFSQ(levels=[8, 5, 5, 5], num_quantizers=4, dim=16, backend=backend), torch.randn(2, 16, 16),
+         "residual_quantize_projected"),
+        (ResidualFSQ(levels=[8, 5, 5, 5], num_quantizers=4, dim=6, backend=backend), torch.randn(2, 16, 6),
+         "residual_quantize"),  # dim % 16 != 0: project_out stays nn.Linear
+        (GroupedResidualFSQ(dim=8, groups=2, levels=[8, 5, 5, 5], num_quantizers=3, backend=backend),
+         torch.randn(2, 16, 8), "residual_quantize"),
+    ):
         module.eval()
         program = torch.export.export(module, (x,))
         q_eager, i_eager = module(x)
         q_exported, i_exported = program.module()(x)
         assert torch.equal(i_exported, i_eager) and torch.equal(q_exported, q_eager)
         ops = [str(node.target) for node in program.graph.nodes if "fsq_triton" in str(node.target)]
-        assert (ops == ["fsq_triton.residual_quantize.default"]) == (backend == "triton"), ops
+        assert (ops == [f"fsq_triton.{op}.default"]) == (backend == "triton"), ops
 
 
 @needs_vqp
@@ -708,3 +726,34 @@ def test_module_cast_to_half_precision_matches_vqp(dtype, backend):
     qo, io = ours(x)
     assert io.dtype == ir.dtype and torch.equal(io, ir)
     assert qo.dtype == qr.dtype and torch.equal(qo, qr)
+
+
+@pytest.mark.parametrize("transform", ["grad", "vmap", "jvp", "forward-mode AD"])
+@pytest.mark.parametrize("grouped", [False, True])
+def test_torch_func_and_forward_ad_take_vqps_ops(transform, grouped, backend):
+    """torch.func transforms and forward-mode AD run vqp's op sequence (the fused kernels' Functions have no vmap or
+    jvp rule): the same values, and the same derivatives, on both backends."""
+    from torch.func import grad, jvp, vmap
+
+    torch.manual_seed(2)
+    if grouped:
+        make = lambda b: GroupedResidualFSQ(dim=32, groups=2, levels=[8, 5, 5, 5], num_quantizers=3, backend=b)  # noqa: E731
+    else:
+        make = lambda b: ResidualFSQ(levels=[8, 5, 5, 5], num_quantizers=3, dim=16, backend=b)  # noqa: E731
+    ours, reference = make(backend), make("torch")
+    reference.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 5, 32 if grouped else 16)
+    tangent = torch.randn_like(x)
+
+    def run(module):
+        if transform == "grad":
+            return grad(lambda x: (module(x)[0] * tangent).sum())(x)
+        if transform == "vmap":
+            return vmap(lambda x: module(x[None])[0][0])(x)
+        if transform == "jvp":
+            return jvp(lambda x: module(x)[0], (x,), (tangent,))[1]
+        import torch.autograd.forward_ad as fwAD
+        with fwAD.dual_level():
+            return fwAD.unpack_dual(module(fwAD.make_dual(x, tangent))[0]).tangent
+
+    torch.testing.assert_close(run(ours), run(reference), rtol=0, atol=0)
