@@ -60,7 +60,9 @@ time may still show at this size, ``--tokens 262144`` doubles the GPU work; 64 t
 - ``speed``: forward (eval mode, ``no_grad``) and forward+backward (training mode, ``backward`` of a bfloat16
   gradient, parameter gradients cleared each call) of fsq_triton, vqp eager and ``torch.compile`` of vqp, all
   under autocast, and the bound of one forward pass: read ``x``, write the output in ``x``'s dtype and 8 (resp. 2 a
-  group, 4 a token) int32 indices per token, at the measured copy bandwidth.
+  group, 4 a token) int32 indices per token, at the measured copy bandwidth; and ``project_in`` alone (``speed.
+  project_in``: the ``nn.Linear`` left outside the kernel for exact indices, timed under the same autocast beside its
+  own bound, read ``x`` and write ``h``), what fusing it could at most save.
 
 Targets (issue 12), on ``dim4``: forward within 1.3x of the bound, >= 10x vqp eager and >= 3x its torch.compile,
 forward+backward >= 5x vqp, 0 index mismatches (or the count and why). The same ratios are computed for the
@@ -329,7 +331,29 @@ class ProjectedRun:
                 self.speed, {name: module}, self.x, self.grad, self.device, autocast=True, repeats=self.repeats,
                 on_row=on_row))
 
+    def project_in_row(self) -> None:
+        """``project_in`` alone (the ``nn.Linear`` that stays outside the kernel, on purpose: README), timed on the
+        same input under the same autocast, beside its own bound (read ``x``, write ``h``): what fusing it could save."""
+        def run():
+            linears = [rvq.project_in for rvq in getattr(self.ours, "rvqs", [self.ours])]
+            chunks = self.x.chunk(len(linears), dim=-1)
+
+            def forward():
+                with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16):
+                    for linear, chunk in zip(linears, chunks):
+                        linear(chunk)
+
+            h_bytes = sum(c.shape[0] * c.shape[1] * linear.out_features * 2 for linear, c in zip(linears, chunks))
+            bound_ms = (self.x.numel() * self.x.element_size() + h_bytes) / (self.speed["copy_bandwidth_gbs"] * 1e9) * 1e3
+            ms = _time_ms(forward, self.device, self.repeats)
+            self.speed["project_in"] = {"forward_ms": ms, "bound_ms": bound_ms, "over_bound": ms / bound_ms}
+            self.data["speed"] = self.speed
+            self.emit(self.data)
+
+        self._guard("project_in", run)
+
     def eager_rows(self) -> None:
+        self.project_in_row()
         rows = {"fsq_triton": self.ours}
         if self.reference is not None:
             rows["vqp eager"] = self.reference

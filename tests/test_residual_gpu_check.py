@@ -48,8 +48,8 @@ def test_projected_and_grouped_cases_against_vqp(script, capsys, tmp_path):
     assert script.main(["--device", "cpu", "--cases", "projected,grouped", "--tokens", str(TOKENS), "--repeats", "1",
                         "--out", str(out)]) == 0
     lines = _lines(capsys.readouterr().out)
-    # the environment, then each case after its parity and after each timed row (no compile row on the CPU)
-    assert [kind for kind, _ in lines] == ["environment"] + ["projected"] * 3 + ["grouped"] * 3
+    # the environment, then each case after its parity, project_in alone and each timed row (no compile row on the CPU)
+    assert [kind for kind, _ in lines] == ["environment"] + ["projected"] * 4 + ["grouped"] * 4
     env = lines[0][1]
     assert env["cases"] == ["projected", "grouped"] and env["tokens"] == TOKENS and env["vqp"]
     assert all(a[1]["at_s"] <= b[1]["at_s"] for a, b in zip(lines, lines[1:]))
@@ -71,13 +71,18 @@ def test_projected_and_grouped_cases_against_vqp(script, capsys, tmp_path):
         assert speed["forward_bound_bytes"] == 2 * TOKENS * 1024 * 2 + TOKENS * indices_per_token * 4
         assert speed["forward_bound_ms"] > 0 and speed["forward_over_bound"] > 0
         assert speed["forward_speedup_vs_vqp eager"] > 0 and speed["forward_backward_speedup_vs_vqp eager"] > 0
+        # project_in alone: read x, write h (4 bfloat16 codebook channels a token and group)
+        project_in = speed["project_in"]
+        assert project_in["forward_ms"] > 0 and project_in["over_bound"] > 0
+        h_bytes = TOKENS * (4 if key == "projected" else 2 * 4) * 2
+        assert project_in["bound_ms"] == pytest.approx((TOKENS * 1024 * 2 + h_bytes) / (speed["copy_bandwidth_gbs"] * 1e9) * 1e3)
 
 
 def test_cases_without_vqp(script, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "vector_quantize_pytorch", None)  # import raises ImportError
     assert script.main(["--device", "cpu", "--cases", "grouped", "--tokens", "8", "--repeats", "1"]) == 0
     lines = _lines(capsys.readouterr().out)
-    assert [kind for kind, _ in lines] == ["environment", "grouped", "grouped"]
+    assert [kind for kind, _ in lines] == ["environment", "grouped", "grouped", "grouped"]
     case = lines[-1][1]
     assert case["vqp"] is False and "not installed" in case["parity"]["skipped"]
     assert list(case["speed"]["rows"]) == ["fsq_triton"] and "forward_over_bound" in case["speed"]
