@@ -523,7 +523,8 @@ def targets(results: dict, judged: bool) -> list[dict]:
     def add(name, goal, letter, value, met, fmt):
         measured = fmt(value) if value is not None else _missing(results, letter)
         out.append({"target": name, "goal": goal, "step": letter, "measured": measured,
-                    "value": value, "met": (bool(met(value)) if value is not None else None) if judged else None})
+                    "value": value,  # met None: not measured, or an informative row (no target)
+                    "met": (bool(met(value)) if value is not None and met is not None else None) if judged else None})
         return out[-1]
 
     b, c, d = _rows(results, "b"), _rows(results, "c"), _rows(results, "d")
@@ -586,6 +587,15 @@ def targets(results: dict, judged: bool) -> list[dict]:
                             ("forward_speedup_vs_vqp torch.compile", ">= 3x", lambda v: v >= 3),
                             ("forward_backward_speedup_vs_vqp eager", ">= 5x", lambda v: v >= 5)):
         add(f"ResidualFSQ 8x[8,5,5,5] {key.replace('_', ' ')}", goal, "r", speed.get(key), test, lambda v: f"{v:.2f}x")
+    compiled = speed.get("compiled_parity") or {}
+    # informative (no target): whether torch.compile of vqp (Inductor's tanh is libdevice's) matches eager vqp, and
+    # which soft clamp of fsq_triton matches which
+    add("ResidualFSQ index mismatches, torch.compile(vqp) vs eager vqp (soft clamp in kernel / in torch: vs eager, "
+        "vs compiled)", "informative", "r", compiled.get("vqp_compiled_vs_eager"), None,
+        lambda v, c=compiled: (f"{v}; in kernel {c.get('soft_clamp_in_kernel_vs_vqp_eager')} / "
+                               f"{c.get('soft_clamp_in_kernel_vs_vqp_compiled')}; in torch "
+                               f"{c.get('soft_clamp_in_torch_vs_vqp_eager')} / {c.get('soft_clamp_in_torch_vs_vqp_compiled')}"
+                               f" of {c.get('elements')} elements"))
     second = ((results["steps"].get("f") or {}).get("result") or {}).get("second_process")
     add("autotune: a second process loads the cache and re-tunes nothing", "0 re-tuned", "f",
         second and second["retuned"], lambda v: v == 0,

@@ -46,7 +46,11 @@ counts fsq_triton's kernel against its own torch path, which replays vqp 1.25.2'
 - ``grad_max_abs_diff``: the input gradient against autograd through vqp, on the first chunk;
 - timings (median of CUDA-event repeats after an L2 flush) of forward and forward+backward for fsq_triton, vqp eager and
   ``torch.compile`` of vqp, and the bandwidth bound of one forward pass (read ``x``, write the quantized sum and the
-  8 int32 indices per token) at the measured copy bandwidth.
+  8 int32 indices per token) at the measured copy bandwidth;
+- ``compiled_parity`` (after the compiled row, on the timed input): index mismatches of compiled vqp against eager
+  vqp, and of fsq_triton with the soft clamp in the kernel and in torch ops against each (Inductor's ``tanh`` is
+  libdevice's, as the kernel's: whether the torch-op soft clamp's extra pass over ``x`` buys more than parity with
+  eager vqp).
 
 For ``projected`` and ``grouped``, on ``--tokens`` tokens (default 2**17 on CUDA: ``x`` is 128M bfloat16 values,
 256 MiB, about 5x an H200's L2, so the two 1024-feature GEMMs that bound the forward stream from memory; the forward
@@ -221,7 +225,36 @@ def speed(elements: int, device, vqp, bandwidth_gbs: float, on_row: Callable[[di
     bound_bytes = tokens * len(LEVELS) * 4 * 2 + tokens * STAGES * 4
     result = {"elements": tokens * len(LEVELS), "copy_bandwidth_gbs": bandwidth_gbs,
               "forward_bound_ms": bound_bytes / (bandwidth_gbs * 1e9) * 1e3, "rows": {}}
-    return time_rows(result, rows, x, grad, device, repeats=repeats, on_row=on_row)
+    time_rows(result, rows, x, grad, device, repeats=repeats, on_row=on_row)
+    if "vqp torch.compile" in rows:
+        result["compiled_parity"] = compiled_parity(x, ours, rows["vqp eager"], rows["vqp torch.compile"])
+        if on_row is not None:
+            on_row(result)
+    return result
+
+
+def compiled_parity(x: torch.Tensor, ours, reference, compiled) -> dict:
+    """Index mismatches on the timed input between vqp eager, ``torch.compile`` of vqp (already compiled by the
+    timing: no new compile) and fsq_triton with the soft clamp in the kernel and in torch ops. Inductor evaluates
+    ``torch.tanh`` with libdevice's ``tanhf``, as the kernel does: if compiled vqp differs from eager vqp as the
+    in-kernel soft clamp does, and matches it, the extra pass of the torch-op soft clamp buys parity with eager vqp
+    only, not with vqp as compiled."""
+    counts = {"elements": x.numel()}
+    default = fsq_triton.ResidualFSQ.soft_clamp_in_kernel
+    try:
+        with torch.no_grad():
+            reference.eval()
+            i_eager, i_compiled = reference(x)[1], compiled(x)[1]
+            counts["vqp_compiled_vs_eager"] = int((i_compiled != i_eager).sum())
+            for inside in (True, False):
+                fsq_triton.ResidualFSQ.soft_clamp_in_kernel = inside
+                i_ours = ours.eval()(x)[1]
+                where = "kernel" if inside else "torch"
+                counts[f"soft_clamp_in_{where}_vs_vqp_eager"] = int((i_ours != i_eager).sum())
+                counts[f"soft_clamp_in_{where}_vs_vqp_compiled"] = int((i_ours != i_compiled).sum())
+    finally:
+        fsq_triton.ResidualFSQ.soft_clamp_in_kernel = default
+    return counts
 
 
 # ------------------------------------------------------------------------------------------------------------------

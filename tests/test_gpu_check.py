@@ -280,7 +280,10 @@ def test_targets_are_judged_from_gpu_shaped_rows():
         "r": {"status": "ok", "reason": None, "result": {"notes": [], "report": {
             "parity": [{"semantics": "current", "elements": 100, "index_mismatches": 0}],
             "speed": {"rows": {}, "forward_over_bound": 1.1, "forward_speedup_vs_vqp eager": 12.0,
-                      "forward_speedup_vs_vqp torch.compile": 2.5, "forward_backward_speedup_vs_vqp eager": 6.0}}}},
+                      "forward_speedup_vs_vqp torch.compile": 2.5, "forward_backward_speedup_vs_vqp eager": 6.0,
+                      "compiled_parity": {"elements": 100, "vqp_compiled_vs_eager": 7,
+                                          "soft_clamp_in_kernel_vs_vqp_eager": 7, "soft_clamp_in_kernel_vs_vqp_compiled": 0,
+                                          "soft_clamp_in_torch_vs_vqp_eager": 0, "soft_clamp_in_torch_vs_vqp_compiled": 7}}}}},
     }}
     judged = {t["target"]: t for t in gpu_check.targets(results, judged=True)}
     met = {name: t["met"] for name, t in judged.items()}
@@ -294,8 +297,10 @@ def test_targets_are_judged_from_gpu_shaped_rows():
     del results["steps"]["b"]["result"]["rows"][-2:]
     expected = [True, False, True, False, True, True, True, False, True, False, True, True, True, True, True,
                 True, False, True, True, None, False, True, False,  # step v
-                False, True, True, True, False, True, True]
+                False, True, True, True, False, True, None, True]  # None: the informative compiled-vqp row
     assert list(met.values()) == expected, met
+    compiled = next(t for name, t in judged.items() if name.startswith("ResidualFSQ index mismatches, torch.compile"))
+    assert compiled["measured"] == "7; in kernel 7 / 0; in torch 0 / 7 of 100 elements" and compiled["goal"] == "informative"
     # step v: each variant beside its ratio, the one the cut left out said so, the mismatches named by variant
     assert judged["bound_hard_clamp: forward time over the plain forward"]["measured"] == \
         "1.05x (0.210 vs 0.200 ms); CUDA graph 1.05x (0.105 ms)"

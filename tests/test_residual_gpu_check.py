@@ -92,3 +92,22 @@ def test_cases_without_vqp(script, capsys, monkeypatch):
 def test_unknown_case_is_refused(script):
     with pytest.raises(SystemExit, match="unknown case"):
         script.main(["--device", "cpu", "--cases", "dim4,projectd"])
+
+
+def test_compiled_parity_counts(script):
+    """``compiled_parity`` (dim4, after the compiled row on CUDA): here with eager vqp standing in for its compiled
+    self, every count is 0 (on the CPU the interpreter's tanh is torch's), and the class default is restored."""
+    vqp = pytest.importorskip("vector_quantize_pytorch")
+    import torch
+
+    import fsq_triton
+
+    torch.manual_seed(0)
+    ours = fsq_triton.ResidualFSQ(levels=script.LEVELS, num_quantizers=script.STAGES)
+    reference = vqp.ResidualFSQ(levels=script.LEVELS, num_quantizers=script.STAGES)
+    x = torch.randn(1, 64, len(script.LEVELS)) * 1.5
+    counts = script.compiled_parity(x, ours, reference, reference)
+    assert counts == {"elements": x.numel(), "vqp_compiled_vs_eager": 0,
+                      "soft_clamp_in_kernel_vs_vqp_eager": 0, "soft_clamp_in_kernel_vs_vqp_compiled": 0,
+                      "soft_clamp_in_torch_vs_vqp_eager": 0, "soft_clamp_in_torch_vs_vqp_compiled": 0}
+    assert fsq_triton.ResidualFSQ.soft_clamp_in_kernel is None
