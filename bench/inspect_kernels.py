@@ -282,7 +282,10 @@ def _residual_variants() -> list[Variant]:
     proj_block, proj_warps, proj_k = R._projected_tile(1 << 22, 1024)
     rows = 14  # residual_tables((8, 5, 5, 5), 8, "current", "sym_clamp", ...).guess.shape[2] - 1
     common = dict(G=1, D=4, Q=8, MAX_LEVEL=8, BLOCK_N=block, OFFSET_64=False, SOFT_CLAMP=0, GUESS_ROWS=rows)
-    forward_flags = dict(PROJECT_OUT=False, BLOCK_K=16, HAS_B_OUT=False)
+    # the arguments of project_in (PROJECT_IN) that a launch without it leaves at their defaults (None: constexpr)
+    no_project_in = dict(w_in_ptr=None, b_in_ptr=None, h_ptr=None, PROJECT_IN=False, HAS_B_IN=False, E_PAD=16,
+                         BLOCK_KI=32, IEEE_DOT=False, DOT_IN_F32=False)
+    forward_flags = dict(PROJECT_OUT=False, BLOCK_K=16, HAS_B_OUT=False, **no_project_in)
     tags = {"kind": "residual", "dtype": "fp32", "values_per_thread": block * 4 // (32 * warps)}
     # the default launch passes the stage table for the projection's pointers and 0 for its strides
     forward_types = {"x_ptr": "*fp32", "out_ptr": "*fp32", "idx_ptr": "*i32", "stage_ptr": "*fp32", "guess_ptr": "*fp32",
@@ -290,10 +293,10 @@ def _residual_variants() -> list[Variant]:
                      "b_out_ptr": "*fp32",
                      **_ints("N", "num_n_blocks", "num_active", "proj_dim", "stride_xb", "stride_xc", "stride_xn",
                              "stride_ob", "stride_oc", "stride_on", "stride_ig", "stride_ib", "stride_in", "stride_pb",
-                             "stride_pc", "stride_pn")}
+                             "stride_pc", "stride_pn", "stride_hb", "stride_hc", "stride_hn")}
     forward_aligned = ("x_ptr", "out_ptr", "idx_ptr", "stage_ptr", "guess_ptr", "chan_ptr", "basis_ptr", "proj_ptr",
                        "w_out_ptr", "b_out_ptr", "N", "stride_xb", "stride_ob", "stride_ig", "stride_ib", "stride_pb",
-                       "stride_pc", "stride_pn")
+                       "stride_pc", "stride_pn", "stride_hb", "stride_hc", "stride_hn")
     backward_types = {"g_ptr": "*fp32", "x_ptr": "*fp32", "dx_ptr": "*fp32", "stage_ptr": "*fp32", "guess_ptr": "*fp32",
                       "chan_ptr": "*fp32", **_ints("N", "num_n_blocks", "num_active", "stride_gb", "stride_gc",
                                                    "stride_gn", "stride_xb", "stride_xc", "stride_xn", "stride_db",
@@ -310,10 +313,21 @@ def _residual_variants() -> list[Variant]:
         # project_out fused (dim 1024, bfloat16 under autocast: the 1024 -> 4 case, h and proj in bfloat16)
         Variant("residual forward bf16 channel-last, 8x[8,5,5,5], project_out 4->1024 bf16", R._residual_forward_kernel,
                 {**forward_types, "x_ptr": "*bf16", "proj_ptr": "*bf16"},
-                {**common, **last, "stride_pc": 1, "BLOCK_N": proj_block, "PROJECT_OUT": True,
+                {**common, **last, **no_project_in, "stride_pc": 1, "BLOCK_N": proj_block, "PROJECT_OUT": True,
                  "BLOCK_K": proj_k, "HAS_B_OUT": True},
                 tuple(a for a in forward_aligned if a != "stride_pc") + ("proj_dim",), proj_warps,
                 tags={**tags, "dtype": "bf16", "values_per_thread": proj_block * 4 // (32 * proj_warps)}),
+        # ... and project_in too (ResidualFSQ.fuse_project_in): x (b, n, 1024) bfloat16, h saved (b, n, 4) float32
+        Variant("residual forward bf16 channel-last, 8x[8,5,5,5], project_in and project_out 1024->4->1024 bf16",
+                R._residual_forward_kernel,
+                {**forward_types, "x_ptr": "*bf16", "proj_ptr": "*bf16", "w_in_ptr": "*bf16", "b_in_ptr": "*bf16",
+                 "h_ptr": "*fp32"},
+                {**common, **last, "stride_xc": 1, "stride_pc": 1, "stride_hc": 1, "BLOCK_N": proj_block,
+                 "PROJECT_OUT": True, "BLOCK_K": proj_k, "HAS_B_OUT": True, "PROJECT_IN": True, "HAS_B_IN": True,
+                 "E_PAD": 16, "BLOCK_KI": 32, "IEEE_DOT": False, "DOT_IN_F32": False},
+                tuple(a for a in forward_aligned if a not in ("stride_pc", "stride_hc")) + ("proj_dim", "w_in_ptr",
+                                                                                           "b_in_ptr", "h_ptr"),
+                proj_warps, tags={**tags, "dtype": "bf16", "values_per_thread": proj_block * 4 // (32 * proj_warps)}),
         Variant("residual backward fp32 channel-last, 8x[8,5,5,5]", R._residual_backward_kernel, backward_types,
                 {**common, "stride_gc": 1, "stride_xc": 1, "stride_dc": 1, "DENSE": True, "KIND": 2},
                 ("g_ptr", "x_ptr", "dx_ptr", "stage_ptr", "guess_ptr", "chan_ptr", "N", "stride_gb", "stride_xb",

@@ -517,13 +517,15 @@ ints = lambda *names: {n: "i32" for n in names}
 forward_types = {"x_ptr": "*bf16", "out_ptr": "*fp32", "idx_ptr": "*i32", "stage_ptr": "*fp32", "guess_ptr": "*fp32", "chan_ptr": "*fp32",
                  "basis_ptr": "*i32", "proj_ptr": "*fp32", "w_out_ptr": "*fp32", "b_out_ptr": "*fp32",
                  **ints("N", "num_n_blocks", "num_active", "proj_dim", "stride_xb", "stride_xc", "stride_xn", "stride_ob", "stride_oc",
-                        "stride_on", "stride_ig", "stride_ib", "stride_in", "stride_pb", "stride_pc", "stride_pn")}
+                        "stride_on", "stride_ig", "stride_ib", "stride_in", "stride_pb", "stride_pc", "stride_pn",
+                        "stride_hb", "stride_hc", "stride_hn")}
 projected_types = {**forward_types, "proj_ptr": "*bf16"}  # the weights and bias go in float32
 backward_types = {"g_ptr": "*fp32", "x_ptr": "*bf16", "dx_ptr": "*bf16", "stage_ptr": "*fp32", "guess_ptr": "*fp32", "chan_ptr": "*fp32",
                   **ints("N", "num_n_blocks", "num_active", "stride_gb", "stride_gc", "stride_gn", "stride_xb",
                          "stride_xc", "stride_xn", "stride_db", "stride_dc", "stride_dn")}
 common = dict(G=2, D=4, Q=8, MAX_LEVEL=8, SOFT_CLAMP=1, GUESS_ROWS=14, DENSE=True, INDEX_ROWS=True, BLOCK_N=128,
-              OFFSET_64=False, PROJECT_OUT=False, BLOCK_K=16, HAS_B_OUT=False)
+              OFFSET_64=False, PROJECT_OUT=False, BLOCK_K=16, HAS_B_OUT=False, w_in_ptr=None, b_in_ptr=None, h_ptr=None,
+              PROJECT_IN=False, HAS_B_IN=False, E_PAD=16, BLOCK_KI=32, IEEE_DOT=False, DOT_IN_F32=False)
 projected = dict(PROJECT_OUT=True, BLOCK_K=32, HAS_B_OUT=True, stride_pc=1)
 strided = dict(DENSE=False, INDEX_ROWS=False, OFFSET_64=True)
 rows = []
@@ -536,6 +538,9 @@ for kernel, types, constexprs in (
     (R._residual_backward_kernel, backward_types, {**common, **strided, "KIND": 1, "GUESS_ROWS": 0}),
     (R._residual_forward_kernel, projected_types, {**common, **projected}),
     (R._residual_forward_kernel, projected_types, {**common, **strided, **projected, "HAS_B_OUT": False}),
+    (R._residual_forward_kernel, {**projected_types, "w_in_ptr": "*bf16", "b_in_ptr": "*bf16", "h_ptr": "*fp32"},
+     {k: v for k, v in {**common, **projected, "PROJECT_IN": True, "HAS_B_IN": True}.items()
+      if k not in ("w_in_ptr", "b_in_ptr", "h_ptr")}),
 ):
     names = kernel.arg_names
     constexprs = {k: v for k, v in constexprs.items() if k in names}
@@ -561,7 +566,7 @@ print(json.dumps(rows))
 def test_kernels_compile_for_sm90_without_a_gpu():
     """The real compiler accepts both kernels (the interpreter-only tanh hook is a dead constexpr branch there),
     with the soft clamp's libdevice tanh and IEEE division in the PTX, and ptxas spills nothing (8 stages, 2 groups;
-    the forward with project_out fused too, bfloat16, dense and strided with 64-bit offsets)."""
+    the forward with project_out fused too, bfloat16, dense and strided with 64-bit offsets, and with project_in too)."""
     import subprocess
     import sys
 
@@ -573,7 +578,7 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     rows = json.loads(result.stdout.strip().splitlines()[-1])
     assert [r["kernel"] for r in rows] == ["_residual_forward_kernel", "_residual_backward_kernel", "_residual_backward_kernel",
                                            "_residual_forward_kernel", "_residual_forward_kernel", "_residual_backward_kernel",
-                                           "_residual_forward_kernel", "_residual_forward_kernel"]
+                                           "_residual_forward_kernel", "_residual_forward_kernel", "_residual_forward_kernel"]
     assert rows[0]["ptx_has_tanh_path"] and rows[0]["div_rn"]
     for row in rows:
         assert row["spill_bytes"] == 0 and row["registers"] <= 255, row

@@ -48,7 +48,7 @@ def rows():
 
 def test_json_lines_have_the_fields(rows):
     assert len(rows) == (len(STREAMING) + len(FORWARD_FLAGS) + len(ROTATION) + 3 + 4 + len(PROJECTED_USAGE)
-                         + len(PROJECTED_ROTATION) + 1 + len(RESIDUAL) + 1)
+                         + len(PROJECTED_ROTATION) + 1 + len(RESIDUAL) + 2)
     for row in rows.values():
         assert FIELDS <= row.keys(), row
 
@@ -185,6 +185,15 @@ def test_residual_forward_with_project_out_fused(rows):
     512, 7 on 3.9), and at least 4 blocks an SM."""
     row = rows["residual forward bf16 channel-last, 8x[8,5,5,5], project_out 4->1024 bf16"]
     assert row["spill_bytes"] == 0 and row["stg128"] > 0 and row["shared_bytes"] <= 512, row
+    assert row["blocks_per_sm"] >= 4, row
+
+
+def test_residual_forward_with_both_projections_fused(rows):
+    """``ResidualFSQ.fuse_project_in`` (opt-in): ``project_in`` as a wgmma ``tl.dot`` over 32-feature chunks of ``x``
+    in the same kernel, no spills, at least 4 blocks an SM (80 registers, 9 KB of shared memory for the dot's
+    operands on triton 3.6 and 3.9)."""
+    row = rows["residual forward bf16 channel-last, 8x[8,5,5,5], project_in and project_out 1024->4->1024 bf16"]
+    assert row["spill_bytes"] == 0 and row["mma"] > 0 and row["stg128"] > 0, row
     assert row["blocks_per_sm"] >= 4, row
 
 

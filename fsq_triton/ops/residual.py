@@ -159,6 +159,48 @@ def group_tile(x_ptr, N, num_n_blocks, stride_xb, stride_xc, stride_xn, D: tl.co
 
 
 @triton.jit
+def project_in_tokens(x_ptr, offset, nn, n_ok, group, stride_xc, stride_xn, DIM, w_ptr, bias_ptr,
+                      D: tl.constexpr, E_PAD: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      IEEE_DOT: tl.constexpr, DOT_IN_F32: tl.constexpr, OFFSET_64: tl.constexpr):
+    """``project_in`` for the group's ``D`` channels, as ``fsq_triton.ops.fsq_projected`` computes it: ``h = x W_in^T
+    (+ b_in)`` over ``BLOCK_K`` features of ``x`` at a time (``x`` cast to the weights' dtype, ``tl.dot`` with float32
+    accumulation, ``E_PAD >= 16`` channels with the padding masked), rounded once to the weights' dtype; returned as
+    ``D`` float32 vectors of tokens (each column taken out by a sum of one nonzero term: exact). ``W_in`` is every
+    group's ``project_in.weight`` stacked, ``(G * D, DIM)`` contiguous. The sum's order is the kernel's own, not
+    ``nn.Linear``'s: ``h`` can differ from it by an ulp (see ``ResidualFSQ.fuse_project_in``)."""
+    ee = tl.arange(0, E_PAD)
+    e_ok = ee < D
+    rows = group * D + ee
+    acc = tl.zeros([nn.shape[0], E_PAD], dtype=tl.float32)
+    k0 = DIM * 0
+    while k0 < DIM:  # a runtime bound (see project_out_tokens)
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < DIM
+        w = tl.load(w_ptr + (rows[None, :] * DIM + k[:, None]), mask=e_ok[None, :] & k_ok[:, None], other=0.0)
+        feature = group * DIM + k
+        if OFFSET_64:
+            feature = feature.to(tl.int64)
+        x = tl.load(x_ptr + (offset + feature[None, :] * stride_xc + nn[:, None] * stride_xn),
+                    mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        x = cast_rne(x, w_ptr.dtype.element_ty)  # nn.Linear (or autocast) feeds x in the weights' dtype
+        if DOT_IN_F32:  # exact: products of half-precision values are exact in float32
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        if IEEE_DOT:
+            acc = tl.dot(x, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, w, acc)
+        k0 += BLOCK_K
+    if HAS_BIAS:
+        acc = acc + tl.load(bias_ptr + rows, mask=e_ok, other=0.0).to(tl.float32)[None, :]
+    h = cast_rne(acc, w_ptr.dtype.element_ty).to(tl.float32)
+    cols = ()
+    for j in tl.static_range(D):
+        cols = cols + (tl.sum(tl.where((ee == j)[None, :], h, 0.0), axis=1),)
+    return cols
+
+
+@triton.jit
 def project_out_tokens(codes, w_ptr, bias_ptr, out_ptr, offset, nn, n_ok, group, stride_pc, stride_pn, DIM,
                        G: tl.constexpr, D: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                        OFFSET_64: tl.constexpr):
@@ -259,6 +301,9 @@ def _residual_forward_kernel(
     GUESS_ROWS: tl.constexpr, DENSE: tl.constexpr, INDEX_ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
     OFFSET_64: tl.constexpr, PROJECT_OUT: tl.constexpr = False, BLOCK_K: tl.constexpr = 16,
     HAS_B_OUT: tl.constexpr = False,
+    w_in_ptr=None, b_in_ptr=None, h_ptr=None, stride_hb=0, stride_hc=0, stride_hn=0,
+    PROJECT_IN: tl.constexpr = False, HAS_B_IN: tl.constexpr = False, E_PAD: tl.constexpr = 16,
+    BLOCK_KI: tl.constexpr = 32, IEEE_DOT: tl.constexpr = False, DOT_IN_F32: tl.constexpr = False,
 ):
     """Residual FSQ forward, all ``Q`` stages in registers, over ``BLOCK_N`` tokens x the ``D`` channels of one group.
 
@@ -288,6 +333,9 @@ def _residual_forward_kernel(
     per value (16 a thread, 160 registers, no spills, no shared memory; triton 3.6 and 3.9), against 444 for the
     compare chain over lanes before (compiler figures, not GPU timings: ``bench/NOTES.md``).
 
+    ``PROJECT_IN`` (``project_in`` fused, :func:`project_in_tokens`, only with ``PROJECT_OUT``): ``x`` is the
+    module's input, ``(b, g * proj_dim, n)``, and the stages run on ``h = x W_in^T + b_in``, which is also written to
+    ``h_ptr`` (float32, the feature view) for the backward.
     ``PROJECT_OUT`` (``project_out`` fused, :func:`project_out_tokens`; ``w_out_ptr`` and ``b_out_ptr`` float32, the
     weights transposed): also write ``proj = out W_out^T + b_out``
     (``proj_dim`` features a group, in ``proj``'s dtype, the weights' or autocast's) through its strides.
@@ -296,10 +344,20 @@ def _residual_forward_kernel(
     float32), and ``4 * q`` B of int32 indices per ``d`` elements; the tables (``q * d`` rows of a few dozen floats,
     and the guess table's ``q * d * max(L)`` 16-byte rows) stay in cache. With ``PROJECT_OUT``, per token and group,
     ``proj_dim`` values of ``proj`` more (2 B each in bfloat16; ``W_out`` and ``b_out``, ``proj_dim * (d + 1)`` values a group,
-    stay in cache).
+    stay in cache). With ``PROJECT_IN``, per token and group, ``x`` is ``proj_dim`` values (not ``d``) and ``h``,
+    ``4 d`` B, is written too (``W_in``, ``d * proj_dim`` values a group, stays in cache).
     """
-    b, group, nn, n_ok, raw = group_tile(x_ptr, N, num_n_blocks, stride_xb, stride_xc, stride_xn, D, G, BLOCK_N,
-                                         DENSE, OFFSET_64)
+    if PROJECT_IN:  # x is the module's input (b, g * proj_dim, n): h = project_in(x), saved for the backward
+        b, n_start = tile_origin(num_n_blocks, BLOCK_N, OFFSET_64)
+        group = tl.program_id(1)
+        nn = n_start + tl.arange(0, BLOCK_N)
+        n_ok = nn < N
+        raw = project_in_tokens(x_ptr, b * stride_xb, nn, n_ok, group, stride_xc, stride_xn, proj_dim, w_in_ptr,
+                                b_in_ptr, D, E_PAD, BLOCK_KI, HAS_B_IN, IEEE_DOT, DOT_IN_F32, OFFSET_64)
+        store_channels(h_ptr, b * stride_hb, nn, n_ok, stride_hc, stride_hn, group * D, raw, D, G * D, DENSE, OFFSET_64)
+    else:
+        b, group, nn, n_ok, raw = group_tile(x_ptr, N, num_n_blocks, stride_xb, stride_xc, stride_xn, D, G, BLOCK_N,
+                                             DENSE, OFFSET_64)
     ROW: tl.constexpr = COL_THRESHOLDS + 2 * MAX_LEVEL - 1
     xs = ()
     rs = ()
@@ -491,33 +549,41 @@ def _projected_tile(n: int, dim: int) -> tuple[int, int, int]:
 
 
 def forward_triton(x, stages, guess, channels, basis, groups: int, num_active: int, soft_clamp_mode: int,
-                   channels_last: bool, w_out=None, b_out=None):
+                   channels_last: bool, w_out=None, b_out=None, w_in=None, b_in=None):
     """x (b, g*d, n) -> out (b, g*d, n) float32 in x's layout, indices (g, b, n, q) int32. ``guess``: the stages'
     guess table, or an empty one (the compare chain).
 
     With ``w_out`` (every group's ``project_out.weight`` stacked, ``(g * dim, d)``, in the dtype ``project_out``
     computes in) and ``b_out`` (``(g * dim,)`` or None), ``project_out`` is fused: returns ``(proj (b, n, g * dim) in
-    w_out's dtype, out, indices)``."""
+    w_out's dtype, out, indices)``. With ``w_in`` too (every group's ``project_in.weight`` stacked, ``(g * d, dim)``,
+    in the dtype ``project_in`` computes in; ``b_in`` ``(g * d,)`` or None), ``x`` is the module's input
+    ``(b, g * dim, n)`` and ``project_in`` is fused as well: returns ``(proj, h (b, g*d, n) float32, out, indices)``."""
     q, d = stages.shape[0], stages.shape[1]
     max_level = (stages.shape[2] - _rl.COL_THRESHOLDS + 1) // 2
-    b, _, n = x.shape
-    out = _empty_feature(x.shape, x.device, channels_last, torch.float32)
+    b, n = x.shape[0], x.shape[2]
+    project_in = w_in is not None
+    feature_shape = (b, groups * d, n)
+    out = _empty_feature(feature_shape, x.device, channels_last, torch.float32)
+    h = _empty_feature(feature_shape, x.device, channels_last, torch.float32) if project_in else out
     indices = torch.empty((groups, b, n, q), dtype=torch.int32, device=x.device)
     project = w_out is not None
     if project:
         dim = w_out.shape[0] // groups
         proj = torch.empty((b, n, groups * dim), dtype=w_out.dtype, device=x.device)
+        if project_in and (w_in.shape != (groups * d, dim) or x.shape[1] != groups * dim):
+            raise ValueError(f"project_in's weights {tuple(w_in.shape)} and x {tuple(x.shape)} do not match "
+                             f"{groups} groups of {d} channels from {dim} features")
         # the kernel reads the weights transposed in float32 (exact: their values in w_out's dtype), one vector a
         # channel, and the bias in float32: one small copy each
         w_t = torch.empty((d, groups * dim), dtype=torch.float32, device=x.device).copy_(w_out.t())
         b_f = None if b_out is None else b_out.float()
-        result = (proj, out, indices)
+        result = (proj, h, out, indices) if project_in else (proj, out, indices)
     else:
         dim, proj, result = 1, out, (out, indices)
     if out.numel() == 0 or (interpreting() and _is_fake(x)):
         return result
     proj_view = proj.transpose(1, 2) if project else out
-    rows, tokens, (sx, so, si, sp) = _token_axes(b, n, x, out, indices.permute(0, 1, 3, 2), proj_view)
+    rows, tokens, (sx, so, si, sp, sh) = _token_axes(b, n, x, out, indices.permute(0, 1, 3, 2), proj_view, h)
     if project:
         block, warps, block_k = _projected_tile(tokens, dim)
     else:
@@ -533,9 +599,14 @@ def forward_triton(x, stages, guess, channels, basis, groups: int, num_active: i
             tokens, nblocks, num_active, dim,
             *sx, *so, *idx_strides, *(sp if project else (0, 0, 0)),
             G=groups, D=d, Q=q, MAX_LEVEL=max_level, SOFT_CLAMP=soft_clamp_mode, GUESS_ROWS=guess_rows,
-            DENSE=_dense(rows, groups * d, d, x, out), INDEX_ROWS=index_rows,
+            DENSE=_dense(rows, groups * d, d, *((out, h) if project_in else (x, out))), INDEX_ROWS=index_rows,
             BLOCK_N=block, OFFSET_64=_needs_int64(x, out, indices, *((proj,) if project else ())),
-            PROJECT_OUT=project, BLOCK_K=block_k, HAS_B_OUT=b_out is not None, num_warps=warps,
+            PROJECT_OUT=project, BLOCK_K=block_k, HAS_B_OUT=b_out is not None,
+            **(dict(w_in_ptr=w_in, b_in_ptr=b_in if b_in is not None else w_in, h_ptr=h, stride_hb=sh[0],
+                    stride_hc=sh[1], stride_hn=sh[2], PROJECT_IN=True, HAS_B_IN=b_in is not None,
+                    E_PAD=max(16, _pow2(d)), BLOCK_KI=32, IEEE_DOT=w_in.dtype == torch.float32,
+                    DOT_IN_F32=interpreting()) if project_in else {}),
+            num_warps=warps,
         )
     return result
 
@@ -824,3 +895,102 @@ class ResidualProjectedFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_proj, grad_out, _grad_indices):
         return _projected_grad(ctx, grad_proj, grad_out, _grad_indices)
+
+
+# --------------------------------------------------------------------------------------------------
+# project_in and project_out fused (fsq_triton::residual_quantize_project_in_out), opt-in
+# --------------------------------------------------------------------------------------------------
+
+
+def _project_in_groups(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, groups: int) -> torch.Tensor:
+    """``project_in`` of each group in torch ops (the op's CPU implementation): x (b, g * dim, n) -> h (b, g*d, n)
+    float32, ``x`` cast to the weights' dtype, float32 accumulation, one rounding to the weights' dtype."""
+    b, gk, n = x.shape
+    d, dim = w_in.shape[0] // groups, gk // groups
+    xs = x.to(w_in.dtype).float().reshape(b, groups, dim, n)
+    h = torch.einsum("bgkn,gdk->bgdn", xs, w_in.float().reshape(groups, d, dim))
+    if b_in is not None:
+        h = h + b_in.float().reshape(groups, d)[None, :, :, None]
+    return h.to(w_in.dtype).float().reshape(b, groups * d, n)
+
+
+@torch.library.triton_op("fsq_triton::residual_quantize_project_in_out", mutates_args=())
+def residual_quantize_project_in_out(
+    x: torch.Tensor, stages: torch.Tensor, guess: torch.Tensor, channels: torch.Tensor, basis: torch.Tensor,
+    w_in: torch.Tensor, b_in: torch.Tensor | None, w_out: torch.Tensor, b_out: torch.Tensor | None, groups: int,
+    num_active: int, kind: int, soft_clamp_mode: int, channels_last: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`residual_quantize_projected` with ``project_in`` fused too: ``x`` is the module's input ``(b, g * dim,
+    n)``; returns ``(proj (b, n, g * dim), h (b, g*d, n) float32, out (b, g*d, n) float32, indices (g, b, n, q))``."""
+    if _runs_triton(x):
+        return forward_triton(x, stages, guess, channels, basis, groups, num_active, soft_clamp_mode, channels_last,
+                              w_out, b_out, w_in, b_in)
+    h = _project_in_groups(x, w_in, b_in, groups)
+    out, indices = _torch_forward(h, stages, channels, basis, groups, num_active, soft_clamp_mode)
+    proj = _project_groups(out, w_out, b_out, groups)
+    feature = lambda t: _empty_feature(t.shape, t.device, channels_last, t.dtype).copy_(t)  # noqa: E731
+    return proj, feature(h), feature(out), indices
+
+
+def _project_in_out_backward(grad_proj, grad_h, grad_out, x, h, out, w_in, b_in, w_out, b_out, stages, guess,
+                             channels, groups, num_active, kind, soft_clamp_mode, channels_last):
+    """Gradients for ``(x, w_in, b_in, w_out, b_out)``: :func:`_projected_backward` gives ``d(h)`` (the
+    straight-through kernel recomputed from the saved ``h``), then ``project_in``'s products as ``nn.Linear``'s
+    backward computes them, in the weights' dtype, ``d(x)`` cast back to ``x``'s dtype."""
+    grad_h_kernel, grad_w_out, grad_b_out = _projected_backward(
+        grad_proj, grad_out, h, out, w_out, b_out, stages, guess, channels, groups, num_active, kind, soft_clamp_mode,
+        channels_last)
+    if grad_h is not None:
+        grad_h_kernel = grad_h_kernel + grad_h
+    b, gk, n = x.shape
+    d, dim = w_in.shape[0] // groups, gk // groups
+    dh = grad_h_kernel.reshape(b, groups, d, n).to(w_in.dtype)
+    w = w_in.reshape(groups, d, dim)
+    grad_x = torch.einsum("bgdn,gdk->bgkn", dh, w).reshape(b, gk, n).to(x.dtype)
+    xs = x.to(w_in.dtype).reshape(b, groups, dim, n)
+    grad_w_in = torch.einsum("bgdn,bgkn->gdk", dh, xs).reshape(groups * d, dim)
+    grad_b_in = dh.sum((0, 3)).reshape(groups * d) if b_in is not None else None
+    return grad_x, grad_w_in, grad_b_in, grad_w_out, grad_b_out
+
+
+def _project_in_out_setup_context(ctx, inputs, output):
+    (x, stages, guess, channels, _basis, w_in, b_in, w_out, b_out, groups, num_active, kind, soft_clamp_mode,
+     channels_last) = inputs
+    ctx.save_for_backward(x, output[1], output[2], w_in, b_in, w_out, b_out, stages, guess, channels)
+    ctx.config = (groups, num_active, kind, soft_clamp_mode, channels_last)
+    ctx.mark_non_differentiable(output[3])
+
+
+def _project_in_out_grad(ctx, grad_proj, grad_h, grad_out, _grad_indices):
+    x, h, out, w_in, b_in, w_out, b_out, stages, guess, channels = ctx.saved_tensors
+    grad_x, grad_w_in, grad_b_in, grad_w_out, grad_b_out = _project_in_out_backward(
+        grad_proj, grad_h, grad_out, x, h, out, w_in, b_in, w_out, b_out, stages, guess, channels, *ctx.config)
+    return grad_x, None, None, None, None, grad_w_in, grad_b_in, grad_w_out, grad_b_out, None, None, None, None, None
+
+
+residual_quantize_project_in_out.register_autograd(_project_in_out_grad, setup_context=_project_in_out_setup_context)
+
+
+class ResidualProjectInOutFunction(torch.autograd.Function):
+    """``(proj, h, out, indices) = ResidualProjectInOutFunction.apply(x, stages, guess, channels, basis, w_in, b_in,
+    w_out, b_out, groups, num_active, kind, soft_clamp_mode, channels_last)``: :func:`residual_quantize_project_in_out`
+    with its gradient; eager CUDA calls launch the kernel directly."""
+
+    @staticmethod
+    def forward(ctx, x, stages, guess, channels, basis, w_in, b_in, w_out, b_out, groups, num_active, kind,
+                soft_clamp_mode, channels_last):
+        if torch.compiler.is_compiling() or not _runs_triton(x):
+            proj, h, out, indices = torch.ops.fsq_triton.residual_quantize_project_in_out(
+                x, stages, guess, channels, basis, w_in, b_in, w_out, b_out, groups, num_active, kind,
+                soft_clamp_mode, channels_last)
+        else:
+            proj, h, out, indices = forward_triton(x, stages, guess, channels, basis, groups, num_active,
+                                                   soft_clamp_mode, channels_last, w_out, b_out, w_in, b_in)
+        ctx.save_for_backward(x, h, out, w_in, b_in, w_out, b_out, stages, guess, channels)
+        ctx.config = (groups, num_active, kind, soft_clamp_mode, channels_last)
+        ctx.mark_non_differentiable(indices)
+        return proj, h, out, indices
+
+    @staticmethod
+    def backward(ctx, grad_proj, grad_h, grad_out, _grad_indices):
+        return _project_in_out_grad(ctx, grad_proj, grad_h, grad_out, _grad_indices)
