@@ -119,6 +119,16 @@ class ResidualFSQ(nn.Module):
     # moved 612,934 of 40M indices of 8x[8,5,5,5] against vqp, the torch-op soft clamp none.
     soft_clamp_in_kernel: bool | None = None
 
+    # Opt-in: ``project_in`` in the kernel too (a ``tl.dot`` per token tile, float32 accumulation in the kernel's
+    # order), so that the projected forward reads ``x`` once and launches once. Off by default because it is not vqp
+    # bit for bit: ``h`` can differ from ``nn.Linear``'s by an ulp (on the CPU 90.6% of a float32 ``nn.Linear(1024,
+    # 4)``'s outputs differ from the correctly rounded sum, 1.2e-4 under bfloat16 autocast), and deep stages resolve
+    # ``h`` below float32's resolution (8 stages of [8, 5, 5, 5]: one ulp moves the last index of 23% of tokens); the
+    # soft clamp then runs in the kernel on CUDA too (``h`` never leaves it). Same conditions as ``project_out``'s
+    # fusion (plain ``nn.Linear`` layers, ``dim % 16 == 0``, float32 weights or autocast); a class or instance
+    # attribute.
+    fuse_project_in: bool = False
+
     def __init__(
         self,
         *,
@@ -360,13 +370,14 @@ class ResidualFSQ(nn.Module):
                 f"backend='triton' runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), found a tensor on {t.device}")
         return None
 
-    def _soft_clamp_mode(self, x: torch.Tensor) -> int | None:
-        """How the kernel evaluates the soft clamp for this input, or None where only the torch path is exact."""
+    def _soft_clamp_mode(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> int | None:
+        """How the kernel evaluates the soft clamp for this input (``dtype``: the dtype of the values it clamps, when
+        not ``x``'s), or None where only the torch path is exact."""
         c = self.soft_clamp_input_value
         if c is None:
             return 0
         scalar = not isinstance(c, torch.Tensor) or c.ndim == 0
-        if scalar and x.dtype != torch.float32:
+        if scalar and (dtype or x.dtype) != torch.float32:
             return None  # vqp divides in x's half precision here
         if isinstance(c, torch.Tensor) and c.is_floating_point() and c.dtype != torch.float32:
             return None  # a float64 soft clamp promotes x to float64; a half one (module.half()) computes in half
@@ -434,13 +445,18 @@ class ResidualFSQ(nn.Module):
         return codes, index
 
     def _quantize_fused(self, ops, feature: torch.Tensor, channels_last: bool, cut: int | None, mode: int, groups: int = 1,
-                        projection=None):
+                        projection=None, project_in=None):
         """The fused kernel on the feature view ``(b, g*d, n)``: ``(out (b, g*d, n) float32, indices (g, b, n, q))``;
         with ``projection = (w_out (g * dim, d), b_out or None)``, ``project_out`` fused: ``(proj (b, n, g * dim),
-        out, indices)``."""
+        out, indices)``; with ``project_in = (w_in (g*d, dim), b_in or None)`` too, ``feature`` is the input
+        ``(b, g * dim, n)``: ``(proj, h, out, indices)``."""
         tables = self._tables(feature.device)
         num_active = self.num_quantizers if cut is None else cut + 1
         kind = _ops.KINDS[self._kind]
+        if project_in is not None:
+            return ops.ResidualProjectInOutFunction.apply(feature, tables.stages, tables.guess, tables.channels,
+                                                          tables.basis, *project_in, *projection, groups, num_active,
+                                                          kind, mode, channels_last)
         if projection is not None:
             return ops.ResidualProjectedFunction.apply(feature, tables.stages, tables.guess, tables.channels,
                                                        tables.basis, *projection, groups, num_active, kind, mode,
@@ -494,19 +510,46 @@ class ResidualFSQ(nn.Module):
             return None
         return weight, bias
 
+    def _fused_projections(self, x: torch.Tensor):
+        """``(ops, soft clamp mode, (w_in, b_in), (w_out, b_out))`` when :attr:`fuse_project_in` puts both
+        projections in the kernel for this input, else None."""
+        if not self.fuse_project_in or not self.has_projections:
+            return None
+        ops = self._triton_ops(x)
+        out = self._fused_project_out(x) if ops is not None and not _transformed() else None
+        linear = self.project_in
+        if out is None or not _is_plain(linear, nn.Linear) or linear.weight.shape != (self.codebook_dim, self.dim):
+            return None
+        weight, bias = linear.weight, linear.bias
+        if weight.dtype != out[0].dtype:  # float32 weights: autocast casts both alike
+            weight, bias = weight.to(out[0].dtype), None if bias is None else bias.to(out[0].dtype)
+        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or self.scales.dtype != torch.float32:
+            return None
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            return None  # nn.Linear raises for mixed dtypes: the module call says so
+        mode = self._soft_clamp_mode(x, weight.dtype)
+        if mode is None:
+            return None
+        return ops, mode, (weight, bias), out
+
     def forward(self, x: torch.Tensor, return_all_codes: bool = False, rand_quantize_dropout_fixed_seed=None):
         self._check_input(x)
         if self.is_channel_first:
             x = rearrange(x, "b d ... -> b ... d")
             x, ps = pack([x], "b * d")
-        x = self.project_in(x)
+        both = self._fused_projections(x)
+        if both is None:
+            x = self.project_in(x)
         cut = self._dropout_cut(x, rand_quantize_dropout_fixed_seed)
-
-        ops, mode, x_fused = self._use_fused(x)
-        projection = self._fused_project_out(x) if ops is not None else None
-        if projection is not None:  # the stages and project_out in one launch
-            quantized_out, _, indices = self._quantize_fused(ops, x_fused.transpose(1, 2), True, cut, mode,
-                                                             projection=projection)
+        if both is not None:  # fuse_project_in: x is the input, project_in runs in the kernel
+            ops, mode, project_in, projection = both
+            x_fused = x
+        else:
+            ops, mode, x_fused = self._use_fused(x)
+            project_in, projection = None, (self._fused_project_out(x) if ops is not None else None)
+        if projection is not None:  # the stages and project_out (and project_in) in one launch
+            quantized_out, *_, indices = self._quantize_fused(ops, x_fused.transpose(1, 2), True, cut, mode,
+                                                              projection=projection, project_in=project_in)
             all_indices = indices[0]
         elif ops is not None:
             out, indices = self._quantize_fused(ops, x_fused.transpose(1, 2), True, cut, mode)
@@ -582,7 +625,15 @@ class GroupedResidualFSQ(nn.Module):
         # training-mode forward: a rank that runs one more (a no_grad sample, a log) then waits forever in all_reduce
         # (vqp issues #198, #105).
         seed = get_maybe_sync_seed(x.device) if first._dropout_applies() else None
-        ops = first._triton_ops(x) if self._fused_layout(x) else None
+        both = self._fused_projections(x) if self._fused_layout(x) else None
+        ops = first._triton_ops(x) if self._fused_layout(x) and both is None else None
+        if both is not None:  # fuse_project_in: x itself is the kernel's input, as (b, g * dim_per_group, n)
+            ops, mode, project_in, projection = both
+            feature = x.reshape(x.shape[0], self.dim, -1) if first.is_channel_first else x.transpose(1, 2)
+            cut = first._dropout_cut(x, seed)
+            q, _, _, indices = first._quantize_fused(ops, feature, False, cut, mode, groups=self.groups,
+                                                     projection=projection, project_in=project_in)
+            return self._grouped_result(x, q, indices, cut, return_all_codes)
         if ops is not None:  # x as (b, n, g, dim_per_group)
             if first.is_channel_first:
                 xs = rearrange(x, "b (g e) ... -> b (...) g e", g=self.groups)
@@ -602,7 +653,6 @@ class GroupedResidualFSQ(nn.Module):
             return (torch.cat(quantized, dim=split_dim), torch.stack(all_indices), *maybe_all_codes)
 
         # every group in one launch
-        b = x.shape[0]
         cut = first._dropout_cut(xs, seed)
         feature = rearrange(xs, "b n g d -> b (g d) n")
         projection = self._fused_project_out(xs)
@@ -615,6 +665,11 @@ class GroupedResidualFSQ(nn.Module):
             if first.has_projections:
                 q = torch.stack([rvq.project_out(q[:, :, i]) for i, rvq in enumerate(self.rvqs)], dim=2)
             q = rearrange(q, "b n g e -> b n (g e)")
+        return self._grouped_result(x, q, indices, cut, return_all_codes)
+
+    def _grouped_result(self, x, q, indices, cut, return_all_codes: bool):
+        """The fused launch's ``q (b, n, g * e)`` and ``indices (g, b, n, q)`` in ``x``'s layout, as vqp returns them."""
+        first, b = self.rvqs[0], x.shape[0]
         if cut is not None and cut < first.num_quantizers - 1:
             indices = indices.long()
         if first.is_channel_first:
@@ -637,6 +692,30 @@ class GroupedResidualFSQ(nn.Module):
         weight = torch.cat([w for w, _ in parts])
         bias = None if parts[0][1] is None else torch.cat([b for _, b in parts])
         return weight, bias
+
+    @property
+    def fuse_project_in(self) -> bool:
+        """:attr:`ResidualFSQ.fuse_project_in` of every group (setting it sets each group's)."""
+        return all(rvq.fuse_project_in for rvq in self.rvqs)
+
+    @fuse_project_in.setter
+    def fuse_project_in(self, value: bool) -> None:
+        for rvq in self.rvqs:
+            rvq.fuse_project_in = bool(value)
+
+    def _fused_projections(self, x: torch.Tensor):
+        """Every group's :meth:`ResidualFSQ._fused_projections` stacked for the one launch (``(ops, mode, (w_in
+        (g*d, dim / g), b_in), (w_out (dim, d), b_out))``), or None unless every group's may run fused."""
+        parts = [rvq._fused_projections(x) for rvq in self.rvqs]
+        if any(p is None for p in parts) or len({p[1] for p in parts}) != 1:
+            return None
+        ins, outs = [p[2] for p in parts], [p[3] for p in parts]
+        if len({w.dtype for w, _ in ins + outs}) != 1 or len({b is None for _, b in ins}) != 1 \
+                or len({b is None for _, b in outs}) != 1:
+            return None
+        stack = lambda pairs: (torch.cat([w for w, _ in pairs]),  # noqa: E731
+                               None if pairs[0][1] is None else torch.cat([b for _, b in pairs]))
+        return parts[0][0], parts[0][1], stack(ins), stack(outs)
 
     def _fused_layout(self, x) -> bool:
         """Whether the groups can share one launch: the chunks are the feature axis each group's stages read."""

@@ -230,3 +230,120 @@ def test_torch_compile_fullgraph_with_fused_project_out():
     torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-5, atol=1e-6)
     for gc, ge in zip(grads_c, (p.grad for p in m.parameters())):
         torch.testing.assert_close(gc, ge, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# fuse_project_in (opt-in): project_in in the kernel too
+# --------------------------------------------------------------------------------------------------
+
+
+class _InOutSpy:
+    """Counts the launches with both projections fused (the autograd.Function's calls)."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        original = ops.ResidualProjectInOutFunction.apply
+
+        def apply(*args):
+            self.calls += 1
+            return original(*args)
+
+        monkeypatch.setattr(ops.ResidualProjectInOutFunction, "apply", apply)
+
+
+def _on_a_grid(module):
+    """project_in's weights and biases on a coarse grid: with inputs on one too, every product and partial sum is exact
+    in float32 and bfloat16, so any summation order gives nn.Linear's h, and the fused path must equal the torch path
+    bit for bit in the indices."""
+    with torch.no_grad():
+        for rvq in getattr(module, "rvqs", [module]):
+            rvq.project_in.weight.copy_(torch.randint(-8, 9, rvq.project_in.weight.shape) / 64)
+            if rvq.project_in.bias is not None:
+                rvq.project_in.bias.copy_(torch.randint(-8, 9, rvq.project_in.bias.shape) / 8)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "autocast-bf16"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_fuse_project_in_matches_the_pytorch_path_on_exact_sums(name, autocast, monkeypatch):
+    spy, out_spy = _InOutSpy(monkeypatch), _Spy(monkeypatch)
+    ours, torch_path, x = _pair(name)
+    _on_a_grid(ours)
+    torch_path.load_state_dict(ours.state_dict())
+    ours.fuse_project_in = True
+    x = torch.randint(-8, 9, x.shape).float() / 8
+    _compare(ours, torch_path, x, autocast)
+    assert spy.calls == 1 and out_spy.calls == 0  # one launch for project_in, the stages and project_out
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fuse_project_in_on_random_inputs_is_the_kernel_path_on_its_own_h(dtype):
+    """On random inputs the fused h may differ from nn.Linear's by an ulp (the reason it is opt-in); everything
+    after it is the project_out-fused path's: the same indices, sums and projected rows from the kernel's own h, and
+    that h within one rounding of the weights' dtype of the torch twin's."""
+    tables = residual_tables((8, 5, 5, 5), 8, "current", "sym_clamp", "cpu", (8 / 7, 1.25, 1.25, 1.25))
+    torch.manual_seed(4)
+    x = torch.randn(2, 2 * 64, 29)
+    w_in, b_in = (torch.randn(2 * 4, 64) / 8).to(dtype), torch.randn(2 * 4).to(dtype)
+    w_out, b_out = torch.randn(2 * 64, 4).to(dtype), torch.randn(2 * 64).to(dtype)
+    proj, h, out, indices = ops.forward_triton(x, tables.stages, tables.guess, tables.channels, tables.basis, 2, 8, 1,
+                                               False, w_out, b_out, w_in, b_in)
+    torch.testing.assert_close(h, ops._project_in_groups(x, w_in, b_in, 2), rtol=2 ** -7 if dtype != torch.float32 else 1e-6,
+                               atol=1e-6)
+    proj2, out2, indices2 = ops.forward_triton(h, tables.stages, tables.guess, tables.channels, tables.basis, 2, 8, 1,
+                                               False, w_out, b_out)
+    assert torch.equal(indices, indices2) and torch.equal(out, out2) and torch.equal(proj, proj2)
+
+
+@needs_interpreter
+def test_fuse_project_in_is_off_by_default_and_stands_aside(monkeypatch):
+    """Off by default (vqp's indices need nn.Linear's h); on, a hooked project_in is called as a module."""
+    spy = _InOutSpy(monkeypatch)
+    assert ResidualFSQ.fuse_project_in is False
+    m = ResidualFSQ(levels=[8, 5, 5, 5], num_quantizers=2, dim=16, backend="triton")
+    x = torch.randn(2, 5, 16)
+    m(x)
+    assert spy.calls == 0
+    m.fuse_project_in = True
+    m(x)
+    assert spy.calls == 1
+    seen = []
+    m.project_in.register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
+    m(x)
+    assert spy.calls == 1 and seen == [(2, 5, 4)]
+    grouped = GroupedResidualFSQ(dim=32, groups=2, levels=[8, 5, 5, 5], num_quantizers=2, backend="triton")
+    grouped.fuse_project_in = True
+    assert all(rvq.fuse_project_in for rvq in grouped.rvqs) and grouped.fuse_project_in
+    grouped(torch.randn(2, 5, 32))
+    assert spy.calls == 2
+
+
+@needs_interpreter
+def test_project_in_out_op_passes_opcheck_and_checks_shapes():
+    tables = residual_tables((8, 5, 5, 5), 3, "current", "sym_clamp", "cpu", (8 / 7, 1.25, 1.25, 1.25))
+    x = torch.randn(2, 2 * 16, 7, requires_grad=True)
+    w_in, w_out = torch.randn(2 * 4, 16, requires_grad=True), torch.randn(2 * 16, 4, requires_grad=True)
+    for b_in, b_out in ((torch.randn(8, requires_grad=True), torch.randn(32, requires_grad=True)), (None, None)):
+        torch.library.opcheck(torch.ops.fsq_triton.residual_quantize_project_in_out.default,
+                              (x, tables.stages, tables.guess, tables.channels, tables.basis, w_in, b_in, w_out, b_out, 2,
+                               3, ops.KINDS["sym_clamp"], 1, False))
+    with pytest.raises(ValueError, match="do not match"):
+        ops.forward_triton(x.detach(), tables.stages, tables.guess, tables.channels, tables.basis, 2, 3, 1, False,
+                           w_out.detach(), None, torch.randn(2 * 4, 15), None)
+
+
+@needs_interpreter
+def test_torch_compile_fullgraph_with_fuse_project_in():
+    m = ResidualFSQ(levels=[8, 5, 5, 5], num_quantizers=3, dim=16, backend="triton")
+    m.fuse_project_in = True
+    compiled = torch.compile(m, fullgraph=True)
+    x = torch.randn(2, 7, 16)
+    xc, xe = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    qc, ic = compiled(xc)
+    qe, ie = m(xe)
+    assert torch.equal(ic, ie)
+    torch.testing.assert_close(qc, qe, rtol=1e-6, atol=1e-6)
+    qc.sum().backward()
+    qe.sum().backward()
+    torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-5, atol=1e-6)
