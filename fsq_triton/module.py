@@ -64,9 +64,10 @@ def _may_run_triton(device: torch.device) -> bool:
 
 def _is_plain(module: nn.Module, cls: type) -> bool:
     """Whether calling ``module`` is exactly ``cls.forward`` on its own parameters: its class is ``cls`` itself
-    (not a subclass such as a LoRA adapter, nor the class a parametrization generates), and no hook (its own
-    or a global one) would fire. Only then may a fused kernel, which reads the weights directly, stand in for it."""
-    if type(module) is not cls:
+    (not a subclass such as a LoRA adapter, nor the class a parametrization generates), no ``forward`` set on the
+    instance (as accelerate's ``add_hook_to_module`` does for offloading), and no hook (its own or a global one)
+    would fire. Only then may a fused kernel, which reads the weights directly, stand in for it."""
+    if type(module) is not cls or "forward" in module.__dict__:  # an instance's own forward (accelerate's hooks)
         return False
     if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks:
         return False

@@ -98,6 +98,9 @@ def _floor_ste(z):
     return z + (z.floor() - z).detach()
 
 
+# The dtypes autocast casts to its own (a float64 parameter stays float64, and nn.Linear then raises)
+_AUTOCAST_CAST = (torch.float32, torch.float16, torch.bfloat16)
+
 # Devices whose decode checks the index range on the host (raising IndexError); elsewhere bad indices decode to NaN.
 _RANGE_CHECKED_DEVICES = ("cpu",)
 
@@ -469,6 +472,13 @@ class ResidualFSQ(nn.Module):
         in_kernel = self.soft_clamp_in_kernel
         return device.type != "cuda" if in_kernel is None else bool(in_kernel)
 
+    def _kernel_takes(self, x: torch.Tensor, dtype: torch.dtype) -> bool:
+        """Whether the kernel reproduces vqp's stages on values of ``dtype`` (``x``: the input, for its device): not
+        float64 (vqp quantizes it in float64), a scalar soft clamp in half precision, or a module cast to half
+        precision (.half(), .to(bfloat16): vqp's scales buffer follows, and its stages then compute in half)."""
+        return (dtype in (torch.float32, torch.bfloat16, torch.float16) and self.scales.dtype == torch.float32
+                and self._soft_clamp_mode(x, dtype) is not None)
+
     def _use_fused(self, x: torch.Tensor):
         """``(ops, soft clamp mode, x)`` for the fused kernel, or ``(None, None, x)`` for the torch path.
 
@@ -477,13 +487,9 @@ class ResidualFSQ(nn.Module):
         vqp's bit for bit on a device whose ``tanh`` in Triton differs from torch's.
         """
         ops = self._triton_ops(x)
-        if ops is None or _transformed():
+        if ops is None or _transformed() or not self._kernel_takes(x, x.dtype):
             return None, None, x
         mode = self._soft_clamp_mode(x)
-        if mode is None or x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or self.scales.dtype != torch.float32:
-            # float64 (vqp quantizes it in float64), a scalar soft clamp in half precision, or a module cast to half
-            # precision (.half(), .to(bfloat16): vqp's scales buffer follows, and its stages then compute in half)
-            return None, None, x
         if mode != 0 and not self._soft_clamp_runs_in_kernel(x.device):
             c = self.soft_clamp_input_value
             x, mode = (x / c).tanh() * c, 0
@@ -504,6 +510,9 @@ class ResidualFSQ(nn.Module):
         weight, bias = linear.weight, linear.bias
         device_type = x.device.type
         if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+            # autocast casts float32 and half-precision weights, not float64 ones (nn.Linear then raises: called)
+            if any(t is not None and t.dtype not in _AUTOCAST_CAST for t in (weight, bias)):
+                return None
             dtype = torch.get_autocast_dtype(device_type)
             return weight.to(dtype), None if bias is None else bias.to(dtype)
         if weight.dtype != torch.float32 or (bias is not None and bias.dtype != torch.float32):
@@ -521,16 +530,15 @@ class ResidualFSQ(nn.Module):
         if out is None or not _is_plain(linear, nn.Linear) or linear.weight.shape != (self.codebook_dim, self.dim):
             return None
         weight, bias = linear.weight, linear.bias
+        if any(t is not None and t.dtype not in _AUTOCAST_CAST for t in (weight, bias)):
+            return None
         if weight.dtype != out[0].dtype:  # float32 weights: autocast casts both alike
             weight, bias = weight.to(out[0].dtype), None if bias is None else bias.to(out[0].dtype)
-        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or self.scales.dtype != torch.float32:
+        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or not self._kernel_takes(x, weight.dtype):
             return None
         if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
             return None  # nn.Linear raises for mixed dtypes: the module call says so
-        mode = self._soft_clamp_mode(x, weight.dtype)
-        if mode is None:
-            return None
-        return ops, mode, (weight, bias), out
+        return ops, self._soft_clamp_mode(x, weight.dtype), (weight, bias), out
 
     def forward(self, x: torch.Tensor, return_all_codes: bool = False, rand_quantize_dropout_fixed_seed=None):
         self._check_input(x)
@@ -626,7 +634,9 @@ class GroupedResidualFSQ(nn.Module):
         # (vqp issues #198, #105).
         seed = get_maybe_sync_seed(x.device) if first._dropout_applies() else None
         both = self._fused_projections(x) if self._fused_layout(x) else None
-        ops = first._triton_ops(x) if self._fused_layout(x) and both is None else None
+        ops = first._triton_ops(x) if self._fused_layout(x) and both is None and not _transformed() else None
+        if ops is not None and not first._kernel_takes(x, self._projected_dtype(x)):
+            ops = None  # decided before project_in runs: the per-group fallback below calls it (once)
         if both is not None:  # fuse_project_in: x itself is the kernel's input, as (b, g * dim_per_group, n)
             ops, mode, project_in, projection = both
             feature = x.reshape(x.shape[0], self.dim, -1) if first.is_channel_first else x.transpose(1, 2)
@@ -667,6 +677,19 @@ class GroupedResidualFSQ(nn.Module):
             q = rearrange(q, "b n g e -> b n (g e)")
         return self._grouped_result(x, q, indices, cut, return_all_codes)
 
+    def _projected_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype each group's ``project_in`` gives (``x``'s without projections): autocast's where it casts the
+        weights, else the weights'."""
+        first = self.rvqs[0]
+        if not first.has_projections:
+            return x.dtype
+        weight = getattr(first.project_in, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            return x.dtype
+        if torch.is_autocast_enabled(x.device.type) and weight.dtype in _AUTOCAST_CAST:
+            return torch.get_autocast_dtype(x.device.type)
+        return weight.dtype
+
     def _grouped_result(self, x, q, indices, cut, return_all_codes: bool):
         """The fused launch's ``q (b, n, g * e)`` and ``indices (g, b, n, q)`` in ``x``'s layout, as vqp returns them."""
         first, b = self.rvqs[0], x.shape[0]
@@ -685,7 +708,8 @@ class GroupedResidualFSQ(nn.Module):
 
     def _fused_project_out(self, x: torch.Tensor):
         """Every group's fused ``project_out`` (:meth:`ResidualFSQ._fused_project_out`) stacked into one
-        ``(weight (g * dim / g, d), bias or None)`` for the launch, or None where any group's must be called."""
+        ``(weight (dim, d), bias or None)`` (each group's ``(dim / g, d)`` stacked) for the launch, or None where any
+        group's must be called."""
         parts = [rvq._fused_project_out(x) for rvq in self.rvqs]
         if any(p is None for p in parts) or len({p[1] is None for p in parts}) != 1 or len({p[0].dtype for p in parts}) != 1:
             return None

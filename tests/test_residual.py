@@ -762,3 +762,18 @@ def test_torch_func_and_forward_ad_take_vqps_ops(transform, grouped, backend):
             return fwAD.unpack_dual(module(fwAD.make_dual(x, tangent))[0]).tangent
 
     torch.testing.assert_close(run(ours), run(reference), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dim", [4, 16])
+def test_double_backward_through_the_kernels_is_refused(dim, backend):
+    """create_graph=True: the torch path gives second derivatives (the soft clamp's tanh has them); the kernels'
+    backward is a kernel with no graph, so it refuses instead of silently dropping their terms."""
+    m = ResidualFSQ(levels=[8, 5, 5, 5], num_quantizers=3, dim=dim, backend=backend)
+    x = torch.randn(2, 5, dim, requires_grad=True)
+    if backend == "triton":
+        with pytest.raises(NotImplementedError, match="double backward"):
+            torch.autograd.grad(m(x)[0].square().sum(), x, create_graph=True)
+        return
+    (g,) = torch.autograd.grad(m(x)[0].square().sum(), x, create_graph=True)
+    (gg,) = torch.autograd.grad(g.sum(), x)
+    assert gg.abs().sum() > 0

@@ -32,7 +32,9 @@ CASES = {
     "residual": (ResidualFSQ, dict(levels=[8, 5, 5, 5], num_quantizers=4, dim=32), (2, 13, 32)),
     "residual channel-first": (ResidualFSQ, dict(levels=[8, 5, 5, 5], num_quantizers=3, dim=16, is_channel_first=True),
                                (2, 16, 3, 5)),
-    "residual no bias": (ResidualFSQ, dict(levels=[7, 5, 3], num_quantizers=5, dim=16, projection_has_bias=False),
+    # vqp's ResidualFSQ gives its projections a bias whatever projection_has_bias says (its stages take that
+    # keyword); _pair replaces them with bias-free nn.Linear layers in both modules
+    "residual no bias": (ResidualFSQ, dict(levels=[7, 5, 3], num_quantizers=5, dim=16),
                          (2, 11, 16)),
     "grouped": (GroupedResidualFSQ, dict(dim=32, groups=2, levels=[5, 5, 5, 5], num_quantizers=2), (2, 9, 32)),
     "grouped image": (GroupedResidualFSQ, dict(dim=48, groups=3, levels=[5, 5, 5], num_quantizers=3,
@@ -45,7 +47,12 @@ def _pair(name, reference_cls=None, backend="triton"):
     torch.manual_seed(sum(map(ord, name)))
     ours = cls(**kwargs, backend=backend)
     other = (reference_cls or cls)(**kwargs) if reference_cls is not None else cls(**kwargs, backend="torch")
+    if "no bias" in name:
+        for module in (ours, other):
+            module.project_in = nn.Linear(module.project_in.in_features, module.project_in.out_features, bias=False)
+            module.project_out = nn.Linear(module.project_out.in_features, module.project_out.out_features, bias=False)
     other.load_state_dict(ours.state_dict(), strict=True)
+    assert ("no bias" in name) == (getattr(ours, "rvqs", [ours])[0].project_out.bias is None)
     return ours, other, torch.randn(shape) * 2
 
 
@@ -328,9 +335,32 @@ def test_project_in_out_op_passes_opcheck_and_checks_shapes():
         torch.library.opcheck(torch.ops.fsq_triton.residual_quantize_project_in_out.default,
                               (x, tables.stages, tables.guess, tables.channels, tables.basis, w_in, b_in, w_out, b_out, 2,
                                3, ops.KINDS["sym_clamp"], 1, False))
-    with pytest.raises(ValueError, match="do not match"):
+    with pytest.raises(ValueError, match=r"w_in must be \(8, 16\), found \(8, 15\)"):
         ops.forward_triton(x.detach(), tables.stages, tables.guess, tables.channels, tables.basis, 2, 3, 1, False,
                            w_out.detach(), None, torch.randn(2 * 4, 15), None)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("bad, message", [
+    (dict(w_out=torch.randn(13, 4)), r"w_out must be \(groups \* dim, 4\), found \(13, 4\)"),
+    (dict(w_out=torch.randn(48)), r"w_out must be"),
+    (dict(b_out=torch.randn(5)), r"b_out must be \(12,\), found \(5,\)"),
+    (dict(w_out=torch.randint(0, 3, (12, 4)), b_out=None), r"floating dtype"),
+    (dict(b_out=torch.randn(12, dtype=torch.float64)), r"b_out is torch.float64"),
+])
+@pytest.mark.parametrize("interpreted", [True, False], ids=["kernel", "torch-twin"])
+def test_projected_op_refuses_bad_projections(bad, message, interpreted, monkeypatch):
+    """The op says what is wrong with its projection tensors, on the kernel path and on its CPU twin (a short bias
+    would otherwise be read past its end by the kernel)."""
+    tables = residual_tables((8, 5, 5, 5), 3, "current", "sym_clamp", "cpu", (8 / 7, 1.25, 1.25, 1.25))
+    args = dict(w_out=torch.randn(12, 4), b_out=torch.randn(12), **{})
+    args.update(bad)
+    if not interpreted:
+        monkeypatch.setattr(ops, "_runs_triton", lambda t: False)
+    with pytest.raises(ValueError, match=message):
+        torch.ops.fsq_triton.residual_quantize_projected(torch.randn(2, 8, 5), tables.stages, tables.guess, tables.channels,
+                                                         tables.basis, args["w_out"], args["b_out"], 2, 3,
+                                                         ops.KINDS["sym_clamp"], 1, False)
 
 
 @needs_interpreter
@@ -347,3 +377,49 @@ def test_torch_compile_fullgraph_with_fuse_project_in():
     qc.sum().backward()
     qe.sum().backward()
     torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-5, atol=1e-6)
+
+
+@needs_interpreter
+def test_grouped_calls_each_project_in_once_where_the_kernel_declines():
+    """Under torch.func, and where the kernel declines the projected values (a scalar soft clamp under bfloat16
+    autocast, pre-1.26), each group's project_in runs once, as in vqp (a hook fires once, a dropout draws once)."""
+    from torch.func import grad
+
+    for kwargs, autocast, transform in ((dict(), False, True),
+                                        (dict(semantics="pre-1.26", soft_clamp_input_value=1.5), True, False)):
+        m = GroupedResidualFSQ(dim=32, groups=2, levels=[8, 5, 5, 5], num_quantizers=2, backend="triton", **kwargs)
+        calls = []
+        for rvq in m.rvqs:
+            rvq.project_in.register_forward_hook(lambda *args: calls.append(1))
+        x = torch.randn(2, 5, 32)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if transform:
+                grad(lambda x: m(x)[0].sum())(x)
+            else:
+                m(x)
+        assert len(calls) == 2
+
+
+@needs_interpreter
+def test_project_out_with_its_own_forward_is_called(monkeypatch):
+    """A forward set on the instance (accelerate's offloading hooks do this) is called, not read past."""
+    spy = _Spy(monkeypatch)
+    m = ResidualFSQ(levels=[8, 5, 5, 5], num_quantizers=2, dim=16, backend="triton")
+    m.project_out.forward = lambda codes: torch.ones(*codes.shape[:-1], 16)
+    assert torch.equal(m(torch.randn(2, 5, 16))[0], torch.ones(2, 5, 16))
+    assert spy.calls == 0
+
+
+@needs_interpreter
+def test_float64_projection_under_autocast_raises_as_nn_linear_does(monkeypatch):
+    """Autocast does not cast float64 weights, so vqp's nn.Linear raises on the bfloat16 input: so does fsq_triton
+    (the module is called) instead of computing in bfloat16."""
+    spy = _Spy(monkeypatch)
+    m = ResidualFSQ(levels=[8, 5, 5, 5], num_quantizers=2, dim=16, backend="triton")
+    m.project_out.double()
+    torch_path = ResidualFSQ(levels=[8, 5, 5, 5], num_quantizers=2, dim=16, backend="torch")
+    torch_path.project_out.double()
+    for module in (torch_path, m):
+        with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(RuntimeError):
+            module(torch.randn(2, 5, 16))
+    assert spy.calls == 0

@@ -536,6 +536,32 @@ def _tile(n: int, d: int) -> tuple[int, int]:
     return block, max(1, min(4, block // 32))
 
 
+def check_projections(groups: int, d: int, w_out: torch.Tensor, b_out: torch.Tensor | None,
+                      w_in: torch.Tensor | None = None, b_in: torch.Tensor | None = None,
+                      x_channels: int | None = None) -> None:
+    """``ValueError`` unless the stacked projections fit ``groups`` groups of ``d`` channels: ``w_out (g * dim, d)``,
+    ``b_out (g * dim,)``, ``w_in (g * d, dim)`` against ``x``'s ``g * dim`` features, ``b_in (g * d,)``, all of one
+    floating dtype (the kernel reads the biases by feature, so a short one would be read past its end)."""
+    def bad(what):
+        return ValueError(f"residual projections for {groups} groups of {d} channels: {what}")
+
+    if w_out.ndim != 2 or w_out.shape[1] != d or w_out.shape[0] % groups != 0:
+        raise bad(f"w_out must be (groups * dim, {d}), found {tuple(w_out.shape)}")
+    dim = w_out.shape[0] // groups
+    expected = {"w_out": (w_out, (groups * dim, d)), "b_out": (b_out, (groups * dim,))}
+    if w_in is not None:
+        expected.update(w_in=(w_in, (groups * d, dim)), b_in=(b_in, (groups * d,)))
+        if x_channels != groups * dim:
+            raise bad(f"x has {x_channels} features where project_in takes {groups} x {dim}")
+    for name, (t, shape) in expected.items():
+        if t is None:
+            continue
+        if tuple(t.shape) != shape:
+            raise bad(f"{name} must be {shape}, found {tuple(t.shape)}")
+        if t.dtype != w_out.dtype or not t.is_floating_point():
+            raise bad(f"{name} is {t.dtype}; every projection tensor must share w_out's floating dtype ({w_out.dtype})")
+
+
 def _projected_tile(n: int, dim: int) -> tuple[int, int, int]:
     """``(BLOCK_N, num_warps, BLOCK_K)`` with ``project_out`` fused: 4 warps, the projection ``BLOCK_K = 32`` features at
     a time. Each token writes ``dim`` features, so a tile of 128 tokens is already ``128 * dim`` values, and more
@@ -570,9 +596,7 @@ def forward_triton(x, stages, guess, channels, basis, groups: int, num_active: i
     if project:
         dim = w_out.shape[0] // groups
         proj = torch.empty((b, n, groups * dim), dtype=w_out.dtype, device=x.device)
-        if project_in and (w_in.shape != (groups * d, dim) or x.shape[1] != groups * dim):
-            raise ValueError(f"project_in's weights {tuple(w_in.shape)} and x {tuple(x.shape)} do not match "
-                             f"{groups} groups of {d} channels from {dim} features")
+        check_projections(groups, d, w_out, b_out, w_in, b_in, x.shape[1] if project_in else None)
         # the kernel reads the weights transposed in float32 (exact: their values in w_out's dtype), one vector a
         # channel, and the bias in float32: one small copy each
         w_t = torch.empty((d, groups * dim), dtype=torch.float32, device=x.device).copy_(w_out.t())
@@ -739,6 +763,15 @@ def _torch_backward(grad_out, x, stages, channels, groups, num_active, kind, sof
     return dx.reshape(b, gd, n)
 
 
+def _refuse_double_backward() -> None:
+    """The backward kernels leave no graph: under ``create_graph=True`` (grad mode on in a backward) the second
+    derivative would silently miss their terms, so refuse it (the torch path has them)."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise NotImplementedError(
+            "double backward (create_graph=True) through fsq_triton's fused residual kernels is not supported: their "
+            "backward is a kernel; use backend='torch' (vqp's ops) for second derivatives")
+
+
 def _residual_setup_context(ctx, inputs, output):
     x, stages, guess, channels, _basis, groups, num_active, kind, soft_clamp_mode, channels_last = inputs
     ctx.save_for_backward(x, stages, guess, channels)
@@ -747,6 +780,7 @@ def _residual_setup_context(ctx, inputs, output):
 
 
 def _residual_grad(ctx, grad_out, _grad_indices):
+    _refuse_double_backward()
     x, stages, guess, channels = ctx.saved_tensors
     grad_x = torch.ops.fsq_triton.residual_quantize_backward(grad_out, x, stages, guess, channels, *ctx.config)
     return grad_x, None, None, None, None, None, None, None, None, None
@@ -775,6 +809,7 @@ class ResidualFSQFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, _grad_indices):
+        _refuse_double_backward()
         x, stages, guess, channels = ctx.saved_tensors
         groups, num_active, kind, soft_clamp_mode, channels_last = ctx.config
         if torch.compiler.is_compiling() or not _runs_triton(x):
@@ -792,9 +827,11 @@ class ResidualFSQFunction(torch.autograd.Function):
 
 
 def _project_groups(out: torch.Tensor, w_out: torch.Tensor, b_out: torch.Tensor | None, groups: int) -> torch.Tensor:
-    """``project_out`` of each group's quantized sum in torch ops, summed as the kernel sums (the codes rounded to the
-    weights' dtype, the products in float32 in channel order, the bias last, one rounding to the weights' dtype):
-    out (b, g*d, n) float32 -> (b, n, g * dim)."""
+    """``project_out`` of each group's quantized sum in torch ops, summed in the kernel's order (the codes rounded to
+    the weights' dtype, the products in float32 in channel order, the bias last, one rounding to the weights' dtype):
+    out (b, g*d, n) float32 -> (b, n, g * dim). Bit for bit the interpreted kernel's; on a GPU the kernel fuses each
+    multiply-add into one FMA (one rounding fewer: float32 weights may then differ by an ulp, half-precision ones not,
+    their products being exact)."""
     b, gd, n = out.shape
     d, dim = gd // groups, w_out.shape[0] // groups
     codes = out.to(w_out.dtype).float().reshape(b, groups, d, n).permute(0, 3, 1, 2)  # b n g d
@@ -819,6 +856,7 @@ def residual_quantize_projected(
     if _runs_triton(x):
         return forward_triton(x, stages, guess, channels, basis, groups, num_active, soft_clamp_mode, channels_last,
                               w_out, b_out)
+    check_projections(groups, stages.shape[1], w_out, b_out)
     out, indices = _torch_forward(x, stages, channels, basis, groups, num_active, soft_clamp_mode)
     proj = _project_groups(out, w_out, b_out, groups)
     return proj, _empty_feature(out.shape, out.device, channels_last, out.dtype).copy_(out), indices
@@ -863,6 +901,7 @@ def _projected_setup_context(ctx, inputs, output):
 
 
 def _projected_grad(ctx, grad_proj, grad_out, _grad_indices):
+    _refuse_double_backward()
     x, out, w_out, b_out, stages, guess, channels = ctx.saved_tensors
     grad_x, grad_w, grad_b = _projected_backward(grad_proj, grad_out, x, out, w_out, b_out, stages, guess, channels,
                                                  *ctx.config)
@@ -925,6 +964,7 @@ def residual_quantize_project_in_out(
     if _runs_triton(x):
         return forward_triton(x, stages, guess, channels, basis, groups, num_active, soft_clamp_mode, channels_last,
                               w_out, b_out, w_in, b_in)
+    check_projections(groups, stages.shape[1], w_out, b_out, w_in, b_in, x.shape[1])
     h = _project_in_groups(x, w_in, b_in, groups)
     out, indices = _torch_forward(h, stages, channels, basis, groups, num_active, soft_clamp_mode)
     proj = _project_groups(out, w_out, b_out, groups)
@@ -962,6 +1002,7 @@ def _project_in_out_setup_context(ctx, inputs, output):
 
 
 def _project_in_out_grad(ctx, grad_proj, grad_h, grad_out, _grad_indices):
+    _refuse_double_backward()
     x, h, out, w_in, b_in, w_out, b_out, stages, guess, channels = ctx.saved_tensors
     grad_x, grad_w_in, grad_b_in, grad_w_out, grad_b_out = _project_in_out_backward(
         grad_proj, grad_h, grad_out, x, h, out, w_in, b_in, w_out, b_out, stages, guess, channels, *ctx.config)
