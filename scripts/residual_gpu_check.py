@@ -68,6 +68,10 @@ time may still show at this size, ``--tokens 262144`` doubles the GPU work; 64 t
   project_in``: the ``nn.Linear`` left outside the kernel for exact indices, timed under the same autocast beside its
   own bound, read ``x`` and write ``h``), what fusing it could at most save.
 
+``--fuse-project-in`` adds, to the projected and grouped cases, ``ResidualFSQ.fuse_project_in`` (opt-in:
+``project_in`` in the kernel too): its index mismatches against vqp (``parity.fuse_project_in``; not 0 by design,
+the count says how far) and its timed row (``fsq_triton fuse_project_in``).
+
 Targets (issue 12), on ``dim4``: forward within 1.3x of the bound, >= 10x vqp eager and >= 3x its torch.compile,
 forward+backward >= 5x vqp, 0 index mismatches (or the count and why). The same ratios are computed for the
 other two cases.
@@ -80,6 +84,7 @@ import time
 START = time.monotonic()  # before the imports: ``at_s`` counts Python's start of torch too
 
 import argparse  # noqa: E402
+import copy  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import statistics  # noqa: E402
@@ -319,8 +324,10 @@ class ProjectedRun:
     """One case with projections: its modules and input, its parity and its timed rows, reported as one dict that grows
     (``emit(case_dict)`` after each part)."""
 
-    def __init__(self, case: ProjectedCase, tokens: int, device, vqp, bandwidth_gbs: float, emit, repeats: int):
+    def __init__(self, case: ProjectedCase, tokens: int, device, vqp, bandwidth_gbs: float, emit, repeats: int,
+                 fuse_project_in: bool = False):
         self.case, self.device, self.vqp, self.emit, self.repeats = case, device, vqp, emit, repeats
+        self.fuse_project_in = fuse_project_in
         self.ours, self.reference = case.build(device, vqp)
         generator = torch.Generator(device=device).manual_seed(0)
         self.x = torch.randn(1, tokens, case.dim, generator=generator, device=device).to(torch.bfloat16)
@@ -343,9 +350,18 @@ class ProjectedRun:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
 
+    def fused_in(self):
+        """A copy of fsq_triton's module with ``fuse_project_in`` (the same weights)."""
+        module = copy.deepcopy(self.ours)
+        module.fuse_project_in = True
+        return module
+
     def parity(self) -> None:
         def run():
             self.data["parity"] = projected_parity(self.ours, self.reference, self.x, self.device)
+            if self.fuse_project_in:  # opt-in, not vqp bit for bit: the count says how far
+                self.data["parity"]["fuse_project_in"] = projected_parity(self.fused_in(), self.reference, self.x,
+                                                                          self.device)
             self.emit(self.data)
 
         if self.reference is None:
@@ -388,6 +404,8 @@ class ProjectedRun:
     def eager_rows(self) -> None:
         self.project_in_row()
         rows = {"fsq_triton": self.ours}
+        if self.fuse_project_in:
+            rows["fsq_triton fuse_project_in"] = self.fused_in()
         if self.reference is not None:
             rows["vqp eager"] = self.reference
         self.time(rows)
@@ -448,6 +466,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile-cases", default="all",
                         help="the cases whose torch.compile row of vqp is timed (default all; none: no compile rows)")
     parser.add_argument("--repeats", type=int, default=20, help="timed repeats a row and mode (default 20)")
+    parser.add_argument("--fuse-project-in", action="store_true",
+                        help="the projected and grouped cases also run ResidualFSQ.fuse_project_in (opt-in: project_in "
+                             "in the kernel too): its index mismatches against vqp and its timed row")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", default=None, help="also write the assembled report (one JSON object) to this file")
     args = parser.parse_args(argv)
@@ -482,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
         case = PROJECTED_CASES[key]
         try:
             run = ProjectedRun(case, tokens, device, vqp, bandwidth, lambda data, key=key: out.emit(key, data),
-                               args.repeats)
+                               args.repeats, args.fuse_project_in)
         except Exception as err:  # noqa: BLE001 (recorded; the next case still runs)
             out.emit(key, {"module": case.module_text(), "errors": {"build": f"{type(err).__name__}: {err}"[:300]}})
             continue

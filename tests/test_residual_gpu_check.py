@@ -111,3 +111,15 @@ def test_compiled_parity_counts(script):
                       "soft_clamp_in_kernel_vs_vqp_eager": 0, "soft_clamp_in_kernel_vs_vqp_compiled": 0,
                       "soft_clamp_in_torch_vs_vqp_eager": 0, "soft_clamp_in_torch_vs_vqp_compiled": 0}
     assert fsq_triton.ResidualFSQ.soft_clamp_in_kernel is None
+
+
+def test_fuse_project_in_rows(script, capsys):
+    """``--fuse-project-in``: the projected case also reports the opt-in module's parity and timed row."""
+    pytest.importorskip("vector_quantize_pytorch")
+    assert script.main(["--device", "cpu", "--cases", "projected", "--tokens", "16", "--repeats", "1",
+                        "--fuse-project-in"]) == 0
+    case = _lines(capsys.readouterr().out)[-1][1]
+    assert "errors" not in case, case.get("errors")
+    fused = case["parity"]["fuse_project_in"]
+    assert fused["indices"] == 16 * 8 and 0 <= fused["index_mismatches"] <= fused["indices"]
+    assert list(case["speed"]["rows"]) == ["fsq_triton", "fsq_triton fuse_project_in", "vqp eager"]
