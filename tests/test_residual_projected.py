@@ -89,17 +89,19 @@ def _compare(ours, reference, x, autocast):
 
 
 class _Spy:
-    """Counts the fused launches with ``project_out`` (the autograd.Function's calls)."""
+    """Counts the fused launches with ``project_out`` (the autograd.Function's calls; ``function``: another one's, such
+    as ``ResidualProjectInOutFunction``, both projections fused)."""
 
-    def __init__(self, monkeypatch):
+    def __init__(self, monkeypatch, function=None):
+        function = function or ops.ResidualProjectedFunction
         self.calls = 0
-        original = ops.ResidualProjectedFunction.apply
+        original = function.apply
 
         def apply(*args):
             self.calls += 1
             return original(*args)
 
-        monkeypatch.setattr(ops.ResidualProjectedFunction, "apply", apply)
+        monkeypatch.setattr(function, "apply", apply)
 
 
 @needs_interpreter
@@ -221,10 +223,17 @@ def test_projected_op_passes_opcheck():
 
 
 @needs_interpreter
-def test_torch_compile_fullgraph_with_fused_project_out():
-    m = GroupedResidualFSQ(dim=32, groups=2, levels=[8, 5, 5, 5], num_quantizers=3, backend="triton")
+@pytest.mark.parametrize("fuse_project_in", [False, True], ids=["grouped-project_out", "residual-fuse_project_in"])
+def test_torch_compile_fullgraph_with_fused_projections(fuse_project_in):
+    """torch.compile(fullgraph=True) traces the projected ops: the same indices, outputs and gradients (input and
+    every parameter) as eager."""
+    if fuse_project_in:
+        m = ResidualFSQ(levels=[8, 5, 5, 5], num_quantizers=3, dim=16, backend="triton")
+        m.fuse_project_in = True
+    else:
+        m = GroupedResidualFSQ(dim=32, groups=2, levels=[8, 5, 5, 5], num_quantizers=3, backend="triton")
     compiled = torch.compile(m, fullgraph=True)
-    x = torch.randn(2, 7, 32)
+    x = torch.randn(2, 7, 16 if fuse_project_in else 32)
     xc, xe = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     qc, ic = compiled(xc)
     qe, ie = m(xe)
@@ -244,18 +253,8 @@ def test_torch_compile_fullgraph_with_fused_project_out():
 # --------------------------------------------------------------------------------------------------
 
 
-class _InOutSpy:
-    """Counts the launches with both projections fused (the autograd.Function's calls)."""
-
-    def __init__(self, monkeypatch):
-        self.calls = 0
-        original = ops.ResidualProjectInOutFunction.apply
-
-        def apply(*args):
-            self.calls += 1
-            return original(*args)
-
-        monkeypatch.setattr(ops.ResidualProjectInOutFunction, "apply", apply)
+def _InOutSpy(monkeypatch):
+    return _Spy(monkeypatch, ops.ResidualProjectInOutFunction)
 
 
 def _on_a_grid(module):
@@ -362,21 +361,6 @@ def test_projected_op_refuses_bad_projections(bad, message, interpreted, monkeyp
                                                          tables.basis, args["w_out"], args["b_out"], 2, 3,
                                                          ops.KINDS["sym_clamp"], 1, False)
 
-
-@needs_interpreter
-def test_torch_compile_fullgraph_with_fuse_project_in():
-    m = ResidualFSQ(levels=[8, 5, 5, 5], num_quantizers=3, dim=16, backend="triton")
-    m.fuse_project_in = True
-    compiled = torch.compile(m, fullgraph=True)
-    x = torch.randn(2, 7, 16)
-    xc, xe = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    qc, ic = compiled(xc)
-    qe, ie = m(xe)
-    assert torch.equal(ic, ie)
-    torch.testing.assert_close(qc, qe, rtol=1e-6, atol=1e-6)
-    qc.sum().backward()
-    qe.sum().backward()
-    torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-5, atol=1e-6)
 
 
 @needs_interpreter

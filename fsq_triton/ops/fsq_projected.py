@@ -58,6 +58,20 @@ from .fsq import (
 
 
 @triton.jit
+def dot_accumulate(x, w, acc, IEEE_DOT: tl.constexpr, DOT_IN_F32: tl.constexpr):
+    """``acc + x @ w`` in float32: IEEE float32 products for float32 operands (``IEEE_DOT``: no TF32); under the
+    interpreter (``DOT_IN_F32``) the operands upcast first, exact since products of half-precision values are exact in
+    float32."""
+    if DOT_IN_F32:
+        x = x.to(tl.float32)
+        w = w.to(tl.float32)
+    if IEEE_DOT:
+        return tl.dot(x, w, acc, input_precision="ieee")
+    else:
+        return tl.dot(x, w, acc)
+
+
+@triton.jit
 def _project_out_store(
     codes, w_out_ptr, b_out_ptr, out_row, nn, n_ok, ee, e_ok, DIM: tl.constexpr, stride_oc, stride_on,
     E: tl.constexpr, BLOCK_K: tl.constexpr, IEEE_DOT: tl.constexpr, DOT_IN_F32: tl.constexpr,
@@ -181,13 +195,7 @@ def _fsq_projected_forward_kernel(
         if OFFSET_64:
             kk = kk.to(tl.int64)
         x = tl.load(x_row + kk[None, :] * stride_xc + nn[:, None] * stride_xn, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        if DOT_IN_F32:
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        if IEEE_DOT:
-            acc = tl.dot(x, w, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, w, acc)
+        acc = dot_accumulate(x, w, acc, IEEE_DOT, DOT_IN_F32)
     h = acc
     if HAS_B_IN:
         h = acc + tl.load(b_in_ptr + ee, mask=e_ok, other=0.0).to(tl.float32)[None, :]

@@ -27,6 +27,7 @@ import triton.language as tl
 
 from .. import residual_levels as _rl
 from .fsq import _is_fake, _launch, _needs_int64, cast_rne, device_guard, interpreting, tile_origin
+from .fsq_projected import dot_accumulate
 from .fsq import cdiv as _cdiv
 from .fsq import next_pow2 as _pow2
 
@@ -183,13 +184,7 @@ def project_in_tokens(x_ptr, offset, nn, n_ok, group, stride_xc, stride_xn, DIM,
         x = tl.load(x_ptr + (offset + feature[None, :] * stride_xc + nn[:, None] * stride_xn),
                     mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         x = cast_rne(x, w_ptr.dtype.element_ty)  # nn.Linear (or autocast) feeds x in the weights' dtype
-        if DOT_IN_F32:  # exact: products of half-precision values are exact in float32
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        if IEEE_DOT:
-            acc = tl.dot(x, w, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, w, acc)
+        acc = dot_accumulate(x, w, acc, IEEE_DOT, DOT_IN_F32)
         k0 += BLOCK_K
     if HAS_BIAS:
         acc = acc + tl.load(bias_ptr + rows, mask=e_ok, other=0.0).to(tl.float32)[None, :]
