@@ -101,6 +101,14 @@ def _floor_ste(z):
 # The dtypes autocast casts to its own (a float64 parameter stays float64, and nn.Linear then raises)
 _AUTOCAST_CAST = (torch.float32, torch.float16, torch.bfloat16)
 
+def _stacked(pairs):
+    """Each group's ``(weight, bias or None)`` stacked along the rows into one ``(weight, bias or None)`` for the one
+    launch, or None if a group's is None or they disagree in dtype or in having a bias."""
+    if any(p is None for p in pairs) or len({w.dtype for w, _ in pairs}) != 1 or len({b is None for _, b in pairs}) != 1:
+        return None
+    return torch.cat([w for w, _ in pairs]), None if pairs[0][1] is None else torch.cat([b for _, b in pairs])
+
+
 # Devices whose decode checks the index range on the host (raising IndexError); elsewhere bad indices decode to NaN.
 _RANGE_CHECKED_DEVICES = ("cpu",)
 
@@ -710,12 +718,7 @@ class GroupedResidualFSQ(nn.Module):
         """Every group's fused ``project_out`` (:meth:`ResidualFSQ._fused_project_out`) stacked into one
         ``(weight (dim, d), bias or None)`` (each group's ``(dim / g, d)`` stacked) for the launch, or None where any
         group's must be called."""
-        parts = [rvq._fused_project_out(x) for rvq in self.rvqs]
-        if any(p is None for p in parts) or len({p[1] is None for p in parts}) != 1 or len({p[0].dtype for p in parts}) != 1:
-            return None
-        weight = torch.cat([w for w, _ in parts])
-        bias = None if parts[0][1] is None else torch.cat([b for _, b in parts])
-        return weight, bias
+        return _stacked([rvq._fused_project_out(x) for rvq in self.rvqs])
 
     @property
     def fuse_project_in(self) -> bool:
@@ -733,13 +736,10 @@ class GroupedResidualFSQ(nn.Module):
         parts = [rvq._fused_projections(x) for rvq in self.rvqs]
         if any(p is None for p in parts) or len({p[1] for p in parts}) != 1:
             return None
-        ins, outs = [p[2] for p in parts], [p[3] for p in parts]
-        if len({w.dtype for w, _ in ins + outs}) != 1 or len({b is None for _, b in ins}) != 1 \
-                or len({b is None for _, b in outs}) != 1:
+        ins, outs = _stacked([p[2] for p in parts]), _stacked([p[3] for p in parts])
+        if ins is None or outs is None or ins[0].dtype != outs[0].dtype:
             return None
-        stack = lambda pairs: (torch.cat([w for w, _ in pairs]),  # noqa: E731
-                               None if pairs[0][1] is None else torch.cat([b for _, b in pairs]))
-        return parts[0][0], parts[0][1], stack(ins), stack(outs)
+        return parts[0][0], parts[0][1], ins, outs
 
     def _fused_layout(self, x) -> bool:
         """Whether the groups can share one launch: the chunks are the feature axis each group's stages read."""
