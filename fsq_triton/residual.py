@@ -641,8 +641,9 @@ class GroupedResidualFSQ(nn.Module):
         # training-mode forward: a rank that runs one more (a no_grad sample, a log) then waits forever in all_reduce
         # (vqp issues #198, #105).
         seed = get_maybe_sync_seed(x.device) if first._dropout_applies() else None
-        both = self._fused_projections(x) if self._fused_layout(x) else None
-        ops = first._triton_ops(x) if self._fused_layout(x) and both is None and not _transformed() else None
+        one_launch = self._fused_layout(x)
+        both = self._fused_projections(x) if one_launch else None
+        ops = first._triton_ops(x) if one_launch and both is None and not _transformed() else None
         if ops is not None and not first._kernel_takes(x, self._projected_dtype(x)):
             ops = None  # decided before project_in runs: the per-group fallback below calls it (once)
         if both is not None:  # fuse_project_in: x itself is the kernel's input, as (b, g * dim_per_group, n)

@@ -655,6 +655,11 @@ def backward_triton(grad_out, x, stages, guess, channels, groups: int, num_activ
     return grad_x
 
 
+def _in_layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """A copy of the feature view ``t (b, c, n)`` in the layout the kernels write (the ops' torch branches)."""
+    return _empty_feature(t.shape, t.device, channels_last, t.dtype).copy_(t)
+
+
 def _empty_feature(shape, device, channels_last: bool, dtype: torch.dtype) -> torch.Tensor:
     b, cd, n = shape
     if channels_last:
@@ -712,7 +717,7 @@ def residual_quantize(
     if _runs_triton(x):
         return forward_triton(x, stages, guess, channels, basis, groups, num_active, soft_clamp_mode, channels_last)
     out, indices = _torch_forward(x, stages, channels, basis, groups, num_active, soft_clamp_mode)
-    return _empty_feature(out.shape, out.device, channels_last, out.dtype).copy_(out), indices
+    return _in_layout(out, channels_last), indices
 
 
 @torch.library.triton_op("fsq_triton::residual_quantize_backward", mutates_args=())
@@ -854,7 +859,7 @@ def residual_quantize_projected(
     check_projections(groups, stages.shape[1], w_out, b_out)
     out, indices = _torch_forward(x, stages, channels, basis, groups, num_active, soft_clamp_mode)
     proj = _project_groups(out, w_out, b_out, groups)
-    return proj, _empty_feature(out.shape, out.device, channels_last, out.dtype).copy_(out), indices
+    return proj, _in_layout(out, channels_last), indices
 
 
 def _projected_backward(grad_proj, grad_out, x, out, w_out, b_out, stages, guess, channels, groups, num_active, kind,
@@ -963,8 +968,7 @@ def residual_quantize_project_in_out(
     h = _project_in_groups(x, w_in, b_in, groups)
     out, indices = _torch_forward(h, stages, channels, basis, groups, num_active, soft_clamp_mode)
     proj = _project_groups(out, w_out, b_out, groups)
-    feature = lambda t: _empty_feature(t.shape, t.device, channels_last, t.dtype).copy_(t)  # noqa: E731
-    return proj, feature(h), feature(out), indices
+    return proj, _in_layout(h, channels_last), _in_layout(out, channels_last), indices
 
 
 def _project_in_out_backward(grad_proj, grad_h, grad_out, x, h, out, w_in, b_in, w_out, b_out, stages, guess,
