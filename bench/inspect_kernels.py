@@ -333,6 +333,15 @@ def _residual_variants() -> list[Variant]:
                 ("g_ptr", "x_ptr", "dx_ptr", "stage_ptr", "guess_ptr", "chan_ptr", "N", "stride_gb", "stride_xb",
                  "stride_db"), warps, tags=tags),
     ]
+    # the soft clamp (vqp's default since 1.26: c = 1 + 1 / (L - 1) per channel, a tensor, so x / c is an IEEE
+    # division), forward and backward: its product by c must be mul.rn (never fused into the first stage's subtraction)
+    soft = {"SOFT_CLAMP": 1}
+    out += [
+        Variant(out[0].name + ", soft clamp", R._residual_forward_kernel, forward_types,
+                {**out[0].constexprs, **soft}, out[0].divisible_by_16, warps, tags={**tags, "soft_clamp": 1}),
+        Variant(out[-1].name + ", soft clamp", R._residual_backward_kernel, backward_types,
+                {**out[-1].constexprs, **soft}, out[-1].divisible_by_16, warps, tags={**tags, "soft_clamp": 1}),
+    ]
     return out
 
 
@@ -388,6 +397,9 @@ def inspect(variant: Variant, arch: int = 90) -> dict:
         "stg128": sum(1 for line in lines if "STG.E.128" in line),
         "wide_loads_before_store": _wide_loads_before_store(lines),
         "mma": sum(1 for line in lines if "HGMMA" in line or "HMMA" in line),
+        # float32 products and quotients rounded on their own (never contracted into an FMA), from the PTX
+        "ptx_mul_rn": compiled.asm["ptx"].count("mul.rn."),
+        "ptx_div_rn": compiled.asm["ptx"].count("div.rn."),
         "blocks_per_sm": blocks,
     }
 

@@ -124,10 +124,12 @@ class ResidualFSQ(nn.Module):
     """
 
     # Where the soft clamp's tanh runs: True inside the kernel (one pass over x), False in torch ops before the
-    # kernel (one more pass), None (the default) inside the kernel only under Triton's interpreter, where it is
-    # torch.tanh itself. On CUDA, libdevice's tanhf is not torch's CUDA tanh bit for bit: measured on an H200
-    # (torch 2.11, triton 3.6, 2026-11-28; bench/results/2026-11-28-h200/run2/residual.json) the fused soft clamp
-    # moved 612,934 of 40M indices of 8x[8,5,5,5] against vqp, the torch-op soft clamp none.
+    # kernel (three more passes), None (the default) inside the kernel wherever its tanh is torch's bit for bit:
+    # always under Triton's interpreter (torch.tanh itself), and on a GPU where ops.residual.tanh_matches_torch says
+    # so (a check of 4.5M values, once per device). The first H200 run (torch 2.11, triton 3.6, 2026-11-28;
+    # bench/results/2026-11-28-h200/run2/residual.json) measured 612,934 of 40M indices moved by the fused soft clamp:
+    # the kernel then fused `tanh(.) * c` with the first stage's subtraction into one multiply-add (its PTX; now
+    # `mul.rn`), and libdevice's tanhf is the CUDA math library's (bench/NOTES.md).
     soft_clamp_in_kernel: bool | None = None
 
     # Opt-in: ``project_in`` in the kernel too (a ``tl.dot`` per token tile, float32 accumulation in the kernel's
@@ -260,8 +262,12 @@ class ResidualFSQ(nn.Module):
                                self._soft_clamp_key)
 
     def _calibrate(self):
-        if self._levels.device.type in ("cpu", "cuda") and not self._levels.is_meta:
-            self._tables(self._levels.device)
+        device = self._levels.device
+        if device.type in ("cpu", "cuda") and not self._levels.is_meta:
+            self._tables(device)
+            if (device.type == "cuda" and self._soft_clamp_key is not None and self.soft_clamp_in_kernel is None
+                    and self.backend != "torch" and _ops is not None):
+                _ops.tanh_matches_torch(device)  # before torch.compile can trace a first call
 
     def _apply(self, fn, *args, **kwargs):
         module = super()._apply(fn, *args, **kwargs)
@@ -476,9 +482,12 @@ class ResidualFSQ(nn.Module):
                                              num_active, kind, mode, channels_last)
 
     def _soft_clamp_runs_in_kernel(self, device: torch.device) -> bool:
-        """``soft_clamp_in_kernel``, whose default (None) is: in the kernel except on CUDA (see the attribute)."""
+        """``soft_clamp_in_kernel``, whose default (None) is: in the kernel wherever the kernels' ``tanh`` is torch's
+        bit for bit on ``device`` (see the attribute)."""
         in_kernel = self.soft_clamp_in_kernel
-        return device.type != "cuda" if in_kernel is None else bool(in_kernel)
+        if in_kernel is not None:
+            return bool(in_kernel)
+        return device.type != "cuda" or _ops.tanh_matches_torch(device)
 
     def _kernel_takes(self, x: torch.Tensor, dtype: torch.dtype) -> bool:
         """Whether the kernel reproduces vqp's stages on values of ``dtype`` (``x``: the input, for its device): not
@@ -490,9 +499,9 @@ class ResidualFSQ(nn.Module):
     def _use_fused(self, x: torch.Tensor):
         """``(ops, soft clamp mode, x)`` for the fused kernel, or ``(None, None, x)`` for the torch path.
 
-        Where the soft clamp runs outside the kernel (``soft_clamp_in_kernel``: False, or None on CUDA), it runs
-        here in torch ops (one more pass over ``x``) and the kernel gets the clamped values, so the indices are
-        vqp's bit for bit on a device whose ``tanh`` in Triton differs from torch's.
+        Where the soft clamp runs outside the kernel (``soft_clamp_in_kernel``: False, or None on a GPU whose
+        ``tanh`` in Triton is not torch's bit for bit), it runs here in torch ops (three more passes over ``x``) and the
+        kernel gets the clamped values, so the indices are vqp's bit for bit there too.
         """
         ops = self._triton_ops(x)
         if ops is None or _transformed() or not self._kernel_takes(x, x.dtype):

@@ -38,11 +38,13 @@ For each semantics of ``dim4`` (``current`` against the installed vqp, which mus
 counts fsq_triton's kernel against its own torch path, which replays vqp 1.25.2's ops):
 
 - ``index_mismatches``: indices of the fused kernel (the soft clamp where ``ResidualFSQ.soft_clamp_in_kernel``'s
-  default puts it: in torch ops on CUDA) that differ from vqp's over ``--elements`` (default 20M) float32 inputs
-  (``randn * 1.5``, in chunks), plus the largest difference of the quantized output; and the same count with the soft
-  clamp forced into the kernel (``soft_clamp_in_kernel = True``: ``..._soft_clamp_in_kernel``) and into torch ops
-  (``False``: ``..._soft_clamp_in_torch``): if only the first of those is non-zero, Triton's ``tanh`` differs from
-  torch's on this device;
+  default puts it: in the kernel where the device's ``tanh`` check passes, ``soft_clamp_in_kernel_by_default``) that
+  differ from vqp's over ``--elements`` (default 20M) float32 inputs (``randn * 1.5``, in chunks), plus the largest
+  difference of the quantized output; and the same count with the soft clamp forced into the kernel
+  (``soft_clamp_in_kernel = True``: ``..._soft_clamp_in_kernel``) and into torch ops (``False``:
+  ``..._soft_clamp_in_torch``); ``tanh_probe_mismatches``: the values of that check (``ops.residual.tanh_mismatches``,
+  4.5M floats: every 1021st bit pattern and the neighbourhoods of tanhf's branch points) where the kernels' ``tanh``
+  and ``torch.tanh`` differ in a bit (current semantics only);
 - ``grad_max_abs_diff``: the input gradient against autograd through vqp, on the first chunk;
 - timings (median of CUDA-event repeats after an L2 flush) of forward and forward+backward for fsq_triton, vqp eager and
   ``torch.compile`` of vqp, and the bandwidth bound of one forward pass (read ``x``, write the quantized sum and the
@@ -166,9 +168,17 @@ def parity(semantics: str, elements: int, device, vqp):
             oracle(xr)[0].backward(g)
             grad_diff = float((xo.grad - xr.grad).abs().max())
         done += n
-    return {"semantics": semantics, "elements": tokens * len(LEVELS), "index_mismatches": mismatches,
-            "index_mismatches_soft_clamp_in_kernel": forced[True], "index_mismatches_soft_clamp_in_torch": forced[False],
-            "quantized_max_abs_diff": max_diff, "grad_max_abs_diff": grad_diff}
+    result = {"semantics": semantics, "elements": tokens * len(LEVELS), "index_mismatches": mismatches,
+              "index_mismatches_soft_clamp_in_kernel": forced[True],
+              "index_mismatches_soft_clamp_in_torch": forced[False],
+              "quantized_max_abs_diff": max_diff, "grad_max_abs_diff": grad_diff}
+    ops = ours._triton_ops(x)
+    if semantics == "current" and ops is not None:
+        probe = {} if device.type == "cuda" else {"stride": (1 << 22) + 1, "window": 8}  # the CPU: a dry run
+        result.update(tanh_probe_values=ops.tanh_probe_values("cpu", **probe).numel(),
+                      tanh_probe_mismatches=ops.tanh_mismatches(device, **probe),
+                      soft_clamp_in_kernel_by_default=ours._soft_clamp_runs_in_kernel(device))
+    return result
 
 
 def time_rows(result: dict, rows: dict, x: torch.Tensor, grad: torch.Tensor, device, autocast: bool = False,

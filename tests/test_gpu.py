@@ -384,3 +384,38 @@ def test_flips_are_allowed_only_at_ties_on_cpu():
     flipped[1, 5] -= 1                                          # only the tie again, but 1 of 20 tokens is too many
     with pytest.raises(AssertionError, match="of the tokens flipped at ties"):
         flips_at_ties(ours, z, indices, flipped, max_fraction=0.01)
+
+
+def check_residual_soft_clamp(device, tokens: int) -> None:
+    """ResidualFSQ with vqp's default soft clamp (8 stages of [8, 5, 5, 5]) on ``device``: the kernels' ``tanh`` check
+    passes there, the default then runs the soft clamp in the kernel, and its indices, quantized output and input
+    gradient equal those of vqp's op sequence on the same device (``backend="torch"``), bit for bit."""
+    from fsq_triton import ResidualFSQ
+    from fsq_triton.ops import residual as residual_ops
+
+    probe = {} if torch.device(device).type == "cuda" else {"stride": (1 << 22) + 1, "window": 8}
+    assert residual_ops.tanh_mismatches(device, **probe) == 0
+    ours = ResidualFSQ(levels=[8, 5, 5, 5], num_quantizers=8).to(device)
+    reference = ResidualFSQ(levels=[8, 5, 5, 5], num_quantizers=8, backend="torch").to(device)
+    assert ours._soft_clamp_runs_in_kernel(torch.device(device))
+    x = torch.randn(2, tokens, 4, generator=torch.Generator().manual_seed(3)).mul(1.5).to(device)
+    xo, xr = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    qo, io = ours(xo)
+    qr, ir = reference(xr)
+    assert torch.equal(io, ir), int((io != ir).sum())
+    assert_bitwise_equal(qo, qr)
+    g = torch.randn_like(qo)
+    qo.backward(g)
+    qr.backward(g)
+    torch.testing.assert_close(xo.grad, xr.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_residual_soft_clamp_in_the_kernel_matches_vqps_ops():
+    check_residual_soft_clamp("cuda", 1 << 20)
+
+
+@pytest.mark.skipif(not interpreting(), reason="runs the GPU check on CPU tensors under the interpreter")
+def test_residual_soft_clamp_check_on_cpu():
+    check_residual_soft_clamp("cpu", 64)

@@ -670,18 +670,74 @@ def test_decode_without_the_host_check_gives_nan_for_bad_indices(monkeypatch):
     assert torch.isnan(m.get_codes_from_indices(indices[..., :2])[:, 0, 1, :][0]).all()  # padded stages stay valid
 
 
-def test_soft_clamp_runs_in_torch_ops_on_cuda_by_default(monkeypatch):
-    """The default (None) keeps the soft clamp out of the kernel on CUDA, where libdevice's tanhf differs from
-    torch's (measured on an H200, 2026-11-28), and in it elsewhere (the interpreter's tanh is torch.tanh);
-    True and False force either."""
+@pytest.mark.parametrize("tanh_matches", [True, False])
+def test_soft_clamp_runs_in_the_kernel_where_its_tanh_is_torchs(tanh_matches, monkeypatch):
+    """The default (None) runs the soft clamp in the kernel on a GPU only where ``tanh_matches_torch`` says the
+    kernels' ``tanh`` is torch's bit for bit there, and always elsewhere (the interpreter's tanh is torch.tanh);
+    True and False force either without asking."""
+    ops = pytest.importorskip("fsq_triton.ops.residual")
+    asked = []
+    monkeypatch.setattr(ops, "tanh_matches_torch", lambda device: asked.append(device) or tanh_matches)
     module = ResidualFSQ(levels=[8, 5, 5, 5], num_quantizers=2)
     assert ResidualFSQ.soft_clamp_in_kernel is None
-    assert not module._soft_clamp_runs_in_kernel(torch.device("cuda", 0))
+    assert module._soft_clamp_runs_in_kernel(torch.device("cuda", 0)) is tanh_matches
+    assert asked == [torch.device("cuda", 0)]
     assert module._soft_clamp_runs_in_kernel(torch.device("cpu"))
     for forced in (True, False):
         monkeypatch.setattr(ResidualFSQ, "soft_clamp_in_kernel", forced)
         assert module._soft_clamp_runs_in_kernel(torch.device("cuda", 0)) is forced
         assert module._soft_clamp_runs_in_kernel(torch.device("cpu")) is forced
+    assert len(asked) == 1
+
+
+def test_tanh_probe_covers_every_region_of_tanhf():
+    """The probe holds both signs of every exponent, denormals, zeros, infinities and NaNs, and every float near the
+    two branch points of tanhf (|x| = 0.6 and 9.0109)."""
+    ops = pytest.importorskip("fsq_triton.ops.residual")
+    y = ops.tanh_probe_values("cpu")
+    bits = y.view(torch.int32).long() & 0xFFFFFFFF
+    exponents = ((bits >> 23) & 0xFF).unique()
+    assert exponents.numel() == 256                                   # 0 (zero, denormals) .. 255 (inf, NaN)
+    assert (y < 0).any() and (y > 0).any() and torch.isnan(y).any() and torch.isinf(y).any() and (y == 0).any()
+    denormal = (bits & 0x7FFFFFFF > 0) & (bits & 0x7FFFFFFF < 0x00800000)
+    assert denormal.sum() > 1000
+    for point in ops.TANH_BRANCH_BITS:
+        for sign in (0, 1 << 31):
+            near = torch.arange(point - 50, point + 50) | sign
+            assert torch.isin(near, bits).all()
+    assert 4_000_000 < y.numel() < 5_000_000
+
+
+def test_tanh_probe_runs_the_kernels_tanh():
+    """``tanh_mismatches`` launches the kernels' tanh over the probe and counts the bits that differ from
+    ``torch.tanh`` (under the interpreter the kernels' tanh is torch.tanh itself: 0); ``tanh_matches_torch`` needs no
+    check off CUDA."""
+    if not interpreting():
+        pytest.skip("runs the kernels under the interpreter")
+    ops = pytest.importorskip("fsq_triton.ops.residual")
+    assert ops.tanh_mismatches("cpu", stride=(1 << 22) + 1, window=8) == 0
+    assert ops.tanh_matches_torch("cpu")
+
+
+def test_tanh_probe_counts_differing_bits(monkeypatch):
+    """A tanh that is off by one ulp on some values is caught, and two NaNs of different bits agree."""
+    if not interpreting():
+        pytest.skip("runs the kernels under the interpreter")
+    ops = pytest.importorskip("fsq_triton.ops.residual")
+    real = torch.tanh
+    off = lambda y: torch.where(y.abs() > 1, torch.nextafter(real(y), torch.tensor(0.0)), real(y))  # noqa: E731
+    stride, window = (1 << 22) + 1, 8
+    y = ops.tanh_probe_values("cpu", stride, window)
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "tanh", off)
+        count = ops.tanh_mismatches("cpu", stride, window)
+    differ = (off(y).view(torch.int32) != real(y).view(torch.int32)) & ~torch.isnan(y)
+    assert count == int(differ.sum()) > 0
+    nan_bits = lambda y: torch.where(torch.isnan(y), torch.tensor(float("nan")).neg(), real(y))  # noqa: E731
+    assert (nan_bits(y).view(torch.int32) != real(y).view(torch.int32)).any()
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "tanh", nan_bits)
+        assert ops.tanh_mismatches("cpu", stride, window) == 0
 
 
 @needs_vqp
@@ -777,3 +833,34 @@ def test_double_backward_through_the_kernels_is_refused(dim, backend):
     (g,) = torch.autograd.grad(m(x)[0].square().sum(), x, create_graph=True)
     (gg,) = torch.autograd.grad(g.sum(), x)
     assert gg.abs().sum() > 0
+
+
+SOFT_CLAMPED = [dict(levels=levels, num_quantizers=8) for levels in
+                ([8, 5, 5, 5], [5, 5, 5, 5], [7, 5, 5, 5, 5], [8, 8, 8, 5, 5, 5], [4, 4, 4], [3, 3, 3], [16, 9, 6])] + [
+    dict(levels=[8, 5, 5, 5], num_quantizers=8, bound_hard_clamp=False, soft_clamp_input_value=c) for c in (1.5, 3.0)]
+
+
+@pytest.mark.parametrize("kwargs", SOFT_CLAMPED, ids=lambda k: f"{k['levels']}-{k.get('soft_clamp_input_value', 'default')}")
+def test_no_threshold_lies_next_to_zero(kwargs):
+    """The kernel's soft clamp divides flushing to zero (``ops.residual.div_rn``): for ``|x| < c * 2**-126`` its
+    ``r`` is 0 where torch's is below ``c * 2**-126`` in magnitude. No stage of the soft-clamped configurations has a
+    threshold within 2**-100 of 0, so every stage quantizes both alike."""
+    tables = ResidualFSQ(**kwargs)._tables("cpu")
+    thresholds = tables.thresholds
+    near = thresholds[(thresholds > -2.0**-100) & (thresholds <= 2.0**-100)]
+    assert near.numel() == 0, near
+
+
+@pytest.mark.parametrize("kwargs", SOFT_CLAMPED[:3] + SOFT_CLAMPED[-1:], ids=lambda k: str(k["levels"]))
+def test_flushed_soft_clamp_quotients_change_nothing(kwargs):
+    """vqp's ops on inputs whose ``x / c`` is below 2**-126 in magnitude (denormal quotients, which the kernel's
+    division flushes to 0), against the same ops on 0: the same indices and quantized outputs."""
+    module = ResidualFSQ(**kwargs, backend="torch")
+    c = torch.as_tensor(module.soft_clamp_input_value, dtype=torch.float32)
+    d = len(kwargs["levels"])
+    tiny = torch.tensor([1.4e-45, -1.4e-45, 2.0**-130, -(2.0**-127), 1.1e-38, -1.1e-38, 0.0])
+    x = (tiny[:, None] * c.expand(d).clamp(max=1.0)).reshape(1, -1, d)       # every |x / c| < 2**-126
+    assert ((x / c).abs() < 2.0**-126).all() and (x != 0).any()
+    q_tiny, i_tiny = module(x)
+    q_zero, i_zero = module(torch.zeros_like(x))
+    assert torch.equal(i_tiny, i_zero) and torch.equal(q_tiny, q_zero)

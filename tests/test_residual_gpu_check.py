@@ -113,6 +113,24 @@ def test_compiled_parity_counts(script):
     assert fsq_triton.ResidualFSQ.soft_clamp_in_kernel is None
 
 
+def test_dim4_parity_reports_the_tanh_check(script):
+    """``dim4``'s parity row (current semantics) counts index mismatches with the soft clamp where the default puts
+    it and forced either way, and reports the device's tanh check: on the CPU the kernels run under the interpreter,
+    whose tanh is torch's (0 of the probe's values differ, the soft clamp in the kernel by default)."""
+    vqp = pytest.importorskip("vector_quantize_pytorch")
+    import torch
+
+    from conftest import interpreting
+
+    if not interpreting():
+        pytest.skip("runs the kernels under the interpreter")
+    row = script.parity("current", 256, torch.device("cpu"), vqp)
+    assert row["elements"] == 256 and row["index_mismatches"] == 0
+    assert row["index_mismatches_soft_clamp_in_kernel"] == row["index_mismatches_soft_clamp_in_torch"] == 0
+    assert row["tanh_probe_mismatches"] == 0 and row["tanh_probe_values"] > 1000
+    assert row["soft_clamp_in_kernel_by_default"] is True
+
+
 def test_fuse_project_in_rows(script, capsys):
     """``--fuse-project-in``: the projected case also reports the opt-in module's parity and timed row."""
     pytest.importorskip("vector_quantize_pytorch")

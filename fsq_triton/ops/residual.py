@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from .. import residual_levels as _rl
+from ..levels import cached_calibration, calibration_device
 from .fsq import _is_fake, _launch, _needs_int64, cast_rne, device_guard, interpreting, tile_origin
 from .fsq_projected import dot_accumulate
 from .fsq import cdiv as _cdiv
@@ -67,23 +68,126 @@ INTERPRETER_TANH = tl.constexpr(_torch_tanh_on_interpreter_tile)
 
 @triton.jit
 def tanh_f32(x):
-    """``tanh`` as torch computes it on the device: libdevice ``tanhf`` on CUDA, ``torch.tanh`` under the interpreter."""
+    """``tanh`` as torch computes it on the device: libdevice's ``tanhf`` on CUDA, ``torch.tanh`` under the interpreter.
+
+    libdevice's ``__nv_tanhf`` is the CUDA math library's ``tanhf``, the function torch's CUDA ``tanh`` calls (the same
+    sm_90 instruction sequence and constants in torch 2.11+cu130's ``tanh_kernel_cuda`` and in triton 3.6's and 3.9's
+    libdevice: ``bench/NOTES.md``), except that Triton links it flush-to-zero: a denormal ``x`` would give 0 where
+    torch gives ``x`` (its ``tanhf`` of a denormal is ``x`` itself), so denormals pass through unchanged here. For
+    every other float the two agree bit for bit as long as the CUDA versions share the algorithm;
+    :func:`tanh_matches_torch` checks that on the device before the soft clamp runs in the kernel.
+    """
     if INTERPRET:
         return INTERPRETER_TANH(x)
     else:
-        return tl.extra.cuda.libdevice.tanh(x)
+        denormal = (x.to(tl.int32, bitcast=True) & 0x7FFFFFFF) < 0x00800000
+        return tl.where(denormal, x, tl.extra.cuda.libdevice.tanh(x))
+
+
+@triton.jit
+def mul_rn(a, b):
+    """``a * b`` rounded once, as torch's own multiply kernel does: ``mul.rn``, which the compiler never fuses with a
+    following add (a plain multiply before ``r - q`` may become one fused multiply-add, which skips the rounding of
+    the product that torch does in its own kernel). libdevice's, linked flush-to-zero as :func:`div_rn`: an inline
+    ``mul.rn.f32`` (no flush) made ptxas spill in the compare-chain kernel on triton 3.9."""
+    if INTERPRET:
+        return a * b
+    else:
+        return tl.extra.cuda.libdevice.mul_rn(a, b)
+
+
+@triton.jit
+def div_rn(a, b):
+    """``a / b`` correctly rounded (IEEE division), as torch divides by a tensor: libdevice's ``div_rn``, which Triton
+    links flush-to-zero, so a quotient below 2**-126 in magnitude (``|a| < |b| * 2**-126``) is 0 where torch keeps it.
+    The non-flushing ``div.rn.f32`` would make ptxas call its slow path as a subroutine, and the call's register
+    convention spills in the compare-chain kernels (4 bytes at 64 registers, sm_90): not worth a quotient that the
+    stages cannot tell from 0 (:func:`soft_clamp`)."""
+    if INTERPRET:
+        return a / b
+    else:
+        return tl.math.div_rn(a, b)
 
 
 @triton.jit
 def soft_clamp(x, chans, SOFT_CLAMP: tl.constexpr):
     """``tanh(x / c) * c`` (the soft clamp before the stages), and ``t = tanh(x / c)`` for the backward; ``chans``
-    points at the channel's row of the channel table."""
+    points at the channel's row of the channel table.
+
+    Three roundings, as torch's three kernels (division, ``tanh``, multiply) round: the division is IEEE
+    (``SOFT_DIVIDE``: a tensor ``c``) or the multiply by ``1 / c`` in float32 that torch's CUDA division by a Python
+    float performs (``SOFT_RECIPROCAL``), and neither multiply may fuse with the first stage's subtraction
+    (:func:`mul_rn`). The first H200 run (2026-11-28) measured 612,934 of 40M indices against vqp from exactly
+    that fusion: the kernel then compiled ``tanh(.) * c - q`` into one ``fma.rn.f32`` (its PTX, ``bench/NOTES.md``).
+    The one difference left is the flush to zero of the division, or of the product by ``1 / c`` (:func:`div_rn`,
+    :func:`mul_rn`): for ``|x| < c * 2**-126`` the kernel's ``r`` is 0 where torch's is below ``c * 2**-126`` in
+    magnitude, and every stage quantizes both alike as long as no
+    threshold lies within that distance of 0 (none within 2**-100 for the default clamps and the level sets tested:
+    ``tests/test_residual.py``), so indices and outputs are the same.
+    """
     c = tl.load(chans + COL_SOFT_CLAMP)
     if SOFT_CLAMP == 1:
-        t = tanh_f32(tl.math.div_rn(x, c))
+        t = tanh_f32(div_rn(x, c))
     else:
-        t = tanh_f32(x * tl.load(chans + COL_SOFT_CLAMP_INV))
-    return t * c, t
+        t = tanh_f32(mul_rn(x, tl.load(chans + COL_SOFT_CLAMP_INV)))
+    return mul_rn(t, c), t
+
+
+@triton.jit
+def _tanh_probe_kernel(y_ptr, t_ptr, N, BLOCK: tl.constexpr):
+    """``t = tanh_f32(y)`` elementwise over ``N`` contiguous float32 values (:func:`tanh_mismatches`): the soft
+    clamp's ``tanh`` on its own. Memory traffic per element: read 4 B, write 4 B."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    tl.store(t_ptr + offs, tanh_f32(tl.load(y_ptr + offs, mask=mask, other=0.0)), mask=mask)
+
+
+# The two branch points of tanhf (the CUDA math library's and libdevice's): the odd polynomial below |x| = 0.6, the
+# exponential above it, and 1 from 9.0109 on (as float32 bit patterns).
+TANH_BRANCH_BITS = (0x3F19999A, 0x41102CB4)
+
+
+def tanh_probe_values(device: torch.device | str, stride: int = 1021, window: int = 1 << 15) -> torch.Tensor:
+    """The float32 values :func:`tanh_mismatches` feeds both ``tanh``s: every ``stride``-th of the 2**32 bit patterns
+    (both signs, every exponent, denormals, infinities, NaNs), the edges of those ranges, and every pattern within
+    ``window`` of the two branch points of ``tanhf``, both signs (about 4.5M values by default)."""
+    edges = (0, 1, 0x007FFFFF, 0x00800000, 0x7F7FFFFF, 0x7F800000, 0x7FC00000)  # 0, denormals, normal, max, inf, NaN
+    bits = [torch.arange(0, 1 << 32, stride, dtype=torch.int64), torch.tensor(edges) | (1 << 31), torch.tensor(edges)]
+    for point in TANH_BRANCH_BITS:
+        near = torch.arange(point - window, point + window, dtype=torch.int64)
+        bits += [near, near | (1 << 31)]
+    bits = torch.cat(bits)
+    bits = torch.where(bits >= 1 << 31, bits - (1 << 32), bits).to(torch.int32)  # the same 32 bits, signed
+    return bits.view(torch.float32).to(device)
+
+
+def tanh_mismatches(device: torch.device | str, stride: int = 1021, window: int = 1 << 15) -> int:
+    """How many of :func:`tanh_probe_values` the kernels' ``tanh`` (:func:`tanh_f32`) and ``torch.tanh`` evaluate to
+    different bits on ``device`` (two NaNs agree)."""
+    y = tanh_probe_values(device, stride, window)
+    t = torch.empty_like(y)
+    block = 1024
+    with device_guard(y):
+        _launch(_tanh_probe_kernel, y)[(_cdiv(y.numel(), block),)](y, t, y.numel(), BLOCK=block, num_warps=4)
+    ref = torch.tanh(y)
+    same = (t.view(torch.int32) == ref.view(torch.int32)) | (t.isnan() & ref.isnan())
+    return int((~same).sum())
+
+
+_TANH_CHECKS: dict[tuple, bool] = {}
+
+
+def tanh_matches_torch(device: torch.device | str) -> bool:
+    """Whether the kernels' ``tanh`` is torch's on ``device`` bit for bit over :func:`tanh_probe_values`, so that the
+    soft clamp may run in the kernel there (``ResidualFSQ.soft_clamp_in_kernel``'s default). Checked once per
+    device and process (about 18 MB of values, one launch), at the module's move to the device or its first call,
+    never while torch.compile traces (a calibration, as the stage tables). Off CUDA the kernels run under the
+    interpreter, whose ``tanh`` is ``torch.tanh`` itself: True."""
+    device = calibration_device(device)
+    if device.type != "cuda":
+        return True
+    return cached_calibration(_TANH_CHECKS, (str(device),), "soft clamp's tanh check", device,
+                              lambda: tanh_mismatches(device) == 0)
 
 
 @triton.jit
@@ -314,13 +418,9 @@ def _residual_forward_kernel(
     :func:`fsq_triton.residual_levels.guess_table`),
     else from the compare chain over the ``L - 1`` thresholds (:func:`stage_chain`); the same integers and floats.
     The thresholds were calibrated on this device with vqp's own ops, so the stages are exact (no division, no
-    tanh). Only the soft clamp evaluates ``tanh``, after an IEEE division (``div_rn``) or the reciprocal multiply
-    torch uses for a Python-float divisor on CUDA. Under the interpreter it is ``torch.tanh`` itself, so the kernel
-    is bit-exact there (tested). On CUDA it is libdevice's ``tanhf`` (``__nv_tanhf``, compiled flush-to-zero by
-    Triton), the CUDA math library's algorithm that torch's CUDA ``tanh`` also calls (``::tanhf``, not flush-to-zero):
-    equal for normal numbers when the two CUDA versions share the algorithm, and a denormal ``x / c`` flushes to
-    zero. Not measured on a GPU yet: a one-ulp difference there moves an index only where ``r`` sits within an ulp of
-    a deep stage's threshold, and the GPU check must count such mismatches against vqp.
+    tanh). Only the soft clamp evaluates ``tanh`` (:func:`soft_clamp`: torch's three roundings, its products never
+    fused; under the interpreter ``torch.tanh`` itself, on CUDA libdevice's ``tanhf``, the algorithm of torch's CUDA
+    ``tanh``, which :func:`tanh_matches_torch` checks on the device before the module puts the soft clamp here).
 
     A thread holds whole tokens (see the module docstring). ``DENSE`` (channel-last contiguous, ``d % 4 == 0``):
     each 4 channels of a token are one 16-byte load and store; ``INDEX_ROWS`` (``q % 4 == 0``): each 4 stage indices
