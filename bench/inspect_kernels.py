@@ -17,7 +17,11 @@ gives) is available on any machine, for whichever triton is installed (the GPU m
 - ``blocks_per_sm``: resident blocks per SM that the registers and shared memory allow (Hopper: 64K
   registers and 228 KB shared memory per SM, at most 64 warps);
 - ``instructions``: SASS instructions in the kernel (every path, as compiled; the residual rows and the streaming
-  forward rows divide it by their ``values_per_thread``: instructions an element).
+  forward rows divide it by their ``values_per_thread``: instructions an element);
+- ``fma_contracted`` (kernels that must match the reference bit for bit: the streaming forward and decode, the
+  residual forwards without projections): FFMAs the compiler formed itself from a multiply and an add, i.e. the
+  FFMAs the kernel loses when compiled again with ``enable_fp_fusion=False`` (the residual rows expect their guess's
+  ``guess_fmas``); ``ptx_mul_rn``, ``ptx_div_rn``: ``mul.rn``/``div.rn`` in the PTX (rounded alone, never fused).
 
 The variants are what the launchers produce for the common cases (strides specialised as Triton does at
 launch: a stride of 1 becomes a constant, values divisible by 16 are marked so): the streaming kernels
@@ -109,7 +113,7 @@ def _streaming(dt: str, layout: str) -> list[Variant]:
              **F.row_plan(8, not cf, size, default("forward")["BLOCK_N"], default("forward")["num_warps"])),
         ("z_ptr", "out_ptr", "idx_ptr", "val_ptr", "int_ptr", "N", *rz, *ro, *DEFAULT_FORWARD_ALIGNED),
         default("forward")["num_warps"],
-        tags={**tags, "kind": "forward",
+        tags={**tags, "kind": "forward", "bitwise": True,
               "values_per_thread": default("forward")["BLOCK_N"] * 8 // (32 * default("forward")["num_warps"])},
     ))
     sg, rg = strides("g", "bcn")
@@ -130,7 +134,7 @@ def _streaming(dt: str, layout: str) -> list[Variant]:
         dict(**so, C=1, D=8, C_PAD=1, D_PAD=8, MAX_LEVEL=8, BLOCK_N=default("decode")["BLOCK_N"], CHANNEL_ROWS=cf,
              GROUPS=max(1, 8 * (4 if dt == "fp32" else 2) // 16), OFFSET_64=False, DENSE=not cf, ROTATE=False),
         ("idx_ptr", "out_ptr", "val_ptr", "int_ptr", "rot_ptr", "N", *ro), default("decode")["num_warps"],
-        tags={**tags, "kind": "decode"},
+        tags={**tags, "kind": "decode", "bitwise": True},
     ))
     return out
 
@@ -147,7 +151,8 @@ def _rotated(v: Variant) -> Variant:
         cfg = dict(cfg, BLOCK_N=F.capped_block_n(cfg["BLOCK_N"], cfg["num_warps"], 8))
         extra = dict(ROTATE=True, GROUPS=1)
     return dataclasses.replace(v, name=f"{v.name}, rotation", constexprs={**v.constexprs, **extra, "BLOCK_N": cfg["BLOCK_N"]},
-                               num_warps=cfg["num_warps"], tags={**v.tags, "kind": v.tags["kind"] + "-rotation"})
+                               num_warps=cfg["num_warps"],
+                               tags={**v.tags, "kind": v.tags["kind"] + "-rotation", "bitwise": False})
 
 
 # The forward kernel's default launch (forward_triton): the histogram pointer is the index tensor, its stride and the
@@ -342,6 +347,12 @@ def _residual_variants() -> list[Variant]:
         Variant(out[-1].name + ", soft clamp", R._residual_backward_kernel, backward_types,
                 {**out[-1].constexprs, **soft}, out[-1].divisible_by_16, warps, tags={**tags, "soft_clamp": 1}),
     ]
+    # the forwards without projections reproduce vqp bit for bit: the only multiply-adds the compiler may form are
+    # each stage's guess r * a + b (exact fused or not: residual_levels.guess_table), one a stage and value
+    for v in out:
+        if v.kernel is R._residual_forward_kernel and not v.constexprs["PROJECT_OUT"]:
+            guessed = v.constexprs["GUESS_ROWS"] > 0
+            v.tags = {**v.tags, "bitwise": True, "guess_fmas": v.constexprs["Q"] * v.tags["values_per_thread"] if guessed else 0}
     return out
 
 
@@ -372,17 +383,15 @@ def inspect(variant: Variant, arch: int = 90) -> dict:
         constexprs={(names.index(k),): v for k, v in variant.constexprs.items()},
         attrs={(names.index(n),): [["tt.divisibility", 16]] for n in variant.divisible_by_16},
     )
-    log = io.StringIO()
-    with contextlib.redirect_stdout(log):
-        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": variant.num_warps, "num_stages": variant.num_stages})
-    registers, spill_bytes = _ptxas_report(log.getvalue())
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = os.path.join(tmp, "kernel.cubin")
-        with open(cubin, "wb") as f:
-            f.write(compiled.asm["cubin"])
-        sass = subprocess.run([str(BIN / "cuobjdump"), "--dump-sass", cubin], capture_output=True, text=True, check=True).stdout
-    lines = [line for line in sass.splitlines() if "/*" in line]
+    compiled, log = _compile(source, arch, variant, enable_fp_fusion=True)
+    registers, spill_bytes = _ptxas_report(log)
+    lines = _sass_lines(compiled)
+    contracted = {}
+    if variant.tags.get("bitwise"):
+        # multiply-adds the compiler formed by itself (FMUL + FADD fused: one rounding fewer than torch's ops), as the
+        # FFMAs that the same kernel loses when compiled with enable_fp_fusion=False
+        unfused = _sass_lines(_compile(source, arch, variant, enable_fp_fusion=False)[0])
+        contracted = {"fma_contracted": _count(lines, "FFMA") - _count(unfused, "FFMA")}
     shared = int(compiled.metadata.shared)
     threads = 32 * variant.num_warps
     per_block_regs = ((registers + 7) // 8 * 8) * threads
@@ -401,7 +410,32 @@ def inspect(variant: Variant, arch: int = 90) -> dict:
         "ptx_mul_rn": compiled.asm["ptx"].count("mul.rn."),
         "ptx_div_rn": compiled.asm["ptx"].count("div.rn."),
         "blocks_per_sm": blocks,
+        **contracted,
     }
+
+
+def _compile(source, arch: int, variant: Variant, **options):
+    """``triton.compile`` for ``sm_<arch>``: the compiled kernel and Triton's ptxas report."""
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                                  options={"num_warps": variant.num_warps, "num_stages": variant.num_stages, **options})
+    return compiled, log.getvalue()
+
+
+def _sass_lines(compiled) -> list[str]:
+    """The instruction lines of the kernel's SASS (``cuobjdump --dump-sass``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "kernel.cubin")
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        sass = subprocess.run([str(BIN / "cuobjdump"), "--dump-sass", cubin], capture_output=True, text=True, check=True).stdout
+    return [line for line in sass.splitlines() if "/*" in line]
+
+
+def _count(lines: list[str], opcode: str) -> int:
+    """Instructions of ``opcode`` (any modifiers: ``FFMA``, ``FFMA.FTZ``, ...)."""
+    return sum(1 for line in lines if re.search(rf"\b{opcode}(\.[A-Z0-9.]+)?\s", line))
 
 
 def main() -> int:
