@@ -583,7 +583,8 @@ def targets(results: dict, judged: bool) -> list[dict]:
         current.get("index_mismatches"), lambda v: v == 0,
         lambda v, row=current: (f"{v} over {row.get('elements')} elements (soft clamp in the kernel: "
                                 f"{row.get('soft_clamp_in_kernel_by_default')}; tanh check: "
-                                f"{row.get('tanh_probe_mismatches')} of {row.get('tanh_probe_values')} values differ; "
+                                f"{row.get('tanh_probe_mismatches')} of {row.get('tanh_probe_values')} values differ, "
+                                f"soft clamp {row.get('soft_clamp_probe_mismatches')}; "
                                 f"forced in kernel {row.get('index_mismatches_soft_clamp_in_kernel')}, in torch "
                                 f"{row.get('index_mismatches_soft_clamp_in_torch')})"))
     for key, goal, test in (("forward_over_bound", "<= 1.3x", lambda v: v <= 1.3),

@@ -20,8 +20,8 @@ gives) is available on any machine, for whichever triton is installed (the GPU m
   forward rows divide it by their ``values_per_thread``: instructions an element);
 - ``fma_contracted`` (kernels that must match the reference bit for bit: the streaming forward and decode, the
   residual forwards without projections): FFMAs the compiler formed itself from a multiply and an add, i.e. the
-  FFMAs the kernel loses when compiled again with ``enable_fp_fusion=False`` (the residual rows expect their guess's
-  ``guess_fmas``); ``ptx_mul_rn``, ``ptx_div_rn``: ``mul.rn``/``div.rn`` in the PTX (rounded alone, never fused).
+  FFMAs the kernel loses when compiled again with ``enable_fp_fusion=False`` (explicit ``tl.fma`` stays);
+  ``ptx_mul_rn``, ``ptx_div_rn``: ``mul.rn``/``div.rn`` in the PTX (rounded alone, never fused).
 
 The variants are what the launchers produce for the common cases (strides specialised as Triton does at
 launch: a stride of 1 becomes a constant, values divisible by 16 are marked so): the streaming kernels
@@ -347,12 +347,11 @@ def _residual_variants() -> list[Variant]:
         Variant(out[-1].name + ", soft clamp", R._residual_backward_kernel, backward_types,
                 {**out[-1].constexprs, **soft}, out[-1].divisible_by_16, warps, tags={**tags, "soft_clamp": 1}),
     ]
-    # the forwards without projections reproduce vqp bit for bit: the only multiply-adds the compiler may form are
-    # each stage's guess r * a + b (exact fused or not: residual_levels.guess_table), one a stage and value
+    # the forwards without projections reproduce vqp bit for bit (their one multiply-add, each stage's guess
+    # r * a + b, is an explicit tl.fma, exact fused or not: residual_levels.guess_table)
     for v in out:
         if v.kernel is R._residual_forward_kernel and not v.constexprs["PROJECT_OUT"]:
-            guessed = v.constexprs["GUESS_ROWS"] > 0
-            v.tags = {**v.tags, "bitwise": True, "guess_fmas": v.constexprs["Q"] * v.tags["values_per_thread"] if guessed else 0}
+            v.tags = {**v.tags, "bitwise": True}
     return out
 
 

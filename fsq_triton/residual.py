@@ -123,13 +123,15 @@ class ResidualFSQ(nn.Module):
     ``return_all_codes`` the scaled codes ``(q, b, n, d)`` (channel-first: ``(q, b, *spatial, d)``).
     """
 
-    # Where the soft clamp's tanh runs: True inside the kernel (one pass over x), False in torch ops before the
-    # kernel (three more passes), None (the default) inside the kernel wherever its tanh is torch's bit for bit:
-    # always under Triton's interpreter (torch.tanh itself), and on a GPU where ops.residual.tanh_matches_torch says
-    # so (a check of 4.5M values, once per device). The first H200 run (torch 2.11, triton 3.6, 2026-11-28;
-    # bench/results/2026-11-28-h200/run2/residual.json) measured 612,934 of 40M indices moved by the fused soft clamp:
-    # the kernel then fused `tanh(.) * c` with the first stage's subtraction into one multiply-add (its PTX; now
-    # `mul.rn`), and libdevice's tanhf is the CUDA math library's (bench/NOTES.md).
+    # Where the soft clamp runs: True inside the kernel (one pass over x), False in torch ops before the kernel
+    # (three more passes), None (the default) inside the kernel wherever that gives torch's indices and outputs:
+    # always under Triton's interpreter (its tanh is torch.tanh), and on a GPU where ops.residual's
+    # soft_clamp_matches_torch finds the kernel's tanh and soft clamp bit-equal to torch's for this module's c (a check
+    # of 4.5M values, once per device) and no stage threshold lies next to 0 (_flush_band_clear). The first H200 run
+    # (torch 2.11, triton 3.6, 2026-11-28; bench/results/2026-11-28-h200/run2/residual.json) measured 612,934 of 40M
+    # indices moved by the fused soft clamp; the likely cause, from that kernel's PTX: `tanh(.) * c` fused with the
+    # first stage's subtraction into one multiply-add (now `mul.rn`; bench/NOTES.md). fuse_project_in keeps the soft
+    # clamp in the kernel whatever this says (h never leaves it).
     soft_clamp_in_kernel: bool | None = None
 
     # Opt-in: ``project_in`` in the kernel too (a ``tl.dot`` per token tile, float32 accumulation in the kernel's
@@ -250,6 +252,10 @@ class ResidualFSQ(nn.Module):
         c = self.soft_clamp_input_value
         self._soft_clamp_key = None if c is None else tuple(
             (c.detach().float() if isinstance(c, torch.Tensor) else torch.tensor(float(c))).reshape(-1).tolist())
+        if self._soft_clamp_key is not None and not all(math.isfinite(v) and v != 0 for v in self._soft_clamp_key):
+            raise ValueError(f"soft_clamp_input_value must be finite and nonzero (tanh(x / c) * c), found "
+                             f"{list(self._soft_clamp_key)}")
+        self._soft_clamp_flush_safe = self._flush_band_clear()
         self.register_buffer("_codebook", self._stage_codes(torch.arange(self.codebook_size)), persistent=False)
         self._calibrate()
 
@@ -266,8 +272,20 @@ class ResidualFSQ(nn.Module):
         if device.type in ("cpu", "cuda") and not self._levels.is_meta:
             self._tables(device)
             if (device.type == "cuda" and self._soft_clamp_key is not None and self.soft_clamp_in_kernel is None
-                    and self.backend != "torch" and _ops is not None):
-                _ops.tanh_matches_torch(device)  # before torch.compile can trace a first call
+                    and self.backend != "torch" and _ops is not None and self._soft_clamp_flush_safe):
+                self._soft_clamp_runs_in_kernel(device)  # its check, before torch.compile can trace a first call
+
+    def _flush_band_clear(self) -> bool:
+        """Whether no stage threshold lies within ``max(1, |c|) * 2**-120`` of 0 (64 times the band where the kernel's
+        soft clamp gives 0 and torch's a value below ``max(1, |c|) * 2**-126``: ``ops.residual.soft_clamp``), so that
+        every stage quantizes both alike (from the CPU calibration, the same thresholds to a few ulps)."""
+        if self._soft_clamp_key is None:
+            return True
+        tables = residual_tables(tuple(self.levels), self.num_quantizers, self.semantics, self._kind, "cpu",
+                                 self._soft_clamp_key)
+        band = max(1.0, max(abs(v) for v in self._soft_clamp_key)) * 2.0**-120
+        thresholds = tables.thresholds
+        return not bool(((thresholds.abs() <= band) & thresholds.isfinite()).any())
 
     def _apply(self, fn, *args, **kwargs):
         module = super()._apply(fn, *args, **kwargs)
@@ -482,12 +500,16 @@ class ResidualFSQ(nn.Module):
                                              num_active, kind, mode, channels_last)
 
     def _soft_clamp_runs_in_kernel(self, device: torch.device) -> bool:
-        """``soft_clamp_in_kernel``, whose default (None) is: in the kernel wherever the kernels' ``tanh`` is torch's
-        bit for bit on ``device`` (see the attribute)."""
+        """``soft_clamp_in_kernel``, whose default (None) is: in the kernel wherever it gives torch's indices and
+        outputs on ``device`` (see the attribute)."""
         in_kernel = self.soft_clamp_in_kernel
         if in_kernel is not None:
             return bool(in_kernel)
-        return device.type != "cuda" or _ops.tanh_matches_torch(device)
+        if device.type != "cuda":
+            return True
+        # a Python float c (pre-1.26): torch's CUDA division by it multiplies by its float32 reciprocal
+        mode = _ops.SOFT_DIVIDE if isinstance(self.soft_clamp_input_value, torch.Tensor) else _ops.SOFT_RECIPROCAL
+        return self._soft_clamp_flush_safe and _ops.soft_clamp_matches_torch(device, self._soft_clamp_key, mode)
 
     def _kernel_takes(self, x: torch.Tensor, dtype: torch.dtype) -> bool:
         """Whether the kernel reproduces vqp's stages on values of ``dtype`` (``x``: the input, for its device): not

@@ -42,9 +42,10 @@ counts fsq_triton's kernel against its own torch path, which replays vqp 1.25.2'
   differ from vqp's over ``--elements`` (default 20M) float32 inputs (``randn * 1.5``, in chunks), plus the largest
   difference of the quantized output; and the same count with the soft clamp forced into the kernel
   (``soft_clamp_in_kernel = True``: ``..._soft_clamp_in_kernel``) and into torch ops (``False``:
-  ``..._soft_clamp_in_torch``); ``tanh_probe_mismatches``: the values of that check (``ops.residual.tanh_mismatches``,
-  4.5M floats: every 1021st bit pattern and the neighbourhoods of tanhf's branch points) where the kernels' ``tanh``
-  and ``torch.tanh`` differ in a bit (current semantics only);
+  ``..._soft_clamp_in_torch``); ``tanh_probe_mismatches`` and ``soft_clamp_probe_mismatches``: the values of the
+  module's check (``ops.residual.tanh_mismatches``, 4.5M floats: every 1021st bit pattern and the neighbourhoods of
+  tanhf's branch points; ``soft_clamp_mismatches``, the whole soft clamp over those values and the same times each
+  ``c``) where the kernels' ``tanh`` or soft clamp and torch's differ in a bit (current semantics only);
 - ``grad_max_abs_diff``: the input gradient against autograd through vqp, on the first chunk;
 - timings (median of CUDA-event repeats after an L2 flush) of forward and forward+backward for fsq_triton, vqp eager and
   ``torch.compile`` of vqp, and the bandwidth bound of one forward pass (read ``x``, write the quantized sum and the
@@ -177,6 +178,8 @@ def parity(semantics: str, elements: int, device, vqp):
         probe = {} if device.type == "cuda" else {"stride": (1 << 22) + 1, "window": 8}  # the CPU: a dry run
         result.update(tanh_probe_values=ops.tanh_probe_values("cpu", **probe).numel(),
                       tanh_probe_mismatches=ops.tanh_mismatches(device, **probe),
+                      soft_clamp_probe_mismatches=sum(ops.soft_clamp_mismatches(device, c, ops.SOFT_DIVIDE, **probe)
+                                                      for c in sorted(set(ours._soft_clamp_key))),
                       soft_clamp_in_kernel_by_default=ours._soft_clamp_runs_in_kernel(device))
     return result
 

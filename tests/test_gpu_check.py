@@ -280,7 +280,8 @@ def test_targets_are_judged_from_gpu_shaped_rows():
         "r": {"status": "ok", "reason": None, "result": {"notes": [], "report": {
             "parity": [{"semantics": "current", "elements": 100, "index_mismatches": 0,
                         "index_mismatches_soft_clamp_in_kernel": 0, "index_mismatches_soft_clamp_in_torch": 0,
-                        "tanh_probe_values": 4500, "tanh_probe_mismatches": 0, "soft_clamp_in_kernel_by_default": True}],
+                        "tanh_probe_values": 4500, "tanh_probe_mismatches": 0, "soft_clamp_probe_mismatches": 0,
+                        "soft_clamp_in_kernel_by_default": True}],
             "speed": {"rows": {}, "forward_over_bound": 1.1, "forward_speedup_vs_vqp eager": 12.0,
                       "forward_speedup_vs_vqp torch.compile": 2.5, "forward_backward_speedup_vs_vqp eager": 6.0,
                       "compiled_parity": {"elements": 100, "vqp_compiled_vs_eager": 7,
@@ -290,8 +291,8 @@ def test_targets_are_judged_from_gpu_shaped_rows():
     judged = {t["target"]: t for t in gpu_check.targets(results, judged=True)}
     met = {name: t["met"] for name, t in judged.items()}
     assert judged["ResidualFSQ index mismatches against vqp (current semantics, fused kernel)"]["measured"] == (
-        "0 over 100 elements (soft clamp in the kernel: True; tanh check: 0 of 4500 values differ; forced in kernel 0, "
-        "in torch 0)")
+        "0 over 100 elements (soft clamp in the kernel: True; tanh check: 0 of 4500 values differ, soft clamp 0; "
+        "forced in kernel 0, in torch 0)")
     assert [t["measured"] for t in judged.values()][:2] == ["0 over 2 checks", "3 over 2 checks"]
     # a check that could not run fails the target whatever the counts; a refused level set is only said
     results["steps"]["b"]["result"]["rows"] += [{"check": "x", "target": "0 and 0", "error": "RuntimeError: boom"},

@@ -391,10 +391,11 @@ def test_kernels_cpu_twin_matches_the_kernels():
 
     if not interpreting():
         pytest.skip("compares with the kernels under the interpreter")
-    for kind, semantics, soft in (("sym_clamp", "current", (1.2, 1.5, 1.1)), ("tanh_shift", "pre-1.26", None)):
+    for kind, semantics, soft, mode in (("sym_clamp", "current", (1.2, 1.5, 1.1), ops.SOFT_DIVIDE),
+                                        ("tanh_shift", "pre-1.26", None, ops.SOFT_NONE),
+                                        ("tanh_shift", "pre-1.26", (1.2,), ops.SOFT_RECIPROCAL)):
         tables = residual_tables((8, 5, 3), 3, semantics, kind, "cpu", soft)
         x = torch.randn(2, 6, 11) * 1.5
-        mode = 0 if soft is None else 1
         out_k, idx_k = ops.forward_triton(x, tables.stages, tables.guess, tables.channels, tables.basis, 2, 2, mode, False)
         out_t, idx_t = ops._torch_forward(x, tables.stages, tables.channels, tables.basis, 2, 2, mode)
         assert torch.equal(idx_k, idx_t) and torch.equal(out_k, out_t)
@@ -670,24 +671,32 @@ def test_decode_without_the_host_check_gives_nan_for_bad_indices(monkeypatch):
     assert torch.isnan(m.get_codes_from_indices(indices[..., :2])[:, 0, 1, :][0]).all()  # padded stages stay valid
 
 
-@pytest.mark.parametrize("tanh_matches", [True, False])
-def test_soft_clamp_runs_in_the_kernel_where_its_tanh_is_torchs(tanh_matches, monkeypatch):
-    """The default (None) runs the soft clamp in the kernel on a GPU only where ``tanh_matches_torch`` says the
-    kernels' ``tanh`` is torch's bit for bit there, and always elsewhere (the interpreter's tanh is torch.tanh);
-    True and False force either without asking."""
+@pytest.mark.parametrize("check_passes", [True, False])
+def test_soft_clamp_runs_in_the_kernel_where_it_is_torchs(check_passes, monkeypatch):
+    """The default (None) runs the soft clamp in the kernel on a GPU only where ``soft_clamp_matches_torch`` finds the
+    kernels' tanh and soft clamp equal to torch's there for the module's ``c`` (IEEE division for a tensor ``c``, the
+    reciprocal multiply for a pre-1.26 float) and no threshold lies next to 0; always elsewhere (the interpreter's tanh
+    is torch.tanh); True and False force either without asking."""
     ops = pytest.importorskip("fsq_triton.ops.residual")
     asked = []
-    monkeypatch.setattr(ops, "tanh_matches_torch", lambda device: asked.append(device) or tanh_matches)
+    monkeypatch.setattr(ops, "soft_clamp_matches_torch", lambda *args: asked.append(args) or check_passes)
+    cuda = torch.device("cuda", 0)
     module = ResidualFSQ(levels=[8, 5, 5, 5], num_quantizers=2)
-    assert ResidualFSQ.soft_clamp_in_kernel is None
-    assert module._soft_clamp_runs_in_kernel(torch.device("cuda", 0)) is tanh_matches
-    assert asked == [torch.device("cuda", 0)]
+    assert ResidualFSQ.soft_clamp_in_kernel is None and module._soft_clamp_flush_safe
+    assert module._soft_clamp_runs_in_kernel(cuda) is check_passes
+    assert asked == [(cuda, module._soft_clamp_key, ops.SOFT_DIVIDE)]
+    assert module._soft_clamp_key == pytest.approx((8 / 7, 1.25, 1.25, 1.25))
+    old = ResidualFSQ(levels=[8, 5, 5, 5], num_quantizers=2, semantics="pre-1.26", soft_clamp_input_value=1.5)
+    assert old._soft_clamp_runs_in_kernel(cuda) is check_passes
+    assert asked[-1] == (cuda, (1.5,), ops.SOFT_RECIPROCAL)
     assert module._soft_clamp_runs_in_kernel(torch.device("cpu"))
+    module._soft_clamp_flush_safe = False               # a threshold next to 0: torch ops, without asking
+    assert not module._soft_clamp_runs_in_kernel(cuda) and len(asked) == 2
     for forced in (True, False):
         monkeypatch.setattr(ResidualFSQ, "soft_clamp_in_kernel", forced)
-        assert module._soft_clamp_runs_in_kernel(torch.device("cuda", 0)) is forced
+        assert module._soft_clamp_runs_in_kernel(cuda) is forced
         assert module._soft_clamp_runs_in_kernel(torch.device("cpu")) is forced
-    assert len(asked) == 1
+    assert len(asked) == 2
 
 
 def test_tanh_probe_covers_every_region_of_tanhf():
@@ -709,14 +718,16 @@ def test_tanh_probe_covers_every_region_of_tanhf():
 
 
 def test_tanh_probe_runs_the_kernels_tanh():
-    """``tanh_mismatches`` launches the kernels' tanh over the probe and counts the bits that differ from
-    ``torch.tanh`` (under the interpreter the kernels' tanh is torch.tanh itself: 0); ``tanh_matches_torch`` needs no
-    check off CUDA."""
+    """``tanh_mismatches`` and ``soft_clamp_mismatches`` launch the kernels' tanh and soft clamp over the probe and
+    count the bits that differ from torch's (under the interpreter the kernels' tanh is torch.tanh itself: 0);
+    ``soft_clamp_matches_torch`` needs no check off CUDA."""
     if not interpreting():
         pytest.skip("runs the kernels under the interpreter")
     ops = pytest.importorskip("fsq_triton.ops.residual")
     assert ops.tanh_mismatches("cpu", stride=(1 << 22) + 1, window=8) == 0
-    assert ops.tanh_matches_torch("cpu")
+    for c in (8 / 7, 1.25, 3.0, 0.5, -2.0):  # the whole soft clamp (IEEE division on the CPU), any c
+        assert ops.soft_clamp_mismatches("cpu", c, ops.SOFT_DIVIDE, stride=(1 << 22) + 1, window=8) == 0
+    assert ops.soft_clamp_matches_torch("cpu", (1.25,), ops.SOFT_DIVIDE)
 
 
 def test_tanh_probe_counts_differing_bits(monkeypatch):
@@ -842,19 +853,32 @@ SOFT_CLAMPED = [dict(levels=levels, num_quantizers=8) for levels in
 
 @pytest.mark.parametrize("kwargs", SOFT_CLAMPED, ids=lambda k: f"{k['levels']}-{k.get('soft_clamp_input_value', 'default')}")
 def test_no_threshold_lies_next_to_zero(kwargs):
-    """The kernel's soft clamp divides flushing to zero (``ops.residual.div_rn``): for ``|x| < c * 2**-126`` its
-    ``r`` is 0 where torch's is below ``c * 2**-126`` in magnitude. No stage of the soft-clamped configurations has a
-    threshold within 2**-100 of 0, so every stage quantizes both alike."""
-    tables = ResidualFSQ(**kwargs)._tables("cpu")
-    thresholds = tables.thresholds
+    """The kernel's soft clamp flushes tiny products to zero (``ops.residual.mul_rn``): for
+    ``|x| < max(1, |c|) * 2**-126`` its ``r`` is 0 where torch's is below ``max(1, |c|) * 2**-126``. The usual
+    configurations have no threshold within 2**-100 of 0, so the module's guard (64 times that band) lets them run the
+    soft clamp in the kernel."""
+    module = ResidualFSQ(**kwargs)
+    thresholds = module._tables("cpu").thresholds
     near = thresholds[(thresholds > -2.0**-100) & (thresholds <= 2.0**-100)]
     assert near.numel() == 0, near
+    assert module._soft_clamp_flush_safe
+
+
+def test_soft_clamp_stays_in_torch_ops_where_a_threshold_is_next_to_zero():
+    """Deep stacks resolve the residual below 2**-120 (40 stages of [8, 5, 5, 5]: thresholds near 2**-142), and a huge
+    clamp widens the band: the guard keeps their soft clamp in torch ops; degenerate clamps are refused."""
+    assert not ResidualFSQ(levels=[8, 5, 5, 5], num_quantizers=40)._soft_clamp_flush_safe
+    wide = ResidualFSQ(levels=[8, 5, 5, 5], num_quantizers=8, bound_hard_clamp=False, soft_clamp_input_value=1e37)
+    assert not wide._soft_clamp_flush_safe
+    for c in (0.0, float("inf"), float("nan"), [1.5, 0.0, 1.5, 1.5]):
+        with pytest.raises(ValueError, match="finite and nonzero"):
+            ResidualFSQ(levels=[8, 5, 5, 5], num_quantizers=2, bound_hard_clamp=False, soft_clamp_input_value=c)
 
 
 @pytest.mark.parametrize("kwargs", SOFT_CLAMPED[:3] + SOFT_CLAMPED[-1:], ids=lambda k: str(k["levels"]))
 def test_flushed_soft_clamp_quotients_change_nothing(kwargs):
-    """vqp's ops on inputs whose ``x / c`` is below 2**-126 in magnitude (denormal quotients, which the kernel's
-    division flushes to 0), against the same ops on 0: the same indices and quantized outputs."""
+    """vqp's ops on inputs whose ``x / c`` is below 2**-126 in magnitude (denormal quotients, whose soft clamp the
+    kernel's flushing multiply makes 0), against the same ops on 0: the same indices and quantized outputs."""
     module = ResidualFSQ(**kwargs, backend="torch")
     c = torch.as_tensor(module.soft_clamp_input_value, dtype=torch.float32)
     d = len(kwargs["levels"])

@@ -127,7 +127,7 @@ def test_dim4_parity_reports_the_tanh_check(script):
     row = script.parity("current", 256, torch.device("cpu"), vqp)
     assert row["elements"] == 256 and row["index_mismatches"] == 0
     assert row["index_mismatches_soft_clamp_in_kernel"] == row["index_mismatches_soft_clamp_in_torch"] == 0
-    assert row["tanh_probe_mismatches"] == 0 and row["tanh_probe_values"] > 1000
+    assert row["tanh_probe_mismatches"] == row["soft_clamp_probe_mismatches"] == 0 and row["tanh_probe_values"] > 1000
     assert row["soft_clamp_in_kernel_by_default"] is True
 
 

@@ -200,13 +200,14 @@ def test_bitwise_kernels_form_no_multiply_add_of_their_own(rows):
     """The kernels whose results must equal the reference's bit for bit (the streaming forward and decode, every dtype
     and layout; the residual forwards without projections) hold no multiply-add that the compiler formed from a
     multiply and an add (``enable_fp_fusion``, Triton's default until 3.10): compiled with and without fusion, they
-    have as many FFMAs, except the residual guess ``r * a + b``, one a stage and value, exact either way. The first
-    H200 run's residual mismatches came from such a fusion (the soft clamp's ``* c`` into the first stage's ``- q``:
-    the kernel of that run, commit 8a208f8, has 8 FFMAs more with fusion than without, 8 values a thread)."""
+    have as many FFMAs (the multiply-adds they mean, such as the residual guess ``r * a + b``, are explicit
+    ``tl.fma``). The first H200 run's residual mismatches came from such a fusion (the soft clamp's ``* c`` into the
+    first stage's ``- q``: the kernel of that run, commit 8a208f8, has 8 FFMAs more with fusion than without, one
+    for each of its 8 values a thread)."""
     audited = [row for row in rows.values() if "fma_contracted" in row]
     assert len(audited) == 18, [row["name"] for row in audited]
     for row in audited:
-        assert row["fma_contracted"] == row.get("guess_fmas", 0), row
+        assert row["fma_contracted"] == 0, row
 
 
 def test_residual_forward_with_project_out_fused(rows):

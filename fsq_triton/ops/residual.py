@@ -21,6 +21,8 @@ whenever an address of the launch can pass 2**31.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import triton
 import triton.language as tl
@@ -75,7 +77,7 @@ def tanh_f32(x):
     libdevice: ``bench/NOTES.md``), except that Triton links it flush-to-zero: a denormal ``x`` would give 0 where
     torch gives ``x`` (its ``tanhf`` of a denormal is ``x`` itself), so denormals pass through unchanged here. For
     every other float the two agree bit for bit as long as the CUDA versions share the algorithm;
-    :func:`tanh_matches_torch` checks that on the device before the soft clamp runs in the kernel.
+    :func:`soft_clamp_matches_torch` checks that on the device before the soft clamp runs in the kernel.
     """
     if INTERPRET:
         return INTERPRETER_TANH(x)
@@ -88,8 +90,9 @@ def tanh_f32(x):
 def mul_rn(a, b):
     """``a * b`` rounded once, as torch's own multiply kernel does: ``mul.rn``, which the compiler never fuses with a
     following add (a plain multiply before ``r - q`` may become one fused multiply-add, which skips the rounding of
-    the product that torch does in its own kernel). libdevice's, linked flush-to-zero as :func:`div_rn`: an inline
-    ``mul.rn.f32`` (no flush) made ptxas spill in the compare-chain kernel on triton 3.9."""
+    the product that torch does in its own kernel). libdevice's, which Triton links flush-to-zero (``mul.rn.ftz``):
+    a denormal factor or product gives 0 (:func:`soft_clamp`); an inline non-flushing ``mul.rn.f32`` made ptxas
+    spill 4 bytes in the compare-chain kernel on triton 3.9."""
     if INTERPRET:
         return a * b
     else:
@@ -98,11 +101,7 @@ def mul_rn(a, b):
 
 @triton.jit
 def div_rn(a, b):
-    """``a / b`` correctly rounded (IEEE division), as torch divides by a tensor: libdevice's ``div_rn``, which Triton
-    links flush-to-zero, so a quotient below 2**-126 in magnitude (``|a| < |b| * 2**-126``) is 0 where torch keeps it.
-    The non-flushing ``div.rn.f32`` would make ptxas call its slow path as a subroutine, and the call's register
-    convention spills in the compare-chain kernels (4 bytes at 64 registers, sm_90): not worth a quotient that the
-    stages cannot tell from 0 (:func:`soft_clamp`)."""
+    """``a / b`` correctly rounded (IEEE division, ``div.rn.f32``, denormals kept), as torch divides by a tensor."""
     if INTERPRET:
         return a / b
     else:
@@ -119,11 +118,11 @@ def soft_clamp(x, chans, SOFT_CLAMP: tl.constexpr):
     float performs (``SOFT_RECIPROCAL``), and neither multiply may fuse with the first stage's subtraction
     (:func:`mul_rn`). The first H200 run (2026-11-28) measured 612,934 of 40M indices against vqp from exactly
     that fusion: the kernel then compiled ``tanh(.) * c - q`` into one ``fma.rn.f32`` (its PTX, ``bench/NOTES.md``).
-    The one difference left is the flush to zero of the division, or of the product by ``1 / c`` (:func:`div_rn`,
-    :func:`mul_rn`): for ``|x| < c * 2**-126`` the kernel's ``r`` is 0 where torch's is below ``c * 2**-126`` in
-    magnitude, and every stage quantizes both alike as long as no
-    threshold lies within that distance of 0 (none within 2**-100 for the default clamps and the level sets tested:
-    ``tests/test_residual.py``), so indices and outputs are the same.
+    The one difference left is the products' flush to zero (:func:`mul_rn`): where ``x / c`` (or ``x * (1 / c)``) or
+    ``t * c`` is below 2**-126 in magnitude, which needs ``|x| < max(1, |c|) * 2**-126``, the kernel's ``r`` is 0
+    where torch's is below ``max(1, |c|) * 2**-126``. The module runs the soft clamp here only where no stage
+    threshold lies that close to 0 (``ResidualFSQ._soft_clamp_flush_safe``) and :func:`soft_clamp_matches_torch`
+    found the rest equal on the device, so indices and outputs are the same.
     """
     c = tl.load(chans + COL_SOFT_CLAMP)
     if SOFT_CLAMP == 1:
@@ -174,20 +173,71 @@ def tanh_mismatches(device: torch.device | str, stride: int = 1021, window: int 
     return int((~same).sum())
 
 
-_TANH_CHECKS: dict[tuple, bool] = {}
+@triton.jit
+def _soft_clamp_probe_kernel(x_ptr, r_ptr, chan_ptr, N, SOFT_CLAMP: tl.constexpr, BLOCK: tl.constexpr):
+    """``r = soft_clamp(x)`` with the channel row at ``chan_ptr``, elementwise over ``N`` contiguous float32 values
+    (:func:`soft_clamp_mismatches`): the kernels' soft clamp on its own. Memory traffic per element: read 4 B, write
+    4 B."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    r, _t = soft_clamp(tl.load(x_ptr + offs, mask=mask, other=0.0), chan_ptr, SOFT_CLAMP)
+    tl.store(r_ptr + offs, r, mask=mask)
 
 
-def tanh_matches_torch(device: torch.device | str) -> bool:
-    """Whether the kernels' ``tanh`` is torch's on ``device`` bit for bit over :func:`tanh_probe_values`, so that the
-    soft clamp may run in the kernel there (``ResidualFSQ.soft_clamp_in_kernel``'s default). Checked once per
-    device and process (about 18 MB of values, one launch), at the module's move to the device or its first call,
-    never while torch.compile traces (a calibration, as the stage tables). Off CUDA the kernels run under the
-    interpreter, whose ``tanh`` is ``torch.tanh`` itself: True."""
+def soft_clamp_mismatches(device: torch.device | str, c: float, mode: int, stride: int = 1021,
+                          window: int = 1 << 15) -> int:
+    """How many values ``x`` the kernels' soft clamp (:func:`soft_clamp`, ``mode`` ``SOFT_DIVIDE`` or
+    ``SOFT_RECIPROCAL``) and torch's ``(x / c).tanh() * c`` (``c`` a tensor on ``device``, or a Python float)
+    evaluate to different bits on ``device`` (two NaNs agree), over :func:`tanh_probe_values` and the same values
+    times ``c`` (so that ``x / c`` meets tanh's branch points), outside the products' flush band
+    ``|x| < max(1, |c|) * 2**-126`` (:func:`mul_rn`)."""
+    y = tanh_probe_values(device, stride, window)
+    x = torch.cat([y, y * c])
+    c32 = torch.tensor(c, dtype=torch.float32, device=device)
+    unused = torch.tensor(float("nan"), device=device)  # the row's shift and gradient constant
+    chans = torch.stack([unused, unused, c32, 1.0 / c32]).contiguous()  # as residual_levels builds the row
+    r = torch.empty_like(x)
+    block = 1024
+    with device_guard(x):
+        _launch(_soft_clamp_probe_kernel, x)[(_cdiv(x.numel(), block),)](x, r, chans, x.numel(), SOFT_CLAMP=mode,
+                                                                         BLOCK=block, num_warps=4)
+    c_torch = c if mode == SOFT_RECIPROCAL else torch.tensor(c, dtype=torch.float32, device=device)
+    ref = (x / c_torch).tanh() * c_torch
+    same = (r.view(torch.int32) == ref.view(torch.int32)) | (r.isnan() & ref.isnan())
+    band = x.abs() < max(1.0, abs(c)) * 2.0**-126
+    return int((~same & ~band).sum())
+
+
+_SOFT_CLAMP_CHECKS: dict[tuple, bool] = {}
+
+
+def soft_clamp_matches_torch(device: torch.device | str, soft_clamp: tuple[float, ...], mode: int) -> bool:
+    """Whether the soft clamp may run in the kernel on ``device`` (``ResidualFSQ.soft_clamp_in_kernel``'s default):
+    the kernels' ``tanh`` is torch's bit for bit over :func:`tanh_probe_values` (:func:`tanh_mismatches`), and so is
+    their whole soft clamp for every value of ``soft_clamp`` in ``mode`` (:func:`soft_clamp_mismatches`). Checked
+    once per device, values and mode in a process (about 18 MB of values a launch), at the module's move to the
+    device or its first call, never while torch.compile traces (a calibration, as the stage tables). Off CUDA the
+    kernels run under the interpreter, whose ``tanh`` is ``torch.tanh`` itself: True."""
     device = calibration_device(device)
     if device.type != "cuda":
         return True
-    return cached_calibration(_TANH_CHECKS, (str(device),), "soft clamp's tanh check", device,
-                              lambda: tanh_mismatches(device) == 0)
+
+    def check() -> bool:
+        try:
+            if str(device) not in _TANH_CHECKS:
+                _TANH_CHECKS[str(device)] = tanh_mismatches(device) == 0
+            return _TANH_CHECKS[str(device)] and all(soft_clamp_mismatches(device, c, mode) == 0
+                                                     for c in sorted(set(soft_clamp)))
+        except Exception as error:  # a failed compile or launch: the torch ops are exact anyway
+            warnings.warn(f"fsq_triton: the soft clamp's check on {device} failed ({type(error).__name__}: {error}); "
+                          "ResidualFSQ runs the soft clamp in torch ops there")
+            return False
+
+    key = (str(device), tuple(float(c) for c in soft_clamp), int(mode))
+    return cached_calibration(_SOFT_CLAMP_CHECKS, key, "soft clamp's kernel checks", device, check)
+
+
+_TANH_CHECKS: dict[str, bool] = {}
 
 
 @triton.jit
@@ -363,7 +413,7 @@ def stage_guess(r, guess_ptr, s: tl.constexpr, j: tl.constexpr, D: tl.constexpr,
     then row ``1 + i`` of the stage's guess table gives ``(t_i, quantized[lo], quantized[lo + 1], lo * basis)``:
     ``passed = r >= t_i``, and the result is ``(passed, quantized, lo * basis)`` with
     ``quantized = passed ? quantized[lo + 1] : quantized[lo]``."""
-    i = (r * a + b).to(tl.int32, bitcast=True)
+    i = tl.fma(r, a, b).to(tl.int32, bitcast=True)  # exact fused or not; fused: one instruction on any Triton
     i = tl.minimum(tl.maximum(i, GUESS_MAGIC), GUESS_MAGIC + (ROWS - 1))
     # row 1 + i of stage s, channel j: (guess_ptr - 4 * GUESS_MAGIC) + 4 * (GUESS_MAGIC + i) (one 64-bit multiply-add,
     # the same base for every stage) + a constant (the load's immediate offset)
@@ -420,7 +470,7 @@ def _residual_forward_kernel(
     The thresholds were calibrated on this device with vqp's own ops, so the stages are exact (no division, no
     tanh). Only the soft clamp evaluates ``tanh`` (:func:`soft_clamp`: torch's three roundings, its products never
     fused; under the interpreter ``torch.tanh`` itself, on CUDA libdevice's ``tanhf``, the algorithm of torch's CUDA
-    ``tanh``, which :func:`tanh_matches_torch` checks on the device before the module puts the soft clamp here).
+    ``tanh``, which :func:`soft_clamp_matches_torch` checks on the device before the module puts the soft clamp here).
 
     A thread holds whole tokens (see the module docstring). ``DENSE`` (channel-last contiguous, ``d % 4 == 0``):
     each 4 channels of a token are one 16-byte load and store; ``INDEX_ROWS`` (``q % 4 == 0``): each 4 stage indices
