@@ -346,6 +346,9 @@ def _residual_variants() -> list[Variant]:
                 {**out[0].constexprs, **soft}, out[0].divisible_by_16, warps, tags={**tags, "soft_clamp": 1}),
         Variant(out[-1].name + ", soft clamp", R._residual_backward_kernel, backward_types,
                 {**out[-1].constexprs, **soft}, out[-1].divisible_by_16, warps, tags={**tags, "soft_clamp": 1}),
+        # pre-1.26 with a Python float c: torch's CUDA division by it multiplies by its float32 reciprocal
+        Variant(out[0].name + ", soft clamp by reciprocal", R._residual_forward_kernel, forward_types,
+                {**out[0].constexprs, "SOFT_CLAMP": 2}, out[0].divisible_by_16, warps, tags={**tags, "soft_clamp": 2}),
     ]
     # the forwards without projections reproduce vqp bit for bit (their one multiply-add, each stage's guess
     # r * a + b, is an explicit tl.fma, exact fused or not: residual_levels.guess_table)
