@@ -521,9 +521,9 @@ class ResidualFSQ(nn.Module):
     def _use_fused(self, x: torch.Tensor):
         """``(ops, soft clamp mode, x)`` for the fused kernel, or ``(None, None, x)`` for the torch path.
 
-        Where the soft clamp runs outside the kernel (``soft_clamp_in_kernel``: False, or None on a GPU whose
-        ``tanh`` in Triton is not torch's bit for bit), it runs here in torch ops (three more passes over ``x``) and the
-        kernel gets the clamped values, so the indices are vqp's bit for bit there too.
+        Where the soft clamp runs outside the kernel (``soft_clamp_in_kernel``: False, or None where the device's
+        check or the flush guard says so: :meth:`_soft_clamp_runs_in_kernel`), it runs here in torch ops (three more
+        passes over ``x``) and the kernel gets the clamped values, so the indices are vqp's bit for bit there too.
         """
         ops = self._triton_ops(x)
         if ops is None or _transformed() or not self._kernel_takes(x, x.dtype):
