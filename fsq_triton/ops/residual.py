@@ -116,8 +116,8 @@ def soft_clamp(x, chans, SOFT_CLAMP: tl.constexpr):
     Three roundings, as torch's three kernels (division, ``tanh``, multiply) round: the division is IEEE
     (``SOFT_DIVIDE``: a tensor ``c``) or the multiply by ``1 / c`` in float32 that torch's CUDA division by a Python
     float performs (``SOFT_RECIPROCAL``), and neither multiply may fuse with the first stage's subtraction
-    (:func:`mul_rn`). The first H200 run (2026-11-28) measured 612,934 of 40M indices against vqp from exactly
-    that fusion: the kernel then compiled ``tanh(.) * c - q`` into one ``fma.rn.f32`` (its PTX, ``bench/NOTES.md``).
+    (:func:`mul_rn`). The first H200 run (2026-11-28) measured 612,934 of 40M indices against vqp, likely from that
+    fusion: the kernel then compiled ``tanh(.) * c - q`` into one ``fma.rn.f32`` (its PTX, ``bench/NOTES.md``).
     The one difference left is the products' flush to zero (:func:`mul_rn`): where ``x / c`` (or ``x * (1 / c)``) or
     ``t * c`` is below 2**-126 in magnitude, which needs ``|x| < max(1, |c|) * 2**-126``, the kernel's ``r`` is 0
     where torch's is below ``max(1, |c|) * 2**-126``. The module runs the soft clamp here only where no stage
@@ -133,12 +133,28 @@ def soft_clamp(x, chans, SOFT_CLAMP: tl.constexpr):
 
 
 @triton.jit
-def _tanh_probe_kernel(y_ptr, t_ptr, N, BLOCK: tl.constexpr):
-    """``t = tanh_f32(y)`` elementwise over ``N`` contiguous float32 values (:func:`tanh_mismatches`): the soft
-    clamp's ``tanh`` on its own. Memory traffic per element: read 4 B, write 4 B."""
+def _probe_kernel(x_ptr, out_ptr, chan_ptr, N, SOFT_CLAMP: tl.constexpr, BLOCK: tl.constexpr):
+    """The soft clamp's pieces on their own, elementwise over ``N`` contiguous float32 values (:func:`_probe`):
+    ``tanh_f32(x)`` with ``SOFT_CLAMP`` 0, else ``soft_clamp(x)`` with the channel row at ``chan_ptr``. Memory
+    traffic per element: read 4 B, write 4 B."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
-    tl.store(t_ptr + offs, tanh_f32(tl.load(y_ptr + offs, mask=mask, other=0.0)), mask=mask)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    if SOFT_CLAMP == 0:
+        out = tanh_f32(x)
+    else:
+        out, _t = soft_clamp(x, chan_ptr, SOFT_CLAMP)
+    tl.store(out_ptr + offs, out, mask=mask)
+
+
+def _probe(x: torch.Tensor, chans: torch.Tensor | None, mode: int, reference: torch.Tensor) -> torch.Tensor:
+    """Where :func:`_probe_kernel` on ``x`` differs from ``reference`` in a bit (two NaNs agree)."""
+    out = torch.empty_like(x)
+    block = 1024
+    with device_guard(x):
+        _launch(_probe_kernel, x)[(_cdiv(x.numel(), block),)](x, out, x if chans is None else chans, x.numel(),
+                                                               SOFT_CLAMP=mode, BLOCK=block, num_warps=4)
+    return ~((out.view(torch.int32) == reference.view(torch.int32)) | (out.isnan() & reference.isnan()))
 
 
 # The two branch points of tanhf (the CUDA math library's and libdevice's): the odd polynomial below |x| = 0.6, the
@@ -164,24 +180,7 @@ def tanh_mismatches(device: torch.device | str, stride: int = 1021, window: int 
     """How many of :func:`tanh_probe_values` the kernels' ``tanh`` (:func:`tanh_f32`) and ``torch.tanh`` evaluate to
     different bits on ``device`` (two NaNs agree)."""
     y = tanh_probe_values(device, stride, window)
-    t = torch.empty_like(y)
-    block = 1024
-    with device_guard(y):
-        _launch(_tanh_probe_kernel, y)[(_cdiv(y.numel(), block),)](y, t, y.numel(), BLOCK=block, num_warps=4)
-    ref = torch.tanh(y)
-    same = (t.view(torch.int32) == ref.view(torch.int32)) | (t.isnan() & ref.isnan())
-    return int((~same).sum())
-
-
-@triton.jit
-def _soft_clamp_probe_kernel(x_ptr, r_ptr, chan_ptr, N, SOFT_CLAMP: tl.constexpr, BLOCK: tl.constexpr):
-    """``r = soft_clamp(x)`` with the channel row at ``chan_ptr``, elementwise over ``N`` contiguous float32 values
-    (:func:`soft_clamp_mismatches`): the kernels' soft clamp on its own. Memory traffic per element: read 4 B, write
-    4 B."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    r, _t = soft_clamp(tl.load(x_ptr + offs, mask=mask, other=0.0), chan_ptr, SOFT_CLAMP)
-    tl.store(r_ptr + offs, r, mask=mask)
+    return int(_probe(y, None, SOFT_NONE, torch.tanh(y)).sum())
 
 
 def soft_clamp_mismatches(device: torch.device | str, c: float, mode: int, stride: int = 1021,
@@ -196,18 +195,12 @@ def soft_clamp_mismatches(device: torch.device | str, c: float, mode: int, strid
     c32 = torch.tensor(c, dtype=torch.float32, device=device)
     unused = torch.tensor(float("nan"), device=device)  # the row's shift and gradient constant
     chans = torch.stack([unused, unused, c32, 1.0 / c32]).contiguous()  # as residual_levels builds the row
-    r = torch.empty_like(x)
-    block = 1024
-    with device_guard(x):
-        _launch(_soft_clamp_probe_kernel, x)[(_cdiv(x.numel(), block),)](x, r, chans, x.numel(), SOFT_CLAMP=mode,
-                                                                         BLOCK=block, num_warps=4)
-    c_torch = c if mode == SOFT_RECIPROCAL else torch.tensor(c, dtype=torch.float32, device=device)
-    ref = (x / c_torch).tanh() * c_torch
-    same = (r.view(torch.int32) == ref.view(torch.int32)) | (r.isnan() & ref.isnan())
+    c_torch = c if mode == SOFT_RECIPROCAL else c32
     band = x.abs() < max(1.0, abs(c)) * 2.0**-126
-    return int((~same & ~band).sum())
+    return int((_probe(x, chans, mode, (x / c_torch).tanh() * c_torch) & ~band).sum())
 
 
+_TANH_CHECKS: dict[str, bool] = {}
 _SOFT_CLAMP_CHECKS: dict[tuple, bool] = {}
 
 
@@ -235,9 +228,6 @@ def soft_clamp_matches_torch(device: torch.device | str, soft_clamp: tuple[float
 
     key = (str(device), tuple(float(c) for c in soft_clamp), int(mode))
     return cached_calibration(_SOFT_CLAMP_CHECKS, key, "soft clamp's kernel checks", device, check)
-
-
-_TANH_CHECKS: dict[str, bool] = {}
 
 
 @triton.jit
