@@ -226,7 +226,7 @@ def soft_clamp_matches_torch(device: torch.device | str, soft_clamp: tuple[float
                           "ResidualFSQ runs the soft clamp in torch ops there")
             return False
 
-    key = (str(device), tuple(float(c) for c in soft_clamp), int(mode))
+    key = (str(device), tuple(soft_clamp), mode)  # the module's key: float32 values as Python floats
     return cached_calibration(_SOFT_CLAMP_CHECKS, key, "soft clamp's kernel checks", device, check)
 
 
